@@ -1,0 +1,154 @@
+"""``TierConfig``: every setting of a tiercache instance, validated on construction.
+
+Budgets are in bytes of the tier's own encoding, block sizes in tokens. A config is immutable;
+derive a changed copy with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .blocks import BlockLayout
+from .errors import ConfigError
+from .io.codec import CODECS
+
+POLICIES = ("lru", "score")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def default_device() -> torch.device:
+    """The compute device: the current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """What the decode-time selector reads for each layer and step.
+
+    ``sink_tokens`` and ``window_tokens`` are always attended (rounded up to whole blocks);
+    ``budget`` is the total tokens attended per step, sink and window included: a float in (0, 1]
+    is a fraction of the context, an int >= 1 a number of tokens.
+    """
+
+    sink_tokens: int = 32
+    window_tokens: int = 128
+    budget: float | int = 0.1
+    summary: str = "minmax"
+    index: str = "exact"
+    gqa_aggregate: str = "max"
+    full_attention_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sink_tokens < 0 or self.window_tokens < 0:
+            raise ConfigError(
+                f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"
+            )
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ConfigError(f"retrieval budget must be a fraction or a token count, got {b!r}")
+        if isinstance(b, float) and not 0.0 < b <= 1.0:
+            raise ConfigError(f"retrieval budget fraction must be in (0, 1], got {b}")
+        if isinstance(b, int) and b < 1:
+            raise ConfigError(f"retrieval budget in tokens must be >= 1, got {b}")
+        if self.gqa_aggregate not in ("max", "sum"):
+            raise ConfigError(f"gqa_aggregate must be 'max' or 'sum', got {self.gqa_aggregate!r}")
+        if any(not isinstance(i, int) or i < 0 for i in self.full_attention_layers):
+            raise ConfigError(f"full_attention_layers must be layer indices >= 0, got {self.full_attention_layers}")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Budgets, block size, encodings and places of the three tiers.
+
+    - ``device_budget_bytes``: raw bytes of KV the compute device may hold (at least one block).
+    - ``host_budget_bytes``: bytes of host memory for the warm tier, in ``host_codec``'s encoding.
+    - ``disk_budget_bytes``: bytes on disk for the cold tier; 0 disables the disk tier.
+    - ``block_tokens``: tokens per block.
+    - ``dtype``: KV dtype on the device (``None``: the model's).
+    - ``host_codec`` / ``disk_codec``: registered codec names (see ``tiercache.io.codec.CODECS``),
+      with their parameters in ``host_codec_params`` / ``disk_codec_params``.
+    - ``disk_path``: directory of the disk tier (created if missing; must be writable).
+    - ``policy``: ``"lru"`` or ``"score"`` (blocks retrieval keeps choosing stay hot).
+    - ``device``: compute device; ``None`` picks CUDA when available, else the CPU.
+    """
+
+    device_budget_bytes: int
+    host_budget_bytes: int
+    disk_budget_bytes: int = 0
+    block_tokens: int = 32
+    dtype: torch.dtype | str | None = None
+    host_codec: str = "raw"
+    host_codec_params: dict = field(default_factory=dict)
+    disk_codec: str = "raw"
+    disk_codec_params: dict = field(default_factory=dict)
+    disk_path: str | os.PathLike | None = None
+    policy: str = "lru"
+    device: str | torch.device | None = None
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("device_budget_bytes", "host_budget_bytes", "disk_budget_bytes", "block_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an int, got {value!r}")
+        if self.block_tokens <= 0:
+            raise ConfigError(f"block_tokens must be positive, got {self.block_tokens}")
+        if self.device_budget_bytes <= 0:
+            raise ConfigError(f"device_budget_bytes must be positive, got {self.device_budget_bytes}")
+        if self.host_budget_bytes < 0 or self.disk_budget_bytes < 0:
+            raise ConfigError(
+                f"host_budget_bytes ({self.host_budget_bytes}) and disk_budget_bytes "
+                f"({self.disk_budget_bytes}) must be >= 0"
+            )
+        if isinstance(self.dtype, str):
+            if self.dtype not in _DTYPES:
+                raise ConfigError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
+            object.__setattr__(self, "dtype", _DTYPES[self.dtype])
+        elif self.dtype is not None and self.dtype not in _DTYPES.values():
+            raise ConfigError(f"dtype {self.dtype} not supported; use float16, bfloat16 or float32")
+        for tier in ("host", "disk"):
+            codec = getattr(self, f"{tier}_codec")
+            if codec not in CODECS:
+                raise ConfigError(f"{tier}_codec {codec!r} is unknown; known codecs: {sorted(CODECS)}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy {self.policy!r} is unknown; use one of {POLICIES}")
+        try:
+            object.__setattr__(self, "device", torch.device(self.device) if self.device else default_device())
+        except RuntimeError as exc:
+            raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from exc
+        if self.disk_budget_bytes > 0 and self.disk_path is None:
+            raise ConfigError("disk_budget_bytes > 0 needs a disk_path")
+        if self.disk_path is not None:
+            object.__setattr__(self, "disk_path", Path(self.disk_path))
+            _check_writable(self.disk_path)
+
+    def layout(self, kv_heads: int, head_dim: int, dtype: torch.dtype | None = None) -> BlockLayout:
+        """The block layout of a model with ``kv_heads`` KV heads of ``head_dim`` dims.
+
+        ``dtype`` is used when the config leaves it open (``dtype=None``); float16 if neither does.
+        """
+        return BlockLayout(kv_heads, self.block_tokens, head_dim, self.dtype or dtype or torch.float16)
+
+    def check_budgets(self, layout: BlockLayout) -> None:
+        """Raise ``ConfigError`` if the device budget cannot hold one block of ``layout``."""
+        if self.device_budget_bytes < layout.nbytes:
+            raise ConfigError(
+                f"device_budget_bytes={self.device_budget_bytes} is smaller than one block: "
+                f"{layout.nbytes} bytes ({layout.kv_heads} KV heads x {layout.block_tokens} tokens x "
+                f"{layout.head_dim} dims x 2 (K,V) x {layout.dtype.itemsize} bytes)"
+            )
+
+
+def _check_writable(path: Path) -> None:
+    """Raise ``ConfigError`` unless ``path`` is, or can be created as, a writable directory."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"disk_path {str(path)!r} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"disk_path {str(path)!r} is not writable ({str(probe)!r} denies writes)")

@@ -1,0 +1,1 @@
+"""Storage: codecs, record format and the disk store."""

@@ -1,0 +1,96 @@
+"""The ``Codec`` interface: how a tier encodes a block's keys and values into bytes.
+
+A codec turns a block's keys and values, each ``(kv_heads, tokens, head_dim)``, into a 1-D
+``uint8`` tensor (its *payload*) and back. Codecs know nothing about where bytes live: pools hold
+payloads in slots, the disk store wraps them in self-describing records (``tiercache.io.record``).
+
+Codecs register themselves by name in ``CODECS``; ``make_codec(name, **params)`` builds one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from ..blocks import BlockLayout
+from ..errors import ConfigError, CorruptBlockError
+
+CODECS: dict[str, Callable[..., "Codec"]] = {}
+
+
+def register_codec(name: str) -> Callable[[type["Codec"]], type["Codec"]]:
+    """Class decorator adding a codec class to ``CODECS`` under ``name``."""
+
+    def add(cls: type["Codec"]) -> type["Codec"]:
+        CODECS[name] = cls
+        return cls
+
+    return add
+
+
+def make_codec(name: str, **params: object) -> "Codec":
+    """Build the codec registered as ``name`` with its parameters; ``ConfigError`` if unknown."""
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r}; known codecs: {sorted(CODECS)}")
+    try:
+        return CODECS[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"codec {name!r}: bad parameters {params}: {exc}") from exc
+
+
+class Codec(ABC):
+    """Encodes one block's keys and values to a payload of bytes and back."""
+
+    #: Registered name, stored in records so a reader knows how to decode.
+    name: str = ""
+    #: True when ``decode(encode(k, v))`` is bit-exact.
+    lossless: bool = False
+
+    def params(self) -> dict[str, int | float | str]:
+        """Parameters needed to decode, stored in record headers (JSON-serialisable)."""
+        return {}
+
+    def fixed_nbytes(self, layout: BlockLayout, tokens: int) -> int | None:
+        """Payload size in bytes for a block of ``tokens`` tokens, or None if it depends on the data.
+
+        Tiers with fixed-size slots (the host pool) accept only codecs that return a size here.
+        """
+        return None
+
+    @abstractmethod
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Encode keys and values ``(kv_heads, tokens, head_dim)`` to a 1-D uint8 payload."""
+
+    @abstractmethod
+    def decode(
+        self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a payload to keys and values ``(kv_heads, tokens, head_dim)`` of ``layout.dtype``
+        on ``device``. Raises ``CorruptBlockError`` if the payload cannot be what ``encode`` made."""
+
+
+@register_codec("raw")
+class RawCodec(Codec):
+    """The exact bytes of keys then values."""
+
+    name = "raw"
+    lossless = True
+
+    def fixed_nbytes(self, layout: BlockLayout, tokens: int) -> int:
+        return 2 * layout.kv_heads * tokens * layout.head_dim * layout.dtype.itemsize
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([k.contiguous().view(-1).view(torch.uint8), v.contiguous().view(-1).view(torch.uint8)])
+
+    def decode(
+        self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        expected = self.fixed_nbytes(layout, tokens)
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != expected:
+            raise CorruptBlockError(
+                f"raw payload has {payload.numel()} {payload.dtype} elements, expected {expected} uint8"
+            )
+        kv = payload.to(device).view(layout.dtype).view(2, layout.kv_heads, tokens, layout.head_dim)
+        return kv[0], kv[1]

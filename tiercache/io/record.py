@@ -1,0 +1,137 @@
+"""The self-describing block record: what the disk tier (and any byte store) keeps per block.
+
+Layout (little-endian)::
+
+    magic  b"TCKV"          4 bytes
+    version                 u16
+    header length H         u32
+    payload length P        u64
+    header                  H bytes of UTF-8 JSON: codec name and parameters, dtype, kv_heads,
+                            block_tokens, head_dim, tokens, key ([seq, layer, index] or null)
+    payload                 P bytes, the codec's output
+    crc32                   u32 over everything before it
+
+No pickle: the header is JSON, the payload is the codec's bytes. ``decode_record`` checks every
+field and the checksum before decoding and raises ``CorruptBlockError`` naming the record; it
+never returns garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from ..blocks import BlockKey, BlockLayout
+from ..errors import ConfigError, CorruptBlockError, ShapeError
+from .codec import Codec, make_codec
+
+MAGIC = b"TCKV"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHIQ")
+_CRC = struct.Struct("<I")
+_MAX_HEADER = 1 << 16
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    """What a record says about its block."""
+
+    codec: str
+    params: dict
+    layout: BlockLayout
+    tokens: int
+    key: BlockKey | None
+
+
+def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                  key: BlockKey | None = None) -> bytes:
+    """Encode a block's keys and values ``(kv_heads, tokens, head_dim)`` into one record."""
+    tokens = layout.check(k, v, what=str(key) if key else "record")
+    payload = codec.encode(k, v).cpu().numpy().tobytes()
+    header = json.dumps(
+        {
+            "codec": codec.name,
+            "params": codec.params(),
+            "dtype": _DTYPE_NAMES[layout.dtype],
+            "kv_heads": layout.kv_heads,
+            "block_tokens": layout.block_tokens,
+            "head_dim": layout.head_dim,
+            "tokens": tokens,
+            "key": [key.seq, key.layer, key.index] if key else None,
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode()
+    body = _PREFIX.pack(MAGIC, VERSION, len(header), len(payload)) + header + payload
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def record_length(prefix: bytes, where: str = "record") -> int:
+    """Total length in bytes of the record whose first ``prefix_size()`` bytes are ``prefix``."""
+    magic, version, hlen, plen = _unpack_prefix(prefix, where)
+    return _PREFIX.size + hlen + plen + _CRC.size
+
+
+def prefix_size() -> int:
+    """Bytes needed by ``record_length`` to learn a record's length."""
+    return _PREFIX.size
+
+
+def _unpack_prefix(data: bytes | memoryview, where: str) -> tuple[bytes, int, int, int]:
+    if len(data) < _PREFIX.size:
+        raise CorruptBlockError(f"{where}: truncated, {len(data)} bytes is shorter than a record prefix")
+    magic, version, hlen, plen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptBlockError(f"{where}: bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise CorruptBlockError(f"{where}: format version {version}, this tiercache reads version {VERSION}")
+    if hlen > _MAX_HEADER:
+        raise CorruptBlockError(f"{where}: header length {hlen} exceeds {_MAX_HEADER}")
+    return magic, version, hlen, plen
+
+
+def read_header(data: bytes | memoryview, where: str = "record") -> tuple[RecordHeader, memoryview]:
+    """Validate a whole record (lengths, checksum, header fields); return its header and payload."""
+    data = memoryview(data)
+    _, _, hlen, plen = _unpack_prefix(data, where)
+    total = _PREFIX.size + hlen + plen + _CRC.size
+    if len(data) != total:
+        raise CorruptBlockError(f"{where}: {len(data)} bytes, the record's lengths say {total}")
+    (crc,) = _CRC.unpack_from(data, total - _CRC.size)
+    if zlib.crc32(data[: total - _CRC.size]) != crc:
+        raise CorruptBlockError(f"{where}: checksum mismatch")
+    try:
+        h = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
+        layout = BlockLayout(h["kv_heads"], h["block_tokens"], h["head_dim"], _DTYPES[h["dtype"]])
+        key = BlockKey(*h["key"]) if h["key"] is not None else None
+        header = RecordHeader(h["codec"], dict(h["params"]), layout, int(h["tokens"]), key)
+    except (ValueError, KeyError, TypeError, ShapeError) as exc:
+        raise CorruptBlockError(f"{where}: unreadable header: {exc}") from exc
+    if not 1 <= header.tokens <= layout.block_tokens:
+        raise CorruptBlockError(f"{where}: header says {header.tokens} tokens of {layout.block_tokens}")
+    return header, data[_PREFIX.size + hlen : _PREFIX.size + hlen + plen]
+
+
+def decode_record(data: bytes | memoryview, device: torch.device | str = "cpu",
+                  where: str = "record") -> tuple[RecordHeader, torch.Tensor, torch.Tensor]:
+    """Validate and decode a record; return its header, keys and values on ``device``.
+
+    ``where`` names the record in error messages (e.g. ``"segment 3 offset 4096"``).
+    """
+    header, payload = read_header(data, where)
+    try:
+        codec = make_codec(header.codec, **header.params)
+    except ConfigError as exc:
+        raise CorruptBlockError(f"{where}: {exc}") from exc
+    payload_t = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    try:
+        k, v = codec.decode(payload_t, header.layout, header.tokens, device)
+    except CorruptBlockError as exc:
+        raise CorruptBlockError(f"{where}: {exc}") from exc
+    return header, k, v

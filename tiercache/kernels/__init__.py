@@ -1,0 +1,1 @@
+"""Compute kernels (Triton where available), each with a torch reference implementation."""

@@ -1,0 +1,1 @@
+"""Block retrieval: summaries, indexes, the per-step selector and the prefetch predictor."""
