@@ -70,6 +70,24 @@ class Codec(ABC):
         """Decode a payload to keys and values ``(kv_heads, tokens, head_dim)`` of ``layout.dtype``
         on ``device``. Raises ``CorruptBlockError`` if the payload cannot be what ``encode`` made."""
 
+    def encode_many(self, kv: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        """Encode ``n`` full blocks, ``kv`` of shape ``(n, 2, kv_heads, block_tokens, head_dim)``,
+        into an ``(n, fixed_nbytes)`` uint8 tensor on ``kv``'s device. Fixed-size codecs only.
+
+        Pools move blocks in batches through this; codecs override it to vectorise.
+        """
+        rows = [self.encode(b[0], b[1]) for b in kv]
+        return torch.stack(rows) if rows else torch.empty(0, self.fixed_nbytes(layout, layout.block_tokens) or 0,
+                                                           dtype=torch.uint8, device=kv.device)
+
+    def decode_many(self, payloads: torch.Tensor, layout: BlockLayout, device: torch.device | str) -> torch.Tensor:
+        """Inverse of ``encode_many``: ``(n, fixed_nbytes)`` uint8 to ``(n, 2, kv_heads,
+        block_tokens, head_dim)`` of ``layout.dtype`` on ``device``."""
+        out = torch.empty((payloads.shape[0], 2, *layout.shape), dtype=layout.dtype, device=device)
+        for i, row in enumerate(payloads):
+            out[i, 0], out[i, 1] = self.decode(row, layout, layout.block_tokens, device)
+        return out
+
 
 @register_codec("raw")
 class RawCodec(Codec):
@@ -94,3 +112,9 @@ class RawCodec(Codec):
             )
         kv = payload.to(device).view(layout.dtype).view(2, layout.kv_heads, tokens, layout.head_dim)
         return kv[0], kv[1]
+
+    def encode_many(self, kv: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        return kv.contiguous().view(kv.shape[0], -1).view(torch.uint8)
+
+    def decode_many(self, payloads: torch.Tensor, layout: BlockLayout, device: torch.device | str) -> torch.Tensor:
+        return payloads.to(device, non_blocking=True).view(layout.dtype).view(payloads.shape[0], 2, *layout.shape)
