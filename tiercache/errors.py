@@ -43,3 +43,7 @@ class StoreError(TiercacheError):
 
 class UnsupportedModelError(TiercacheError):
     """A model whose attention tiercache cannot take over."""
+
+
+class PinnedBlockError(TiercacheError):
+    """An operation would move a pinned block (attention sink, open block) off the device."""
