@@ -394,9 +394,9 @@ class TierManager:
             for key in ks:
                 self._release(level, key)
         slots = self._alloc_device(len(missing), exclude=resident)
-        self.pool.slab[torch.tensor(slots, dtype=torch.long, device=self.device)] = torch.cat(
-            [loaded[lvl] for lvl in sorted(by_level)]
-        )
+        parts = [loaded[lvl] for lvl in sorted(by_level)]
+        self.pool.slab.index_copy_(0, torch.tensor(slots, dtype=torch.long, device=self.device),
+                                   parts[0] if len(parts) == 1 else torch.cat(parts))
         for key, slot in zip(missing, slots):
             meta = self._table[key]
             source = meta.tier

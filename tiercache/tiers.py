@@ -102,7 +102,7 @@ class HostTier(BackingTier):
         payload = self.codec.encode_many(kv, self.layout)
         slots = [self.pool.alloc() for _ in keys]
         # Device-to-host: a blocking copy, so the host never reads bytes a DMA has not written yet.
-        self.pool.slab[torch.tensor(slots, dtype=torch.long)] = payload.to("cpu")
+        self.pool.slab.index_copy_(0, torch.tensor(slots, dtype=torch.long), payload.to("cpu"))
         self._slots.update(zip(keys, slots))
         return [self.pool.slot_nbytes] * len(keys)
 

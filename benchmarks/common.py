@@ -1,0 +1,56 @@
+"""What every benchmark shares: the machine description, a table printer and the JSON writer."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """Where the figures were taken: device name, CPU count, torch version."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    import os
+
+    return {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Print ``rows`` as an aligned text table (floats to 3 significant digits)."""
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    fmt = [[f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in fmt)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in fmt:
+        print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
+
+
+def write_results(name: str, rows: list[dict], **extra: object) -> Path:
+    """Write ``rows`` and ``extra`` with the machine description to ``results/<name>.json``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **extra, "rows": rows}, indent=2))
+    print(f"wrote {path}")
+    return path
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    """Smallest wall time of ``repeats`` calls of ``fn`` in seconds (synchronising CUDA)."""
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
