@@ -27,11 +27,19 @@ def default_device() -> torch.device:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """What the decode-time selector reads for each layer and step.
+    """What the decode-time selector reads for each layer and step (see ``tiercache.retrieval``).
 
     ``sink_tokens`` and ``window_tokens`` are always attended (rounded up to whole blocks);
     ``budget`` is the total tokens attended per step, sink and window included: a float in (0, 1]
-    is a fraction of the context, an int >= 1 a number of tokens.
+    is a fraction of the context, an int >= 1 a number of tokens. ``layer_budgets`` overrides it
+    for some layers ({layer: budget}). ``summary`` and ``index`` name the block summary and index
+    backend (``tiercache.retrieval.make_summary`` / ``make_index``); ``gqa_aggregate`` combines the
+    scores of query heads sharing a KV head: ``"max"``, ``"sum"`` or ``"softmax"``.
+    ``full_attention_layers`` attend every block. ``selection_layers``, when set, are the only
+    layers that score blocks; every other layer reuses the selection of the nearest selecting
+    layer below it at the same step (TidalDecode). ``prefetch`` is the predictor's guess of a
+    layer's next selection: ``"previous"`` (that layer's selection at the previous step),
+    ``"next_layer"`` (the layer below's query scored on this layer's index) or ``"none"``.
     """
 
     sink_tokens: int = 32
@@ -41,23 +49,37 @@ class RetrievalConfig:
     index: str = "exact"
     gqa_aggregate: str = "max"
     full_attention_layers: tuple[int, ...] = ()
+    layer_budgets: dict[int, float | int] = field(default_factory=dict)
+    selection_layers: tuple[int, ...] | None = None
+    prefetch: str = "previous"
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or self.window_tokens < 0:
             raise ConfigError(
                 f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"
             )
-        b = self.budget
-        if isinstance(b, bool) or not isinstance(b, (int, float)):
-            raise ConfigError(f"retrieval budget must be a fraction or a token count, got {b!r}")
-        if isinstance(b, float) and not 0.0 < b <= 1.0:
-            raise ConfigError(f"retrieval budget fraction must be in (0, 1], got {b}")
-        if isinstance(b, int) and b < 1:
-            raise ConfigError(f"retrieval budget in tokens must be >= 1, got {b}")
-        if self.gqa_aggregate not in ("max", "sum"):
-            raise ConfigError(f"gqa_aggregate must be 'max' or 'sum', got {self.gqa_aggregate!r}")
-        if any(not isinstance(i, int) or i < 0 for i in self.full_attention_layers):
-            raise ConfigError(f"full_attention_layers must be layer indices >= 0, got {self.full_attention_layers}")
+        for where, b in [("budget", self.budget)] + [(f"layer_budgets[{k}]", v) for k, v in self.layer_budgets.items()]:
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ConfigError(f"retrieval {where} must be a fraction or a token count, got {b!r}")
+            if isinstance(b, float) and not 0.0 < b <= 1.0:
+                raise ConfigError(f"retrieval {where} fraction must be in (0, 1], got {b}")
+            if isinstance(b, int) and b < 1:
+                raise ConfigError(f"retrieval {where} in tokens must be >= 1, got {b}")
+        if self.gqa_aggregate not in ("max", "sum", "softmax"):
+            raise ConfigError(f"gqa_aggregate must be 'max', 'sum' or 'softmax', got {self.gqa_aggregate!r}")
+        for name in ("full_attention_layers", "selection_layers"):
+            layers = getattr(self, name) or ()
+            if any(not isinstance(i, int) or i < 0 for i in layers):
+                raise ConfigError(f"{name} must be layer indices >= 0, got {layers}")
+        if any(not isinstance(i, int) or i < 0 for i in self.layer_budgets):
+            raise ConfigError(f"layer_budgets keys must be layer indices >= 0, got {sorted(self.layer_budgets)}")
+        if self.prefetch not in ("previous", "next_layer", "none"):
+            raise ConfigError(f"prefetch must be 'previous', 'next_layer' or 'none', got {self.prefetch!r}")
+        from .retrieval.summaries import make_summary  # late: the retrieval package imports this module
+
+        make_summary(self.summary)
+        if self.index != "exact" and not self.index.startswith(("faiss:", "faiss-gpu:")):
+            raise ConfigError(f"index must be 'exact', 'faiss:<factory>' or 'faiss-gpu:<factory>', got {self.index!r}")
 
 
 @dataclass(frozen=True)
