@@ -320,3 +320,20 @@ def test_prefetch_runs_concurrently_with_reads_and_writes():
         K, V = m.get([key])
         assert torch.equal(K[0], k) and torch.equal(V[0], v)
     m.close()
+
+
+def test_append_fills_an_open_block_in_place():
+    m = make(2, 2)
+    key = BlockKey(0, 0, 0)
+    k, v = block(5)
+    m.put(key, k[:, :1], v[:, :1], pinned=True)
+    assert m.append(key, k[:, 1:3], v[:, 1:3]) == 3
+    assert m.append(key, k[:, 3:], v[:, 3:]) == 4
+    K, V = m.get([key])
+    assert torch.equal(K[0], k) and torch.equal(V[0], v)
+    with pytest.raises(ShapeError, match="exceed"):
+        m.append(key, k[:, :1], v[:, :1])
+    m.unpin([key])
+    m.demote([key])
+    with pytest.raises(PinnedBlockError, match="host tier"):
+        m.append(key, k[:, :1], v[:, :1])

@@ -26,7 +26,7 @@ import torch
 
 from .blocks import BlockKey, BlockLayout, BlockMeta, TierName
 from .config import TierConfig
-from .errors import BlockNotFoundError, CapacityError, PinnedBlockError, TiercacheError
+from .errors import BlockNotFoundError, CapacityError, PinnedBlockError, ShapeError, TiercacheError
 from .io.codec import make_codec
 from .policy import Policy, make_policy
 from .pools import DevicePool
@@ -161,6 +161,25 @@ class TierManager:
             self._track_device(key, pinned)
             self._stats.puts += 1
             self._note_peak(TierName.DEVICE)
+
+    def append(self, key: BlockKey, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Append tokens (``(kv_heads, t, head_dim)``) to block ``key`` in place; return its new
+        number of tokens. The block must be on the device (open blocks are pinned there) and have
+        room for ``t`` more tokens."""
+        with self._lock:
+            meta = self._entry(key)
+            if meta.tier is not TierName.DEVICE:
+                raise PinnedBlockError(f"append to {key}: the block is in the {meta.tier.value} tier; "
+                                       "open blocks must stay pinned on the device")
+            t = self.layout.check(k, v, what=f"append to {key}")
+            end = meta.tokens + t
+            if end > self.layout.block_tokens:
+                raise ShapeError(f"append to {key}: {meta.tokens} + {t} tokens exceed the block's "
+                                 f"{self.layout.block_tokens}")
+            self.pool.slab[meta.slot, 0, :, meta.tokens:end] = k
+            self.pool.slab[meta.slot, 1, :, meta.tokens:end] = v
+            meta.tokens = end
+            return end
 
     def pin(self, keys: Iterable[BlockKey]) -> None:
         """Pin blocks to the device (bringing them there first): they are never evicted."""
