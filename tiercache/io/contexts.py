@@ -1,0 +1,76 @@
+"""Saved contexts: a whole prompt's KV cache stored on disk under a content key, to be loaded
+(in this or another process) instead of recomputing the prefill.
+
+The key is deterministic (``content_key``: blake2b of the model id and the token ids), never
+Python's per-process ``hash``. A context of ``L`` layers and ``T`` tokens is stored as records
+of ``chunk_tokens`` tokens, record ``(layer, chunk)`` under ``BlockKey(0, layer, chunk)`` in its
+own header, so loading needs nothing but the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..blocks import BlockKey, BlockLayout
+from ..errors import CorruptBlockError, ShapeError
+from .codec import Codec
+from .record import RecordHeader, decode_record, encode_record
+from .store import DiskStore
+
+
+def content_key(model_id: str, token_ids: Sequence[int]) -> str:
+    """Hex blake2b-256 of ``model_id`` and ``token_ids``: the same in every process and run."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(model_id.encode())
+    h.update(b"\0")
+    h.update(np.asarray(token_ids, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def save_kv_context(store: DiskStore, name: str, kv: torch.Tensor, codec: Codec, chunk_tokens: int = 256) -> int:
+    """Save ``kv``, shaped ``(layers, 2, kv_heads, tokens, head_dim)``, as context ``name``, encoded
+    with ``codec`` in records of ``chunk_tokens`` tokens (bytes per record: 2 x kv_heads x
+    chunk_tokens x head_dim x element size, before the codec). Returns the bytes stored."""
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise ShapeError(f"context {name!r}: kv has shape {tuple(kv.shape)}, expected (layers, 2, kv_heads, tokens, head_dim)")
+    layers, _, heads, tokens, head_dim = kv.shape
+    layout = BlockLayout(heads, chunk_tokens, head_dim, kv.dtype)
+    records = [
+        encode_record(codec, kv[layer, 0, :, a : a + chunk_tokens], kv[layer, 1, :, a : a + chunk_tokens], layout,
+                      BlockKey(0, layer, a // chunk_tokens))
+        for layer in range(layers)
+        for a in range(0, tokens, chunk_tokens)
+    ]
+    return store.save_context(name, records)
+
+
+def load_kv_context(store: DiskStore, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Load context ``name`` as ``(layers, 2, kv_heads, tokens, head_dim)`` on ``device``; records
+    are read and decoded in parallel. ``CorruptBlockError`` if a record fails its checks or the
+    records do not tile a context."""
+
+    def decode(_key, record: memoryview, where: str) -> tuple[RecordHeader, torch.Tensor, torch.Tensor]:
+        return decode_record(record, device, where)
+
+    parts = store.load_context(name, verify=False, then=decode)
+    first = parts[0][0]
+    layers = 1 + max(h.key.layer for h, _, _ in parts)
+    chunks = len(parts) // layers
+    if chunks * layers != len(parts):
+        raise CorruptBlockError(f"context {name!r}: {len(parts)} records do not split into {layers} layers")
+    chunk = first.layout.block_tokens
+    tokens = sum(h.tokens for h, _, _ in parts[:chunks])
+    lay = first.layout
+    out = torch.empty((layers, 2, lay.kv_heads, tokens, lay.head_dim), dtype=lay.dtype, device=device)
+    for i, (h, k, v) in enumerate(parts):
+        expected = BlockKey(0, i // chunks, i % chunks)
+        a = expected.index * chunk
+        if h.key != expected or h.layout != lay or a + h.tokens > tokens:
+            raise CorruptBlockError(f"context {name!r}: record {i} is {h.key} with {h.tokens} tokens, expected {expected}")
+        out[expected.layer, 0, :, a : a + h.tokens] = k
+        out[expected.layer, 1, :, a : a + h.tokens] = v
+    return out
