@@ -133,6 +133,11 @@ class TierManager:
             return self.pool.num_slots * self.pool.slot_nbytes
         return self._lower_tier(tier).capacity_bytes
 
+    def max_get_blocks(self) -> int:
+        """Most blocks one ``get`` can return: device slots not held by pinned blocks."""
+        with self._lock:
+            return self.pool.num_free + len(self._policies[0])
+
     def stats(self) -> TierStats:
         """A snapshot of the counters."""
         with self._lock:
