@@ -2,7 +2,7 @@
 blocks are too many to score each step.
 
 One faiss index per KV head holds every summary row (a block contributes ``summary.rows`` rows).
-faiss proposes candidate blocks per query head; the candidates are then re-scored exactly from a
+faiss proposes candidate blocks per query head (and for the group's summed query); the candidates are then re-scored exactly from a
 host copy of their summaries, so GQA aggregation and the summary's own score stay exact and only
 the candidate set is approximate. Removal leaves tombstones (HNSW cannot delete) that are filtered
 out of results; the faiss indexes are rebuilt once tombstones outnumber live rows.
@@ -128,7 +128,10 @@ class FaissIndex(ExactIndex):
         # (sinks, window) and tombstones.
         outside = eligible[0] + max(0, self._position.size - eligible[1])
         want = min(self._row_block.size, self.summary.rows * (k + outside) + self._dead)
-        q = queries.float().cpu().numpy()
+        # Each query head proposes its best rows, and so does the group's summed query: for a
+        # single-row summary its inner products are exactly the "sum" aggregate's scores.
+        q = queries.float().cpu()
+        q = torch.cat([q, q.sum(dim=1, keepdim=True)], dim=1).numpy()
         out = []
         for h, index in enumerate(self._indexes):
             _, rows = index.search(np.ascontiguousarray(q[h]), want)
