@@ -163,6 +163,12 @@ class DiskStore:
         self._seq = manifest.seq
         self._next_segment = max([manifest.next_segment] + [s + 1 for s, _ in files])
         for seg_id, path in files:
+            if seg_id < manifest.next_segment and seg_id not in manifest.segments:
+                # Compacted before the checkpoint; the writer died before unlinking it. Its dead
+                # records must not be replayed.
+                if not self.readonly:
+                    path.unlink()
+                continue
             try:
                 self._segments[seg_id] = Segment(path, seg_id, self.align, self.direct)
             except StoreError:
@@ -228,8 +234,8 @@ class DiskStore:
             entry = IndexEntry(seg_id, offset, h.frame_len, h.key_len, h.body_len, h.body_crc, h.seq)
             if current is None or entry.newer_than(current):
                 self._apply_put(key, entry)
-        elif current is not None and current.seq < h.seq:
-            self._apply_delete(key)
+        else:
+            self._delete_older(key, h.seq)
 
     # ------------------------------------------------------------------ index bookkeeping
 
@@ -243,6 +249,13 @@ class DiskStore:
             self._contexts[key.context] = self._contexts.get(key.context, 0) + 1
         self._index[key] = entry
         self._live[entry.segment] = self._live.get(entry.segment, 0) + entry.frame_len
+
+    def _delete_older(self, key: StoreKey, seq: int) -> None:
+        """Apply a DELETE of sequence number ``seq``: it removes only an older record (compaction
+        carries old DELETE frames forward, behind newer records of the same key)."""
+        current = self._index.get(key)
+        if current is not None and current.seq < seq:
+            self._apply_delete(key)
 
     def _apply_delete(self, key: StoreKey) -> None:
         entry = self._index.pop(key)
@@ -515,8 +528,8 @@ class DiskStore:
         for f, entry in applied:
             if entry is not None:
                 self._apply_put(f.key, entry)
-            elif f.key in self._index:
-                self._apply_delete(f.key)
+            else:
+                self._delete_older(f.key, f.seq if f.seq is not None else seq)
         self._batches_since_checkpoint += 1
         if self._batches_since_checkpoint >= self.checkpoint_every:
             self.checkpoint()
