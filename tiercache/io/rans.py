@@ -8,7 +8,8 @@ whose symbols are all zero get ``ZERO_CLASS`` and cost nothing in the stream.
 
 Two kinds of tables:
 - shared: the Laplace table of the class, computed from the class index alone; nothing stored.
-- block: the class's empirical histogram in this block, stored as ``i16 lo, u16 n, u8 counts[n]``.
+- block: the class's empirical histogram in this block, stored as ``i16 lo, u16 n, u8 counts[n]``;
+  a class with a single symbol value needs no stream at all.
 
 Each class's symbols are coded with one model in one ``constriction`` call, so coding runs in
 its compiled loop, never a Python loop per symbol.
@@ -99,7 +100,8 @@ class ClassCoder:
             out.put(np.array([lo - a]), "<i2")
             out.put(np.array([len(q)]), "<u2")
             out.put(q, "u1")
-            streams.append(((sym - lo).astype(np.int32), _counts_model(q)))
+            if len(q) > 1:  # a one-symbol class is fully known from its table
+                streams.append(((sym - lo).astype(np.int32), _counts_model(q)))
         coder = constriction.stream.stack.AnsCoder()
         for sym, model in reversed(streams):
             coder.encode_reverse(sym, model)
@@ -122,7 +124,10 @@ class ClassCoder:
             counts = reader.take(size, "u1")
             if size == 0 or lo < -a or lo + size - 1 > a or not counts.any():
                 raise CorruptBlockError(f"cachegen payload: bad table for class {c}: lo={lo}, {size} entries")
-            plan.append((int(c), lo, _counts_model(counts)))
+            if size == 1:
+                symbols[classes == c] = lo
+            else:
+                plan.append((int(c), lo, _counts_model(counts)))
         n_words = reader.take_count(1 << 30, "rANS word")
         words = reader.take(n_words, "<u4")
         try:
