@@ -47,7 +47,8 @@ class DevicePool(SlotPool):
         super().__init__(budget_bytes // layout.nbytes, "device pool")
         self.layout = layout
         self.slot_nbytes = layout.nbytes
-        self.slab = torch.empty((self.num_slots, 2, *layout.shape), dtype=layout.dtype, device=device)
+        # Zeroed once so positions past a partial block's tokens never hold NaN bit patterns.
+        self.slab = torch.zeros((self.num_slots, 2, *layout.shape), dtype=layout.dtype, device=device)
 
 
 class HostPool(SlotPool):
@@ -58,4 +59,4 @@ class HostPool(SlotPool):
         super().__init__(budget_bytes // slot_nbytes if slot_nbytes else 0, "host pool")
         self.slot_nbytes = slot_nbytes
         pin = torch.cuda.is_available() if pin is None else pin
-        self.slab = torch.empty((self.num_slots, slot_nbytes), dtype=torch.uint8, pin_memory=pin)
+        self.slab = torch.zeros((self.num_slots, slot_nbytes), dtype=torch.uint8, pin_memory=pin)
