@@ -84,7 +84,7 @@ class Selector:
         budget = cfg.layer_budgets.get(layer, cfg.budget)
         budget_tokens = budget if isinstance(budget, int) else math.floor(budget * n_tokens)
         sink, window = math.ceil(cfg.sink_tokens / bt), math.ceil(cfg.window_tokens / bt)
-        full = layer in cfg.full_attention_layers or budget_tokens // bt >= n_blocks or sink + window >= n_blocks
+        full = layer in cfg.full_attention_layers or budget_tokens >= n_tokens or sink + window >= n_blocks
         if full:
             return Plan(n_blocks, n_blocks, 0, 0, True)
         return Plan(n_blocks, sink, window, max(0, budget_tokens // bt - sink - window), False)
