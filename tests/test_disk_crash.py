@@ -150,7 +150,7 @@ def test_sigkill_loses_only_uncommitted_writes(tmp_path):
     state = dict(empty)
     finished = unsure = 0
     for trial in range(KILLS):
-        done, pending = run_and_kill(tmp_path, seed=trial, version=(trial + 1) * 100_000,
+        done, pending = run_and_kill(tmp_path, seed=trial, version=(trial + 1) * 10_000,
                                      delay=rng.uniform(0.05, 0.5))
         for op in done:
             state = apply(state, op)

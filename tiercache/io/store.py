@@ -34,7 +34,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
 
 from ..blocks import BlockKey
 from ..errors import BlockNotFoundError, CapacityError, CorruptBlockError, StoreError, TiercacheError
@@ -53,12 +53,14 @@ from .frames import (
 )
 from .manifest import IndexEntry, Manifest, read_manifest, write_manifest
 from .record import prefix_size, record_length
-from .segments import Segment, fsync_dir, segment_id, segment_name
+from .segments import ScratchBuffer, Segment, fsync_dir, segment_id, segment_name
 
 #: Bytes read to parse a frame header and its key while scanning (keys are at most ~6 KiB).
 _SCAN_READ = 8192
 #: Bytes of records copied per compaction batch.
 _COMPACT_BATCH = 64 << 20
+#: Largest read that adjacent records are merged into, in bytes.
+_COALESCE_BYTES = 2 << 20
 #: Compaction only rewrites segments at least this dead, so a store kept full of live records
 #: does not copy the same records over and over.
 _COMPACT_MIN_DEAD = 0.25
@@ -107,6 +109,7 @@ class DiskStore:
         self.evictions = 0
 
         self._lock = threading.RLock()
+        self._scratch = threading.local()  # each I/O thread's ScratchBuffer
         self._index: dict[StoreKey, IndexEntry] = {}
         self._by_seq: dict[int, set[BlockKey]] = {}
         self._contexts: dict[str, int] = {}  # name -> number of parts
@@ -324,19 +327,26 @@ class DiskStore:
 
         ``then(key, record, where)``, if given, runs on the I/O thread right after the read (to
         decode there, in parallel) and the future resolves to its result; ``where`` names the
-        segment file and offset for its error messages. ``verify=False`` skips the store's crc
+        segment file and offset for its error messages. The record it gets lives in the thread's
+        reusable read buffer: valid only during the call, so ``then`` must copy what it keeps
+        (decoding does). That saves the page faults of fresh memory, about half the time of a
+        large read. ``verify=False`` skips the store's crc
         check, for a ``then`` that checks the record itself (``decode_record`` does)."""
         with self._lock:
             self._check_open()
-            jobs = []
+            reads = []
             for key in keys:
                 entry = self.entry(key)
                 seg = self._segments.get(entry.segment)
                 if seg is None:
                     raise StoreError(f"{key}: segment file {self.segment_path(entry.segment)} is missing")
+                reads.append(_Read(entry.segment, entry.offset, key, entry, Future()))
+            jobs = [(self._segments[run[0].segment], run) for run in _coalesce(sorted(reads, key=_position))]
+            for seg, _ in jobs:
                 seg.acquire()
-                jobs.append((key, entry, seg))
-        return [self._pool.submit(self._read_job, key, entry, seg, verify, then) for key, entry, seg in jobs]
+        for seg, run in jobs:
+            self._pool.submit(self._read_run, seg, run, verify, then)
+        return [r.future for r in reads]
 
     def get_many(self, keys: Sequence[StoreKey], verify: bool = True) -> list[memoryview]:
         """The records of ``keys``, read concurrently (see ``read_async``)."""
@@ -346,22 +356,38 @@ class DiskStore:
     def get(self, key: StoreKey, verify: bool = True) -> memoryview:
         return self.get_many([key], verify)[0]
 
-    def _read_job(self, key: StoreKey, entry: IndexEntry, seg: Segment, verify: bool,
-                  then: Callable[[StoreKey, memoryview, str], Any] | None) -> Any:
-        where = f"segment {seg.path} offset {entry.offset}"
+    def _read_run(self, seg: Segment, run: list["_Read"], verify: bool,
+                  then: Callable[[StoreKey, memoryview, str], Any] | None) -> None:
+        """Read a run of adjacent records with one read; resolve each one's future."""
+        first, last = run[0].entry, run[-1].entry
+        scratch = None
+        if then is not None:
+            scratch = getattr(self._scratch, "buffer", None)
+            if scratch is None:
+                scratch = self._scratch.buffer = ScratchBuffer()
         try:
-            data = seg.read(entry.offset, entry.span)
-            header, key_bytes = parse_header(data, where)
-            if header.kind != FrameKind.PUT or key_bytes != key_to_bytes(key) or header.body_len != entry.record_len:
-                raise CorruptBlockError(f"{where}: frame holds {key_bytes!r}, expected the record of {key}")
-            record = data[header.body_offset : header.body_offset + entry.record_len]
-            if verify:
-                _check_crc(record, entry.crc, where)
-        except OSError as exc:
-            raise StoreError(f"reading {key} from segment {seg.path} offset {entry.offset}: {exc.strerror}") from exc
+            data = seg.read(first.offset, last.offset + last.span - first.offset, scratch)
+        except (OSError, TiercacheError) as exc:
+            if isinstance(exc, OSError):
+                exc = StoreError(f"reading segment {seg.path} offset {first.offset}: {exc.strerror}")
+            for r in run:
+                r.future.set_exception(exc)
+            return
         finally:
             seg.release()
-        return then(key, record, where) if then is not None else record
+        for _, offset, key, entry, future in run:
+            where = f"segment {seg.path} offset {offset}"
+            try:
+                frame = data[offset - first.offset : offset - first.offset + entry.span]
+                header, key_bytes = parse_header(frame, where)
+                if header.kind != FrameKind.PUT or key_bytes != key_to_bytes(key) or header.body_len != entry.record_len:
+                    raise CorruptBlockError(f"{where}: frame holds {key_bytes!r}, expected the record of {key}")
+                record = frame[header.body_offset : header.body_offset + entry.record_len]
+                if verify:
+                    _check_crc(record, entry.crc, where)
+                future.set_result(then(key, record, where) if then is not None else record)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(exc)
 
     def _read_record(self, seg: Segment, offset: int, key_len: int, record_len: int, crc: int) -> memoryview:
         """Read and verify the record of the PUT frame at ``offset`` (used while scanning)."""
@@ -685,6 +711,35 @@ class DiskStore:
         # Called after each write batch, never from inside one (compaction itself commits).
         if self.disk_bytes > self.budget_bytes:
             self.compact()
+
+
+class _Read(NamedTuple):
+    """One record to read."""
+
+    segment: int
+    offset: int
+    key: StoreKey
+    entry: IndexEntry
+    future: Future
+
+
+def _position(r: _Read) -> tuple[int, int]:
+    return r.segment, r.offset
+
+
+def _coalesce(reads: list[_Read]) -> list[list[_Read]]:
+    """Split reads sorted by position into runs of adjacent frames spanning at most
+    ``_COALESCE_BYTES``: one large read is much faster than many small ones."""
+    runs: list[list[_Read]] = []
+    for r in reads:
+        if runs:
+            prev, start = runs[-1][-1], runs[-1][0].offset
+            if (r.segment == prev.segment and r.offset == prev.offset + prev.entry.frame_len
+                    and r.offset + r.entry.span - start <= _COALESCE_BYTES):
+                runs[-1].append(r)
+                continue
+        runs.append([r])
+    return runs
 
 
 def _record_crc(record: bytes | memoryview) -> int:
