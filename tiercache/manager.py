@@ -219,6 +219,17 @@ class TierManager:
                     self._lower_tier(meta.tier).remove(key)
             return len(keys)
 
+    def remove(self, keys: Iterable[BlockKey]) -> None:
+        """Delete blocks from whichever tier holds them."""
+        keys = list(keys)
+        self._wait_for(keys)
+        with self._lock:
+            for key in keys:
+                meta = self._entry(key)
+                self._release(self._level(meta.tier), key)
+                del self._table[key]
+                self._seqs[key.seq].discard(key)
+
     def record_selection(self, keys: Iterable[BlockKey]) -> None:
         """Tell the device policy which blocks retrieval chose this step (the score policy keeps
         them hot)."""

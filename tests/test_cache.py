@@ -1,0 +1,159 @@
+"""TieredCache on SmolLM2-135M-Instruct (fp32, CPU): exactness against DynamicCache, device budget,
+batches, and the errors for unsupported models and mismatched caches."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tiercache import ConfigError, RetrievalConfig, ShapeError, TierConfig, TierName, UnsupportedModelError
+from tiercache.cache import TieredCache
+from tiercache.corpus import text_tokens
+
+pytestmark = pytest.mark.model
+
+BLOCK = 32
+
+
+def kv_bytes(model, tokens: int) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
+
+
+def exact_config(model, tokens: int, device_fraction: float) -> TierConfig:
+    """Whole-context retrieval budget, raw codecs, a device holding ``device_fraction`` of the KV."""
+    block = kv_bytes(model, BLOCK) // model.config.num_hidden_layers
+    device = max(int(kv_bytes(model, tokens) * device_fraction), block * (2 * model.config.num_hidden_layers + 8))
+    return TierConfig(device_budget_bytes=device, host_budget_bytes=2 * kv_bytes(model, tokens), block_tokens=BLOCK,
+                      dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=1.0))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def run_steps(model, ids: torch.Tensor, cache, steps: int) -> list[torch.Tensor]:
+    """Prefill ``ids`` then ``steps`` greedy decode steps; the logits of the last position each time."""
+    out = model(ids, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("tokens, device_fraction", [
+    (1024, 0.25),
+    pytest.param(1024, 1.0, marks=pytest.mark.slow),
+    pytest.param(4096, 0.25, marks=pytest.mark.slow),
+])
+def test_logits_match_dynamic_cache(smollm2, tokens, device_fraction):
+    model, tok = smollm2
+    ids = torch.tensor([text_tokens(tok, tokens, offset_tokens=500)])
+    ref = run_steps(model, ids, DynamicCache(config=model.config), 4)
+    cache = TieredCache(model, exact_config(model, tokens, device_fraction))
+    got = run_steps(model, ids, cache, 4)
+    model.set_attn_implementation("sdpa")
+    for step, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) < 1e-4, f"step {step}: relative error {rel_err(a, b):.2e}"
+    s = cache.manager.stats()
+    assert s.peak_bytes["device"] <= cache.config.device_budget_bytes
+    if device_fraction < 1:
+        # The cache is 4x the device budget: blocks really moved between the tiers.
+        assert cache.manager.used_bytes(TierName.HOST) > 2 * cache.manager.used_bytes(TierName.DEVICE)
+        assert s.moved_bytes["host->device"] > 0 and s.moved_bytes["device->host"] > 0
+    cache.close()
+
+
+def test_generate_runs_with_a_tiered_cache_and_agrees(smollm2):
+    model, tok = smollm2
+    ids = torch.tensor([text_tokens(tok, 400, offset_tokens=3000)])
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+    cache = TieredCache(model, exact_config(model, 420, 0.3))
+    got = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(got, ref)
+    assert cache.get_seq_length() == ids.shape[1] + 7  # the last token is generated, never cached
+    cache.close()
+
+
+def test_batch_of_two_matches_each_sequence_alone(smollm2):
+    model, tok = smollm2
+    a = text_tokens(tok, 200, offset_tokens=100)
+    b = text_tokens(tok, 200, offset_tokens=9000)
+    cfg = exact_config(model, 450, 1.0)
+    both = run_steps(model, torch.tensor([a, b]), TieredCache(model, cfg), 2)
+    for row, ids in enumerate((a, b)):
+        alone = run_steps(model, torch.tensor([ids]), TieredCache(model, cfg), 2)
+        for x, y in zip(both, alone):
+            assert rel_err(x[row], y[0]) < 1e-4
+    model.set_attn_implementation("sdpa")
+
+
+def test_sparse_decode_reads_only_its_budget(smollm2):
+    model, tok = smollm2
+    ids = torch.tensor([text_tokens(tok, 1024, offset_tokens=20000)])
+    cfg = dataclasses.replace(exact_config(model, 1024, 0.25), retrieval=RetrievalConfig(budget=0.1))
+    cache = TieredCache(model, cfg)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        before = cache.manager.stats().lookups
+        model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    model.set_attn_implementation("sdpa")
+    per_layer = (cache.manager.stats().lookups - before) / model.config.num_hidden_layers
+    # sink 1 + window 4 + top blocks of a 10% budget (102 tokens -> 3 blocks, all inside sink+window)
+    assert per_layer <= 0.1 * 1024 / BLOCK + 5, per_layer
+    cache.close()
+
+
+def test_errors(smollm2):
+    model, _ = smollm2
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="model type 'gpt2'"):
+        TieredCache(gpt2)
+    tiny = TierConfig(device_budget_bytes=kv_bytes(model, BLOCK) // 30 * 10, host_budget_bytes=1 << 24,
+                      block_tokens=BLOCK, dtype=torch.float32, device="cpu")
+    with pytest.raises(ConfigError, match="needs at least 61"):
+        TieredCache(model, tiny)
+    half = TierConfig(device_budget_bytes=1 << 24, host_budget_bytes=1 << 24, dtype=torch.float16, device="cpu")
+    with pytest.raises(ConfigError, match="differs from the model"):
+        TieredCache(model, half)
+    cache = TieredCache(model, exact_config(model, 256, 1.0))
+    with pytest.raises(ShapeError, match="do not match the cache's 3 KV heads"):
+        cache.update(torch.zeros(1, 4, 2, 64), torch.zeros(1, 4, 2, 64), 0)
+    model.set_attn_implementation("sdpa")
+
+
+def test_truncate_export_and_import_round_trip(smollm2):
+    model, tok = smollm2
+    ids = torch.tensor([text_tokens(tok, 300, offset_tokens=700)])
+    cfg = exact_config(model, 400, 0.5)
+    cache = TieredCache(model, cfg)
+    with torch.no_grad():
+        model(ids[:, :250], past_key_values=cache, use_cache=True)
+        kv250 = cache.export_kv()
+        model(ids[:, 250:], past_key_values=cache, use_cache=True)  # e.g. a question
+        cache.truncate(250)
+        assert cache.get_seq_length() == 250
+        assert torch.equal(cache.export_kv(), kv250)
+        # Continuing after the truncation equals continuing from a cache rebuilt by import_kv.
+        after_truncate = model(ids[:, 250:260], past_key_values=cache, use_cache=True).logits
+        fresh = TieredCache(model, cfg)
+        fresh.import_kv(kv250)
+        after_import = model(ids[:, 250:260], past_key_values=fresh, use_cache=True).logits
+        ref = model(ids[:, :260], past_key_values=TieredCache(model, cfg), use_cache=True).logits[:, 250:]
+    model.set_attn_implementation("sdpa")
+    assert rel_err(after_truncate, ref) < 1e-4 and rel_err(after_import, ref) < 1e-4
+    with pytest.raises(ShapeError, match="already holds tokens"):
+        fresh.import_kv(kv250)
+    with pytest.raises(ShapeError, match="does not match"):
+        TieredCache(model, cfg).import_kv(kv250[:, :, :2])
+    cache.close()
+    fresh.close()
