@@ -18,7 +18,21 @@ from .errors import (
     UnsupportedModelError,
 )
 
+from .manager import TierManager, TierStats
+
 __version__ = "0.1.0"
+
+# These need transformers (the `hf` extra); import them on first use only.
+_LAZY = {"TieredCache": "cache", "wrap": "cache", "StreamSession": "stream", "ContextStore": "batch"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'tiercache' has no attribute {name!r}")
+
 
 __all__ = [
     "BlockKey",
@@ -27,13 +41,19 @@ __all__ = [
     "BlockNotFoundError",
     "CapacityError",
     "ConfigError",
+    "ContextStore",
     "CorruptBlockError",
     "PinnedBlockError",
     "RetrievalConfig",
     "ShapeError",
     "StoreError",
+    "StreamSession",
     "TierConfig",
+    "TierManager",
     "TierName",
+    "TierStats",
+    "TieredCache",
     "TiercacheError",
     "UnsupportedModelError",
+    "wrap",
 ]
