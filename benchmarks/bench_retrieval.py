@@ -31,7 +31,7 @@ from tiercache.config import RetrievalConfig
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
 from tiercache.retrieval import ExactIndex, MeanSummary, Retriever, make_index
-from tiercache.retrieval.evaluate import Capture, attention_recall, capture
+from tiercache.retrieval.evaluate import Capture, attention_probs, capture, mass_recall
 
 BUDGETS = (0.05, 0.1, 0.2)
 SINK, WINDOW = 16, 64  # tokens: 1 block + 4 blocks of 16, as in DESIGN.md's first measurements
@@ -43,8 +43,8 @@ class Variant:
     name: str
     block_tokens: int
     config: RetrievalConfig
-    full_layers_charged: bool = True  # full layers' tokens shrink the other layers' budgets
-    stats: dict = field(default_factory=dict)
+    boost: dict[int, float] = field(default_factory=dict)  # fixed budgets of some layers
+    charged: bool = True  # boosted and full layers' tokens shrink the other layers' budgets
 
 
 def variants(n_layers: int, quick: bool) -> list[Variant]:
@@ -59,30 +59,36 @@ def variants(n_layers: int, quick: bool) -> list[Variant]:
         Variant("minmax b8 max", 8, base),
         Variant("minmax b8 softmax", 8, replace(base, gqa_aggregate="softmax")),
         Variant("minmax b8 max full0-1", 8, replace(base, full_attention_layers=full)),
-        Variant("minmax b8 max full0-1 (uncharged)", 8, replace(base, full_attention_layers=full), False),
+        Variant("minmax b8 max full0-1 (uncharged)", 8, replace(base, full_attention_layers=full), charged=False),
+        Variant("minmax b8 softmax boost0-1=30%", 8, replace(base, gqa_aggregate="softmax"), boost={0: 0.3, 1: 0.3}),
+        Variant("minmax b16 softmax boost0-1=30%", 16, replace(base, gqa_aggregate="softmax"), boost={0: 0.3, 1: 0.3}),
         Variant("minmax b8 max tidal(sel 2,8,16)", 8,
                 replace(base, full_attention_layers=full, selection_layers=(2, 8, 16))),
         Variant("minmax b8 max next_layer prefetch", 8, replace(base, prefetch="next_layer")),
         Variant("keys b1 (token top-k) max", 1, replace(base, summary="mean")),
         Variant("keys b1 (token top-k) softmax", 1, replace(base, summary="mean", gqa_aggregate="softmax")),
+        Variant("keys b1 faiss IVF64 softmax", 1,
+                replace(base, summary="mean", gqa_aggregate="softmax", index="faiss:IVF64,Flat|nprobe=8")),
         Variant("mean b16 faiss HNSW32", 16, replace(base, summary="mean", index="faiss:HNSW32|efSearch=64")),
-        Variant("landmarks4 b16 faiss Flat", 16, replace(base, summary="landmarks:4", index="faiss:Flat")),
     ]
     if quick:
         keep = ("minmax b16 max", "minmax b16 sum", "minmax b8 max", "minmax b8 max full0-1",
-                "keys b1 (token top-k) max", "mean b16 faiss HNSW32")
+                "keys b1 (token top-k) softmax", "keys b1 faiss IVF64 softmax")
         out = [v for v in out if v.name in keep]
     return out
 
 
-def layer_budgets(v: Variant, budget: float, n_layers: int) -> dict[int, float]:
-    """Per-layer budgets that keep the average over layers at ``budget`` when full layers are
-    charged; empty if no budget is left for the selecting layers (then the row reports n/a)."""
-    full = v.config.full_attention_layers
-    if not full or not v.full_layers_charged:
-        return {}
-    rest = (n_layers * budget - len(full)) / (n_layers - len(full))
-    return {layer: rest for layer in range(n_layers) if layer not in full} if rest > 0 else {}
+def layer_budgets(v: Variant, budget: float, n_layers: int) -> dict[int, float] | None:
+    """Per-layer budgets of a variant at ``budget``. Charged variants keep the mean over layers at
+    ``budget``: full layers (1.0) and boosted ones take their share first, the rest split what is
+    left; None when nothing is left (the row reports n/a)."""
+    fixed = {layer: 1.0 for layer in v.config.full_attention_layers} | v.boost
+    if not v.charged or not fixed:
+        return dict(v.boost)
+    rest = (n_layers * budget - sum(fixed.values())) / (n_layers - len(fixed))
+    if rest <= 0:
+        return None
+    return {layer: fixed.get(layer, min(rest, 1.0)) for layer in range(n_layers)}
 
 
 def oracle_recall(probs: torch.Tensor, kv_heads: int, n_tokens: int, bt: int, budget_tokens: int) -> torch.Tensor:
@@ -103,6 +109,14 @@ def oracle_recall(probs: torch.Tensor, kv_heads: int, n_tokens: int, bt: int, bu
     return (per_block * mask.unsqueeze(1)).sum(-1).reshape(-1)
 
 
+def touched_blocks(mask: torch.Tensor, unit: int, n_tokens: int, storage: int) -> float:
+    """Share of ``storage``-token blocks holding at least one token of a selection of ``unit``-token
+    units ``(kv_heads, n_units)``, averaged over KV heads: what must be resident to serve it."""
+    tokens = mask.repeat_interleave(unit, dim=1)[:, :n_tokens]
+    tokens = F.pad(tokens, (0, -n_tokens % storage)).reshape(mask.shape[0], -1, storage)
+    return tokens.any(-1).float().mean()
+
+
 def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
     n_layers = len(cap.keys)
     kv_heads, _, head_dim = cap.keys[0].shape
@@ -112,12 +126,12 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
     for v in vs:
         for b in BUDGETS:
             lb = layer_budgets(v, b, n_layers)
-            if v.config.full_attention_layers and v.full_layers_charged and not lb:
+            if lb is None:
                 continue
             cfg = replace(v.config, budget=b, layer_budgets=lb)
             r = Retriever(cfg, n_layers, kv_heads, head_dim, v.block_tokens, scaling=cap.scaling)
             runs.append((v, b, r, {"recall": [], "layer_recall": np.zeros(n_layers), "tokens": 0.0,
-                                   "select_s": 0.0, "sealed": [0] * n_layers}))
+                                   "touched16": 0.0, "select_s": 0.0, "sealed": [0] * n_layers}))
     oracles = {(name, b): [] for name in ("oracle blocks of 16", "oracle blocks of 8", "oracle tokens") for b in BUDGETS}
     dense_s = 0.0
     for step in range(cap.steps):
@@ -130,8 +144,7 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
                 q.view(1, q_heads, 1, head_dim), keys.unsqueeze(0), keys.unsqueeze(0), scale=cap.scaling, enable_gqa=True
             )
             dense_s += time.perf_counter() - t0
-            logits = torch.einsum("hgd,htd->hgt", q.view(kv_heads, -1, head_dim), keys)
-            probs = torch.softmax(logits * cap.scaling, -1).reshape(q_heads, n)
+            probs = attention_probs(q, keys, cap.scaling)
             for b in BUDGETS:
                 bt_tokens = math.floor(b * n)
                 oracles[("oracle blocks of 16", b)].append(oracle_recall(probs, kv_heads, n, 16, bt_tokens).mean())
@@ -147,10 +160,12 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
                 t0 = time.perf_counter()
                 sel = r.select(0, layer, q, n)
                 st["select_s"] += time.perf_counter() - t0
-                rec = float(attention_recall(q, keys, sel, bt, cap.scaling).mean())
+                rec = float(mass_recall(probs, sel, bt).mean())
                 st["recall"].append(rec)
                 st["layer_recall"][layer] += rec / cap.steps
-                st["tokens"] += min(n, sel.k * bt) / n / (cap.steps * n_layers)
+                share = 1.0 / (cap.steps * n_layers)
+                st["tokens"] += min(n, sel.k * bt) / n * share
+                st["touched16"] += float(touched_blocks(sel.mask(), bt, n, 16)) * share
     rows = {}
     steps = cap.steps * n_layers
     for v, b, r, st in runs:
@@ -158,6 +173,8 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
         row[f"recall@{b}"] = float(np.mean(st["recall"]))
         row[f"worst_layer@{b}"] = float(st["layer_recall"].min())
         row[f"attended@{b}"] = st["tokens"]
+        row[f"touched16@{b}"] = st["touched16"]
+        row[f"layer_recall@{b}"] = st["layer_recall"].round(4).tolist()
         row[f"prefetch_hit@{b}"] = r.predictor.hit_rate
         row[f"select_vs_dense@{b}"] = st["select_s"] / dense_s
     for (name, b), vals in oracles.items():
@@ -170,7 +187,7 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
 def _describe(v: Variant) -> dict:
     c = v.config
     return {"summary": c.summary, "index": c.index, "gqa_aggregate": c.gqa_aggregate,
-            "full_attention_layers": list(c.full_attention_layers), "full_layers_charged": v.full_layers_charged,
+            "full_attention_layers": list(c.full_attention_layers), "boost": v.boost, "charged": v.charged,
             "selection_layers": list(c.selection_layers or []), "prefetch": c.prefetch}
 
 
@@ -219,14 +236,17 @@ def run_synthetic(n_blocks: int, k: int = 64, n_queries: int = 20) -> dict:
 
 def print_table(res: dict) -> None:
     print(f"\n== {res['tokens']} tokens, {res['steps']} steps x 30 layers; recall of attention mass "
-          f"(attended = mean share of tokens read at budget 10%) ==")
-    head = f"{'variant':38s} {'r@5%':>6s} {'r@10%':>6s} {'r@20%':>6s} {'worst@10':>8s} {'attended':>8s} {'prefetch':>8s} {'sel/dense':>9s}"
+          f"(columns after r@20% at budget 10%) ==")
+    print("attended: share of tokens read; touch16: share of 16-token storage blocks holding a selected "
+          "token; prefetch: previous-step guess hit rate; sel/dense: selection time / dense attention time")
+    head = (f"{'variant':38s} {'r@5%':>6s} {'r@10%':>6s} {'r@20%':>6s} {'worst@10':>8s} {'attended':>8s} "
+            f"{'touch16':>7s} {'prefetch':>8s} {'sel/dense':>9s}")
     print(head)
     for name, row in res["rows"].items():
         def f(key, fmt="{:.3f}"):
             return fmt.format(row[key]) if key in row else "n/a"
         print(f"{name:38s} {f('recall@0.05'):>6s} {f('recall@0.1'):>6s} {f('recall@0.2'):>6s} "
-              f"{f('worst_layer@0.1'):>8s} {f('attended@0.1'):>8s} {f('prefetch_hit@0.1'):>8s} "
+              f"{f('worst_layer@0.1'):>8s} {f('attended@0.1'):>8s} {f('touched16@0.1'):>7s} {f('prefetch_hit@0.1'):>8s} "
               f"{f('select_vs_dense@0.1', '{:.2f}'):>9s}")
 
 

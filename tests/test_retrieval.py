@@ -305,23 +305,28 @@ def test_drop_forgets_a_sequence():
 
 @pytest.mark.model
 def test_recall_on_real_smollm2_kv():
-    """Token-level selection at a 10% budget keeps most of the attention mass of SmolLM2's real
-    queries over 1K tokens of prose (measured 0.93; floor 0.88)."""
+    """At a 10% budget over 1K tokens of prose (sink 16 + window 64 tokens of the 102 counted),
+    SmolLM2's real queries keep most of their attention mass: token-level selection measured
+    0.887, blocks of 8 scored by the Quest bound 0.755 (floors a few points below)."""
     from tiercache.corpus import text_tokens
     from tiercache.models import load_default_model
-    from tiercache.retrieval.evaluate import attention_recall, capture
+    from tiercache.retrieval.evaluate import attention_probs, capture, mass_recall
 
     model, tokenizer = load_default_model()
     cap = capture(model, text_tokens(tokenizer, 1024), last_positions=4, decode_steps=2)
-    cfg = RetrievalConfig(sink_tokens=16, window_tokens=64, budget=0.1, summary="mean")
     kv_heads, _, head_dim = cap.keys[0].shape
-    r = Retriever(cfg, len(cap.keys), kv_heads, head_dim, block_tokens=1, scaling=cap.scaling)
-    recalls = []
-    for layer, keys in enumerate(cap.keys):
-        sealed = 0
-        for step, n in enumerate((cap.positions + 1).tolist()):
-            r.seal(0, layer, sealed, keys[:, sealed:n])
-            sealed = n
-            sel = r.select(0, layer, cap.queries[layer][step], n)
-            recalls.append(attention_recall(cap.queries[layer][step], keys[:, :n], sel, 1, cap.scaling))
-    assert torch.cat(recalls).mean() > 0.88
+    base = RetrievalConfig(sink_tokens=16, window_tokens=64, budget=0.1, gqa_aggregate="softmax")
+    for summary, unit, floor in (("mean", 1, 0.85), ("minmax", 8, 0.72)):
+        cfg = RetrievalConfig(**{**base.__dict__, "summary": summary})
+        r = Retriever(cfg, len(cap.keys), kv_heads, head_dim, block_tokens=unit, scaling=cap.scaling)
+        recalls = []
+        for layer, keys in enumerate(cap.keys):
+            sealed = 0  # blocks sealed so far, as the context grows step by step
+            for step, n in enumerate((cap.positions + 1).tolist()):
+                if n // unit > sealed:
+                    r.seal(0, layer, sealed, keys[:, sealed * unit : n // unit * unit])
+                    sealed = n // unit
+                sel = r.select(0, layer, cap.queries[layer][step], n)
+                probs = attention_probs(cap.queries[layer][step], keys[:, :n], cap.scaling)
+                recalls.append(mass_recall(probs, sel, unit))
+        assert torch.cat(recalls).mean() > floor, (summary, unit)

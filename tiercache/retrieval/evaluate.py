@@ -84,16 +84,20 @@ def capture(model, input_ids: list[int], last_positions: int, decode_steps: int)
     )
 
 
-def attention_recall(
-    queries: torch.Tensor, keys: torch.Tensor, selection: Selection, block_tokens: int, scaling: float
-) -> torch.Tensor:
-    """Recall of attention mass of one step of one layer, per query head: the share of the true
-    softmax weight of ``queries`` ``(q_heads, head_dim)`` over ``keys`` ``(kv_heads, tokens,
-    head_dim)`` (the whole causal context) that falls in the tokens of ``selection``'s blocks.
-    Returns ``(q_heads,)`` in [0, 1]."""
-    kv_heads, tokens, _ = keys.shape
-    group = queries.shape[0] // kv_heads
-    logits = torch.einsum("hgd,htd->hgt", queries.reshape(kv_heads, group, -1).float(), keys.float())
-    probs = torch.softmax(logits * scaling, dim=-1)
+def attention_probs(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """True attention weights of ``queries`` ``(q_heads, head_dim)`` over ``keys`` ``(kv_heads,
+    tokens, head_dim)`` (the whole causal context): ``(q_heads, tokens)``, rows summing to 1."""
+    kv_heads, tokens, head_dim = keys.shape
+    logits = torch.einsum("hgd,htd->hgt", queries.reshape(kv_heads, -1, head_dim).float(), keys.float())
+    return torch.softmax(logits * scaling, dim=-1).reshape(-1, tokens)
+
+
+def mass_recall(probs: torch.Tensor, selection: Selection, block_tokens: int) -> torch.Tensor:
+    """Recall of attention mass per query head: the share of ``probs`` ``(q_heads, tokens)``
+    (``attention_probs``) that falls in the tokens of ``selection``'s blocks of ``block_tokens``
+    tokens. Returns ``(q_heads,)`` in [0, 1]."""
+    q_heads, tokens = probs.shape
+    kv_heads = selection.indices.shape[0]
     token_mask = selection.mask().repeat_interleave(block_tokens, dim=1)[:, :tokens]
-    return (probs * token_mask.unsqueeze(1)).sum(-1).reshape(-1)
+    inside = probs.reshape(kv_heads, q_heads // kv_heads, tokens) * token_mask.unsqueeze(1)
+    return inside.sum(-1).reshape(-1)

@@ -51,6 +51,7 @@ class FaissIndex(ExactIndex):
         self._gpu = self._faiss.StandardGpuResources() if gpu else None
         self._reset()
         self._position = np.full(0, -1, dtype=np.int64)  # block index -> position in ExactIndex order
+        self._end = 0  # 1 + the largest block index ever added
 
     def _new_faiss_index(self):
         faiss = self._faiss
@@ -83,6 +84,7 @@ class FaissIndex(ExactIndex):
     def _added(self, n: int) -> None:
         new = self.block_ids()[-n:].numpy()
         top = int(new.max()) + 1
+        self._end = max(self._end, top)
         if top > self._position.size:
             grown = np.full(max(top, 2 * self._position.size), -1, dtype=np.int64)
             grown[: self._position.size] = self._position
@@ -126,7 +128,8 @@ class FaissIndex(ExactIndex):
             return super().search(queries, k, how, scaling, eligible)
         # Over-fetch so that k eligible live blocks survive the filtering of ineligible blocks
         # (sinks, window) and tombstones.
-        outside = eligible[0] + max(0, self._position.size - eligible[1])
+        # (at most eligible[0] blocks lie below the range, and at most end - eligible[1] above it)
+        outside = eligible[0] + max(0, self._end - eligible[1])
         want = min(self._row_block.size, self.summary.rows * (k + outside) + self._dead)
         # Each query head proposes its best rows, and so does the group's summed query: for a
         # single-row summary its inner products are exactly the "sum" aggregate's scores.

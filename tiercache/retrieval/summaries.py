@@ -87,9 +87,12 @@ class MinMaxSummary(Summary):
         return torch.stack((keys.amin(dim=-2), keys.amax(dim=-2)), dim=-2)
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        # max(q_d lo_d, q_d hi_d) is q_d hi_d where q_d >= 0 and q_d lo_d elsewhere: two matmuls
+        # instead of an elementwise (group x blocks x dims) tensor.
         lo, hi = summaries[:, :, 0], summaries[:, :, 1]  # (h, n, d)
-        q = queries.unsqueeze(2)  # (h, g, 1, d)
-        return torch.maximum(q * lo.unsqueeze(1), q * hi.unsqueeze(1)).sum(-1)
+        return torch.einsum("hgd,hnd->hgn", queries.clamp(min=0), hi) + torch.einsum(
+            "hgd,hnd->hgn", queries.clamp(max=0), lo
+        )
 
 
 class LandmarkSummary(Summary):
