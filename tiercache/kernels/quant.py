@@ -6,8 +6,8 @@ Each row of ``x`` (shape ``(rows, group)``) is one quantization group: codes are
 are computed, so the stored metadata is exactly what the decoder uses.
 
 ``quantize_rows`` / ``dequantize_rows`` run a Triton kernel when ``x`` is on a CUDA device and
-Triton is installed, else the torch reference (``*_torch``), which defines the results. Triton is
-imported lazily: this module imports, and computes, without it.
+Triton is installed (and the metadata is fp16), else the torch reference (``*_torch``), which
+defines the results. Triton is imported lazily: this module imports, and computes, without it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ..errors import ShapeError
 
 
 def quantize_rows_torch(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
@@ -45,25 +47,27 @@ def _triton_kernels():
     try:
         import triton
         import triton.language as tl
-        from triton.language.extra import libdevice
     except ImportError:
         return None
 
     @triton.jit
     def quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, group, levels,
-                        BLOCK: tl.constexpr, META_BF16: tl.constexpr):
+                        BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < group
         x = tl.load(x_ptr + row * group + offs, mask=mask, other=0.0).to(tl.float32)
         lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
         hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
-        meta = tl.bfloat16 if META_BF16 else tl.float16
-        zero = lo.to(meta)
-        scale = ((hi - zero.to(tl.float32)) / levels).to(meta)
+        zero = lo.to(tl.float16, fp_downcast_rounding="rtne")
+        scale = ((hi - zero.to(tl.float32)) / levels).to(tl.float16, fp_downcast_rounding="rtne")
         safe = tl.where(scale.to(tl.float32) == 0.0, 1.0, scale.to(tl.float32))
         q = (x - zero.to(tl.float32)) / safe
-        q = tl.minimum(tl.maximum(libdevice.rint(q), 0.0), levels)
+        # Round half to even, as torch.round does.
+        r = tl.floor(q + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        r = tl.where(((r - q) == 0.5) & odd, r - 1.0, r)
+        q = tl.minimum(tl.maximum(r, 0.0), levels)
         tl.store(codes_ptr + row * group + offs, q.to(tl.uint8), mask=mask)
         tl.store(scale_ptr + row, scale)
         tl.store(zero_ptr + row, zero)
@@ -88,21 +92,24 @@ def triton_available() -> bool:
 
 
 def _use_triton(t: torch.Tensor, meta_dtype: torch.dtype) -> bool:
-    return t.is_cuda and meta_dtype in (torch.float16, torch.bfloat16) and _triton_kernels() is not None
+    # Only fp16 metadata: the bf16 downcast could not be checked against torch's rounding here.
+    return t.is_cuda and meta_dtype == torch.float16 and _triton_kernels() is not None
 
 
 def quantize_rows_triton(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton version of ``quantize_rows_torch`` (CUDA tensors, fp16/bf16 metadata)."""
+    """Triton version of ``quantize_rows_torch`` (CUDA tensors, fp16 metadata only)."""
     triton, quantize_kernel, _ = _triton_kernels()
     x = x.contiguous()
     rows, group = x.shape
     codes = torch.empty((rows, group), dtype=torch.uint8, device=x.device)
-    scale = torch.empty(rows, dtype=meta_dtype, device=x.device)
-    zero = torch.empty(rows, dtype=meta_dtype, device=x.device)
+    if meta_dtype != torch.float16:
+        raise ShapeError(f"Triton quantizer stores fp16 scales and zeros, not {meta_dtype}")
+    scale = torch.empty(rows, dtype=torch.float16, device=x.device)
+    zero = torch.empty(rows, dtype=torch.float16, device=x.device)
     if rows:
         quantize_kernel[(rows,)](x, codes, scale, zero, group, float((1 << bits) - 1),
-                                 BLOCK=triton.next_power_of_2(group), META_BF16=meta_dtype == torch.bfloat16)
+                                 BLOCK=triton.next_power_of_2(group))
     return codes, scale, zero
 
 
