@@ -14,8 +14,8 @@ Per tensor (keys, then values), each ``(kv_heads, tokens, head_dim)``:
    its symbol minus the chunk's first symbol. On one grid this is lossless on the symbols.
 5. rANS-code the symbols per channel class (``tiercache.io.rans``), escapes kept beside.
 
-Payload per tensor (little-endian): ``f32 base_step[H]``, ``u8 step_codes[...]`` (per channel
-``H*D``, per token ``H*T``, or none), ``f16 centers[H*D]`` (keys), ``u8 classes[H*D]``,
+Payload per tensor (little-endian): ``f16 centers[H*D]`` (keys only), ``f32 base_step[H]``,
+``u8 step_codes[...]`` (per channel ``H*D``, per token ``H*T``, or none), ``u8 classes[H*D]``,
 ``u32 n_escapes``, ``u32 positions[n]``, ``i32 values[n]``, then the class coder's tables and
 words. Every field is checked on decode; anything inconsistent raises ``CorruptBlockError``.
 """
@@ -118,18 +118,19 @@ class CacheGenCodec(Codec):
         heads, tokens, dim = x.shape
         if spec.center:
             center = x.mean(dim=1, keepdim=True).half().float()
-            out.put(center.numpy(), "<f2")
+            out.put(center.cpu().numpy(), "<f2")
             x = x - center
         base = x.pow(2).mean(dim=(1, 2)).sqrt() * spec.step
         base = torch.where(base > 0, base, torch.ones_like(base))
-        out.put(base.numpy(), "<f4")
+        out.put(base.cpu().numpy(), "<f4")
         codes = self._step_codes(x, base, spec)
-        out.put(codes.numpy(), "u1")
+        out.put(codes.cpu().numpy(), "u1")
         step = _steps(base, codes, spec.scale, tokens, dim)
         q = torch.round(x / step)
         if q.abs().max() > _MAX_SYMBOL:
             raise ShapeError(f"cachegen codec: data range too large for step {spec.step}")
-        rows = q.to(torch.int64).transpose(1, 2).reshape(heads * dim, tokens).numpy()
+        # Quantization ran on x's device; entropy coding runs on the CPU.
+        rows = q.to(torch.int64).transpose(1, 2).reshape(heads * dim, tokens).cpu().numpy()
         rows = self._delta(rows, forward=True)
         classes = classify(rows)
         out.put(classes, "u1")
@@ -146,7 +147,7 @@ class CacheGenCodec(Codec):
         """u8 codes of each channel's (or token's) step relative to the head's base step; empty
         for ``"head"``. The wanted step is ``spec.step`` times that channel's (token's) RMS."""
         if spec.scale == "head":
-            return torch.empty(0, dtype=torch.uint8)
+            return torch.empty(0, dtype=torch.uint8, device=x.device)
         rms = x.pow(2).mean(dim=1 if spec.scale == "channel" else 2).sqrt()
         relative = (rms * spec.step / base[:, None]).clamp_min(2.0**-17)
         code = torch.round(torch.log2(relative) * _STEP_RES) + 128
@@ -177,11 +178,13 @@ class CacheGenCodec(Codec):
             raise CorruptBlockError(f"cachegen payload: rotate needs a power-of-two head_dim, got {layout.head_dim}")
         reader = Reader(payload.cpu().numpy().tobytes(), "cachegen payload")
         shape = (layout.kv_heads, tokens, layout.head_dim)
-        k, v = (self._rotated(self._decode_tensor(reader, spec, shape), inverse=True) for spec in self._specs)
+        k, v = (self._rotated(self._decode_tensor(reader, spec, shape, device), inverse=True) for spec in self._specs)
         reader.finish()
-        return k.to(layout.dtype).to(device), v.to(layout.dtype).to(device)
+        return k.to(layout.dtype), v.to(layout.dtype)
 
-    def _decode_tensor(self, reader: Reader, spec: _Spec, shape: tuple[int, int, int]) -> torch.Tensor:
+    def _decode_tensor(self, reader: Reader, spec: _Spec, shape: tuple[int, int, int],
+                       device: torch.device | str) -> torch.Tensor:
+        """Entropy-decode one tensor on the CPU and dequantize it on ``device``; fp32 ``shape``."""
         heads, tokens, dim = shape
         center = torch.from_numpy(reader.take(heads * dim, "<f2").astype(np.float32)).view(heads, 1, dim) \
             if spec.center else torch.zeros(1)
@@ -199,8 +202,8 @@ class CacheGenCodec(Codec):
         rows = self._coder.decode(reader, classes, tokens)
         _apply_escapes(rows, classes, positions, values)
         rows = self._delta(rows, forward=False)
-        q = torch.from_numpy(rows).view(heads, dim, tokens).transpose(1, 2).float()
-        x = q * _steps(base, codes, spec.scale, tokens, dim) + center
+        q = torch.from_numpy(rows).to(device).view(heads, dim, tokens).transpose(1, 2).float()
+        x = q * _steps(base.to(device), codes.to(device), spec.scale, tokens, dim) + center.to(device)
         if not torch.isfinite(x).all():
             raise CorruptBlockError("cachegen payload: decodes to non-finite values")
         return x
@@ -211,7 +214,7 @@ class CacheGenCodec(Codec):
         dim = x.shape[-1]
         if dim & (dim - 1):
             raise ShapeError(f"cachegen codec: rotate needs a power-of-two head_dim, got {dim}")
-        h = _hadamard(dim)
+        h = _hadamard(dim).to(x.device)
         return x @ (h.T if inverse else h)
 
 
