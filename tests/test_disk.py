@@ -309,6 +309,38 @@ def test_disk_full_loses_nothing_and_recovers(filled, monkeypatch):
                 assert header.key == k and torch.equal(kk, kv_block(50 + i)[0])
 
 
+def test_failed_checkpoint_loses_nothing(filled, monkeypatch):
+    s = open_store(filled, checkpoint_every=1)
+    real = os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", full)
+    s.put_many([(KEYS[0], record(KEYS[0], 0))])  # committed; only the checkpoint failed
+    assert "manifest" in s.checkpoint_error and "previous one stands" in s.checkpoint_error
+    with pytest.raises(StoreError, match="writing manifest"):
+        s.close()
+    assert not list(filled.glob("manifest.json.tmp*"))
+    monkeypatch.setattr(os, "replace", real)
+    with open_store(filled) as s:
+        check_all(s)
+
+
+def test_reader_keeps_reading_across_compaction(tmp_path):
+    frame = open_store(tmp_path / "probe").frame_bytes(KEYS[0], len(record(KEYS[0], 0)))
+    with open_store(tmp_path / "s", 64 * frame, segment_bytes=8 * frame) as w:
+        w.put_many([(k, record(k, i)) for i, k in enumerate(KEYS[:30])])
+        with open_store(tmp_path / "s", readonly=True) as r:
+            w.delete(KEYS[:20])
+            w.compact(0)  # removes the segments the reader indexed
+            check_all(r, KEYS[20:30])  # still readable through its open files
+            w.put_many([(KEYS[0], record(KEYS[0], 0))])
+            r.refresh()
+            assert sorted(r.block_keys()) == sorted(KEYS[20:30] + [KEYS[0]])
+            check_all(r, KEYS[20:30] + [KEYS[0]])
+
+
 def corrupt(store_dir: Path, key: BlockKey, how: str) -> tuple[Path, int]:
     with open_store(store_dir, readonly=True) as r:
         entry = r.entry(key)
@@ -341,21 +373,46 @@ def test_damaged_record_fails_closed_rest_usable(filled, how, message):
         check_all(s)
 
 
-def test_odirect_used_where_supported_and_tmpfs_falls_back(tmp_path):
-    with open_store(tmp_path) as s:
-        s.put_many([(KEYS[0], record(KEYS[0], 0))])
-        assert all(seg.direct for seg in s._segments.values())
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        pytest.skip("no writable /dev/shm")
-    import tempfile
+def test_odirect_where_supported_buffered_where_refused(tmp_path, monkeypatch):
+    with open_store(tmp_path / "ext") as s:
+        s.put_many([(k, record(k, i)) for i, k in enumerate(KEYS)])
+        segs = list(s._segments.values())
+        direct_fds = {seg.direct_fd for seg in segs} - {None}
+        if not direct_fds:
+            pytest.skip(f"{tmp_path} refuses O_DIRECT")
+        # A filesystem that accepts O_DIRECT at open but wants a coarser alignment at read time.
+        real_preadv = os.preadv
 
-    with tempfile.TemporaryDirectory(dir=shm) as d:
-        with open_store(Path(d)) as s:
-            s.put_many([(k, record(k, i)) for i, k in enumerate(KEYS)])
-            check_all(s)
-        with open_store(Path(d)) as s:
-            check_all(s)
+        def picky(fd, buffers, offset):
+            if fd in direct_fds:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "preadv", picky)
+        check_all(s)
+        assert not any(seg.direct for seg in segs)
+    monkeypatch.undo()
+    real_open = os.open
+
+    def no_direct(path, flags, *args):  # a filesystem that refuses O_DIRECT at open (older tmpfs)
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    with open_store(tmp_path / "ext") as s:
+        assert not any(seg.direct for seg in s._segments.values())
+        check_all(s)
+        s.put_many([(KEYS[0], record(KEYS[0], 0))])
+    monkeypatch.undo()
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):  # and a real tmpfs, whatever it supports
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=shm) as d:
+            with open_store(Path(d)) as s:
+                s.put_many([(k, record(k, i)) for i, k in enumerate(KEYS)])
+                check_all(s)
 
 
 # ---------------------------------------------------------------- DiskTier

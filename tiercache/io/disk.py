@@ -34,10 +34,11 @@ class DiskTier(BackingTier):
     name = TierName.DISK
 
     def __init__(self, store: DiskStore, codec: Codec, layout: BlockLayout, keep_blocks: bool = False) -> None:
+        """``keep_blocks``: keep the blocks a previous process left (a read-only store always does)."""
         self.store = store
         self.codec = codec
         self.layout = layout
-        if not keep_blocks and store.block_keys():
+        if not keep_blocks and not store.readonly and store.block_keys():
             store.delete(store.block_keys(), sync=False)
         self._largest_record = 0
 

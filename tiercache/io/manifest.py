@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import StoreError
 from .frames import HEADER_SIZE, StoreKey, key_from_json, key_to_json
 from .segments import fsync_dir
 
@@ -61,7 +62,8 @@ class Manifest:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Atomically replace ``directory/manifest.json`` with ``manifest``."""
+    """Atomically replace ``directory/manifest.json`` with ``manifest``; ``StoreError`` (the old
+    manifest intact) if it cannot be written."""
     doc = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -76,12 +78,16 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     }
     final = directory / MANIFEST_NAME
     tmp = directory / f"{MANIFEST_NAME}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(directory)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(directory)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"writing manifest {final} failed ({exc.strerror}); the previous one stands") from exc
 
 
 def read_manifest(directory: Path) -> tuple[Manifest | None, str]:

@@ -29,7 +29,6 @@ import json
 import os
 import struct
 import threading
-import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
 
 from ..blocks import BlockKey
 from ..errors import BlockNotFoundError, CapacityError, CorruptBlockError, StoreError, TiercacheError
+from .checksum import crc32
 from .frames import (
     HEADER_SIZE,
     ContextPart,
@@ -107,6 +107,8 @@ class DiskStore:
         self.recovery_note = ""
         #: Saved contexts evicted to make room, since open.
         self.evictions = 0
+        #: Why the last periodic checkpoint failed ("" if it did not).
+        self.checkpoint_error = ""
 
         self._lock = threading.RLock()
         self._scratch = threading.local()  # each I/O thread's ScratchBuffer
@@ -558,7 +560,12 @@ class DiskStore:
                 self._delete_older(f.key, f.seq if f.seq is not None else seq)
         self._batches_since_checkpoint += 1
         if self._batches_since_checkpoint >= self.checkpoint_every:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except StoreError as exc:
+                # The batch is committed all the same (the segments are the truth); the
+                # checkpoint is retried after the next batches.
+                self.checkpoint_error = str(exc)
         return [e for _, e in applied if e is not None]
 
     def _active_segment(self, batch_bytes: int) -> Segment:
@@ -653,6 +660,7 @@ class DiskStore:
             write_manifest(self.path, Manifest(self._seq, self._next_segment, dict(self._committed),
                                                dict(self._index), list(self._lru)))
             self._batches_since_checkpoint = 0
+            self.checkpoint_error = ""
 
     def refresh(self) -> None:
         """Reader: pick up batches committed since open (or the last refresh)."""
@@ -660,11 +668,13 @@ class DiskStore:
             self._check_open()
             for path in sorted(self.path.iterdir()):
                 seg_id = segment_id(path)
-                if seg_id is not None and seg_id not in self._segments:
+                # Only segments started since: an older unknown one was compacted away.
+                if seg_id is not None and seg_id >= self._next_segment:
                     try:
                         self._segments[seg_id] = Segment(path, seg_id, self.align, self.direct)
                     except StoreError:
                         continue
+                    self._next_segment = seg_id + 1
                     self._committed[seg_id] = 0
                     self._live.setdefault(seg_id, 0)
             for seg_id, seg in sorted(self._segments.items()):
@@ -747,7 +757,7 @@ def _record_crc(record: bytes | memoryview) -> int:
 
 
 def _check_crc(record: memoryview, crc: int, where: str) -> None:
-    if len(record) < 4 or zlib.crc32(record[:-4]) != crc or _record_crc(record) != crc:
+    if len(record) < 4 or crc32(record[:-4]) != crc or _record_crc(record) != crc:
         raise CorruptBlockError(f"{where}: record checksum mismatch")
 
 
