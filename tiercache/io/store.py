@@ -51,6 +51,7 @@ from .frames import (
     pack_frame,
     parse_header,
 )
+from .lockfile import WriterLock
 from .manifest import IndexEntry, Manifest, read_manifest, write_manifest
 from .record import prefix_size, record_length
 from .segments import ScratchBuffer, Segment, fsync_dir, segment_id, segment_name
@@ -107,8 +108,9 @@ class DiskStore:
         self.recovery_note = ""
         #: Saved contexts evicted to make room, since open.
         self.evictions = 0
-        #: Why the last periodic checkpoint failed ("" if it did not).
+        #: Why the last periodic checkpoint, or automatic compaction, failed ("" if it did not).
         self.checkpoint_error = ""
+        self.compaction_error = ""
 
         self._lock = threading.RLock()
         self._scratch = threading.local()  # each I/O thread's ScratchBuffer
@@ -123,7 +125,7 @@ class DiskStore:
         self._next_segment = 1  # segment ids are never reused: readers may hold removed ones open
         self._active: Segment | None = None
         self._batches_since_checkpoint = 0
-        self._writer_lock = None
+        self._writer_lock: WriterLock | None = None
         self._closed = False
 
         self._open_directory()
@@ -132,8 +134,6 @@ class DiskStore:
     # ------------------------------------------------------------------ opening and recovery
 
     def _open_directory(self) -> None:
-        from .lockfile import WriterLock
-
         if self.readonly:
             if not self.path.is_dir():
                 raise StoreError(f"disk store directory {self.path} does not exist or is not a directory")
@@ -643,8 +643,11 @@ class DiskStore:
         self._forget_segment(seg.id)
         self.checkpoint()
         seg.retire()
-        os.unlink(seg.path)
-        fsync_dir(self.path)
+        try:
+            os.unlink(seg.path)
+            fsync_dir(self.path)
+        except OSError as exc:  # harmless: the next open removes a segment the manifest dropped
+            raise StoreError(f"compaction could not remove {seg.path}: {exc.strerror}") from exc
 
     def _forget_segment(self, seg_id: int) -> None:
         del self._segments[seg_id]
@@ -720,7 +723,12 @@ class DiskStore:
     def _maybe_compact(self) -> None:
         # Called after each write batch, never from inside one (compaction itself commits).
         if self.disk_bytes > self.budget_bytes:
-            self.compact()
+            try:
+                self.compact()
+            except TiercacheError as exc:
+                # The write succeeded; a segment that cannot be compacted (damaged, or the disk
+                # is full) keeps its space until an explicit compact() reports why.
+                self.compaction_error = str(exc)
 
 
 class _Read(NamedTuple):
