@@ -1,7 +1,8 @@
 """How fast does the disk tier read, and is loading a saved context faster than recomputing it?
 
 1. Block read throughput of ``DiskStore`` (concurrent ``O_DIRECT`` reads, every record's crc32
-   checked, each record handed to a consumer on its I/O thread as the disk tier's decoder is) for records of 64 KiB to 4 MiB, in storage order and in random order, against the
+   checked, each record handed to a consumer on its I/O thread as the disk tier's decoder is)
+   for records of 64 KiB to 4 MiB, in storage order and in random order, against the
    raw read speed of the very same segment files in the same run: a plain Python sequential read
    (4 MiB ``readinto``), ``dd iflag=direct bs=4M``, and plain Python ``pread`` of each record in
    the store's random order. Every figure is cold: before each pass the segment files are
@@ -12,8 +13,8 @@
    against time to recompute its prefill with transformers, same process: with cachegen and raw
    if cachegen is registered, else with raw (and zstd if registered).
 
-Prints tables and writes benchmarks/results/bench_disk.json. ``--quick``: 128 MiB per record
-size and a 2K-token context.
+Prints tables and writes benchmarks/results/bench_disk.json. Full run: 512 MiB of records per
+record size and an 8K-token context; ``--quick``: 128 MiB and 2K tokens.
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def throughput(root: Path, total_bytes: int, repeats: int) -> tuple[list[dict], 
             **{f"{m}_MBps": v for m, v in best.items()},
             "seq_vs_raw": best["store_seq"] / raw_best, "random_vs_raw": best["store_random"] / raw_best,
             "seq_vs_raw_median": statistics.median(s / r for s, r in zip(speeds["store_seq"], raw_runs)),
-            "random_vs_raw_median": statistics.median(s / r for s, r in zip(speeds["store_random"], raw_runs)),
+            "random_vs_raw_median": statistics.median(
+                s / r for s, r in zip(speeds["store_random"], raw_runs)),
             "direct_io": all(s.direct for s in store._segments.values()),
         })
         store.close()
@@ -220,7 +222,8 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
         err = (loaded - kv).abs().max().item()
         rows.append({
             "codec": name, "tokens": tokens, "raw_MiB": round(kv.numel() * kv.element_size() / MIB, 1),
-            "stored_MiB": round(stored / MIB, 1), "save_s": save_s, "load_cold_s": load_s, "load_warm_s": warm_s,
+            "stored_MiB": round(stored / MIB, 1), "save_s": save_s,
+            "load_cold_s": load_s, "load_warm_s": warm_s,
             "prefill_s": prefill_s, "prefill_over_load": prefill_s / load_s, "max_abs_err": err,
         })
         shutil.rmtree(path)
@@ -240,7 +243,8 @@ def main() -> None:
     try:
         rows, how = throughput(root, total, repeats=2 if args.quick else 3)
         print(f"\nBlock read throughput, MB/s, cold (page cache dropped by {how}), best of "
-              f"{2 if args.quick else 3} interleaved runs; store: {IN_FLIGHT} reads in flight, crc32 checked; "
+              f"{2 if args.quick else 3} interleaved runs; store: {IN_FLIGHT} reads in flight, "
+              "crc32 checked; "
               "raw = the better of the two sequential raw reads")
         print_table(rows)
         ctx_rows, ctx_info = ([], {}) if args.skip_model else context_vs_prefill(root, n_tokens)

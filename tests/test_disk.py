@@ -229,7 +229,8 @@ def test_context_saved_in_one_process_loads_in_another(tmp_path):
         from tiercache.blocks import BlockLayout
         g = torch.Generator().manual_seed(7)
         kv = torch.randn((3, 2, 2, 300, 8), generator=g).to(torch.bfloat16)
-        tier = DiskTier(DiskStore({str(tmp_path)!r}, 1 << 24), make_codec("raw"), BlockLayout(2, 16, 8, torch.bfloat16))
+        layout = BlockLayout(2, 16, 8, torch.bfloat16)
+        tier = DiskTier(DiskStore({str(tmp_path)!r}, 1 << 24), make_codec("raw"), layout)
         tier.save_context({key!r}, kv, chunk_tokens=64)
         tier.close()
     """)

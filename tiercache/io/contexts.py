@@ -31,17 +31,19 @@ def content_key(model_id: str, token_ids: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def save_kv_context(store: DiskStore, name: str, kv: torch.Tensor, codec: Codec, chunk_tokens: int = 256) -> int:
+def save_kv_context(store: DiskStore, name: str, kv: torch.Tensor, codec: Codec,
+                    chunk_tokens: int = 256) -> int:
     """Save ``kv``, shaped ``(layers, 2, kv_heads, tokens, head_dim)``, as context ``name``, encoded
     with ``codec`` in records of ``chunk_tokens`` tokens (bytes per record: 2 x kv_heads x
     chunk_tokens x head_dim x element size, before the codec). Returns the bytes stored."""
     if kv.dim() != 5 or kv.shape[1] != 2:
-        raise ShapeError(f"context {name!r}: kv has shape {tuple(kv.shape)}, expected (layers, 2, kv_heads, tokens, head_dim)")
+        raise ShapeError(f"context {name!r}: kv has shape {tuple(kv.shape)}, "
+                         "expected (layers, 2, kv_heads, tokens, head_dim)")
     layers, _, heads, tokens, head_dim = kv.shape
     layout = BlockLayout(heads, chunk_tokens, head_dim, kv.dtype)
     records = [
-        encode_record(codec, kv[layer, 0, :, a : a + chunk_tokens], kv[layer, 1, :, a : a + chunk_tokens], layout,
-                      BlockKey(0, layer, a // chunk_tokens))
+        encode_record(codec, kv[layer, 0, :, a : a + chunk_tokens], kv[layer, 1, :, a : a + chunk_tokens],
+                      layout, BlockKey(0, layer, a // chunk_tokens))
         for layer in range(layers)
         for a in range(0, tokens, chunk_tokens)
     ]
@@ -70,7 +72,9 @@ def load_kv_context(store: DiskStore, name: str, device: torch.device | str = "c
         expected = BlockKey(0, i // chunks, i % chunks)
         a = expected.index * chunk
         if h.key != expected or h.layout != lay or a + h.tokens > tokens:
-            raise CorruptBlockError(f"context {name!r}: record {i} is {h.key} with {h.tokens} tokens, expected {expected}")
+            raise CorruptBlockError(
+                f"context {name!r}: record {i} is {h.key} with {h.tokens} tokens, expected {expected}"
+            )
         out[expected.layer, 0, :, a : a + h.tokens] = k
         out[expected.layer, 1, :, a : a + h.tokens] = v
     return out

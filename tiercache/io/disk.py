@@ -33,7 +33,8 @@ class DiskTier(BackingTier):
 
     name = TierName.DISK
 
-    def __init__(self, store: DiskStore, codec: Codec, layout: BlockLayout, keep_blocks: bool = False) -> None:
+    def __init__(self, store: DiskStore, codec: Codec, layout: BlockLayout,
+                 keep_blocks: bool = False) -> None:
         """``keep_blocks``: keep the blocks a previous process left (a read-only store always does)."""
         self.store = store
         self.codec = codec
@@ -70,7 +71,9 @@ class DiskTier(BackingTier):
 
     def write_many(self, keys: list[BlockKey], kv: torch.Tensor, tokens: list[int]) -> list[int]:
         if len(keys) != kv.shape[0] or len(keys) != len(tokens):
-            raise ConfigError(f"disk tier: {len(keys)} keys, {kv.shape[0]} blocks and {len(tokens)} token counts")
+            raise ConfigError(
+                f"disk tier: {len(keys)} keys, {kv.shape[0]} blocks and {len(tokens)} token counts"
+            )
         kv = kv.to("cpu")
         records = [encode_record(self.codec, kv[i, 0, :, :t], kv[i, 1, :, :t], self.layout, key)
                    for i, (key, t) in enumerate(zip(keys, tokens))]
@@ -85,14 +88,18 @@ class DiskTier(BackingTier):
             header, k, v = decode_record(record, device, where)
             # Never serve another block's KV: the record names the block it holds.
             if header.key != key or header.layout != self.layout:
-                raise CorruptBlockError(f"{where}: record holds {header.key} of {header.layout}, expected {key}")
+                raise CorruptBlockError(
+                    f"{where}: record holds {header.key} of {header.layout}, expected {key}"
+                )
             return k, v
 
         futures = self.store.read_async(keys, verify=False, then=decode)
         for i, (future, t) in enumerate(zip(futures, tokens)):
             k, v = future.result()
             if k.shape[1] != t:
-                raise CorruptBlockError(f"disk tier: {keys[i]} holds {k.shape[1]} tokens, the manager expects {t}")
+                raise CorruptBlockError(
+                    f"disk tier: {keys[i]} holds {k.shape[1]} tokens, the manager expects {t}"
+                )
             out[i, 0, :, :t] = k
             out[i, 1, :, :t] = v
         return out

@@ -87,7 +87,9 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
         fsync_dir(directory)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise StoreError(f"writing manifest {final} failed ({exc.strerror}); the previous one stands") from exc
+        raise StoreError(
+            f"writing manifest {final} failed ({exc.strerror}); the previous one stands"
+        ) from exc
 
 
 def read_manifest(directory: Path) -> tuple[Manifest | None, str]:
@@ -102,7 +104,8 @@ def read_manifest(directory: Path) -> tuple[Manifest | None, str]:
         return None, f"{path} is unreadable: {exc}"
     try:
         if doc["format"] != _FORMAT or doc["version"] != _VERSION:
-            return None, f"{path}: format {doc['format']!r} version {doc['version']}, expected {_FORMAT!r} {_VERSION}"
+            return None, (f"{path}: format {doc['format']!r} version {doc['version']}, "
+                          f"expected {_FORMAT!r} {_VERSION}")
         entries = {key_from_json(row[0]): IndexEntry(*(int(x) for x in row[1:8])) for row in doc["entries"]}
         return Manifest(
             seq=int(doc["seq"]),

@@ -382,7 +382,8 @@ class DiskStore:
             try:
                 frame = data[offset - first.offset : offset - first.offset + entry.span]
                 header, key_bytes = parse_header(frame, where)
-                if header.kind != FrameKind.PUT or key_bytes != key_to_bytes(key) or header.body_len != entry.record_len:
+                if (header.kind != FrameKind.PUT or key_bytes != key_to_bytes(key)
+                        or header.body_len != entry.record_len):
                     raise CorruptBlockError(f"{where}: frame holds {key_bytes!r}, expected the record of {key}")
                 record = frame[header.body_offset : header.body_offset + entry.record_len]
                 if verify:
@@ -447,7 +448,8 @@ class DiskStore:
         check_context_key(name)
         if not records:
             raise StoreError(f"context {name!r}: nothing to save")
-        frames = [_Frame(FrameKind.PUT, ContextPart(name, i), _checked_record(name, r)) for i, r in enumerate(records)]
+        frames = [_Frame(FrameKind.PUT, ContextPart(name, i), _checked_record(name, r))
+                  for i, r in enumerate(records)]
         with self._lock:
             old = self._contexts.get(name, 0)
             # Parts past the new length go in the same batch, so the replacement is atomic.
@@ -626,7 +628,8 @@ class DiskStore:
             if header.kind != FrameKind.COMMIT:
                 key = key_from_json(json.loads(key_bytes))
                 entry = self._index.get(key)
-                if header.kind == FrameKind.PUT and entry is not None and (entry.segment, entry.offset) == (seg.id, pos):
+                live = entry is not None and (entry.segment, entry.offset) == (seg.id, pos)
+                if header.kind == FrameKind.PUT and live:
                     record = self._read_record(seg, pos, header.key_len, header.body_len, header.body_crc)
                     batch.append(_Frame(FrameKind.PUT, key, bytes(record), header.seq))
                     batch_bytes += header.frame_len
