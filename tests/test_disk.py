@@ -19,6 +19,7 @@ from tiercache import (
     CapacityError,
     ConfigError,
     CorruptBlockError,
+    ShapeError,
     StoreError,
     TierConfig,
 )
@@ -207,6 +208,8 @@ def test_save_context_replaces_atomically(tmp_path):
         s.delete_context("doc")
         with pytest.raises(BlockNotFoundError, match="no context"):
             s.load_context("doc")
+        with pytest.raises(ShapeError, match="context key"):
+            s.save_context("", recs)
     with open_store(tmp_path) as s:
         assert s.contexts() == [] and len(s) == 0
 
@@ -224,14 +227,15 @@ def test_context_saved_in_one_process_loads_in_another(tmp_path):
     assert key == content_key("SmolLM2-135M-Instruct", list(range(300))) != content_key("x", list(range(300)))
     proc = run_python(f"""
         import torch
-        from tiercache.io.disk import DiskStore, DiskTier
+        from tiercache.io.disk import DiskStore, DiskTier, content_key
         from tiercache.io.codec import make_codec
         from tiercache.blocks import BlockLayout
         g = torch.Generator().manual_seed(7)
         kv = torch.randn((3, 2, 2, 300, 8), generator=g).to(torch.bfloat16)
         layout = BlockLayout(2, 16, 8, torch.bfloat16)
         tier = DiskTier(DiskStore({str(tmp_path)!r}, 1 << 24), make_codec("raw"), layout)
-        tier.save_context({key!r}, kv, chunk_tokens=64)
+        # The key is recomputed here: it must not depend on the process (no per-process hash).
+        tier.save_context(content_key("SmolLM2-135M-Instruct", list(range(300))), kv, chunk_tokens=64)
         tier.close()
     """)
     assert proc.returncode == 0, proc.stderr
