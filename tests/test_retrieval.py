@@ -148,6 +148,36 @@ def test_faiss_remove_filters_tombstones_and_rebuilds():
     assert (got >= 0).sum(1).eq(17).all()  # 17 blocks left, the rest is padding
 
 
+def test_faiss_search_parameters_can_be_tuned():
+    index = filled("faiss:IVF4,Flat|nprobe=1", 200)
+    q = torch.randn(KV, G, D)
+    index.tune("nprobe=4")  # every list probed: exact
+    assert torch.equal(index.search(q, 5, "max", 1.0, (0, 200)), filled("exact", 200).search(q, 5, "max", 1.0, (0, 200)))
+    with pytest.raises(ConfigError, match="search parameters"):
+        index.tune("bogus=3")
+
+
+def _faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@pytest.mark.skipif(_faiss_has_gpu(), reason="this faiss has GPU support")
+def test_faiss_gpu_without_gpu_support_is_a_config_error():
+    with pytest.raises(ConfigError, match="GPU support"):
+        make_index("faiss-gpu:Flat", MeanSummary(), KV, D)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _faiss_has_gpu(), reason="needs faiss with GPU support and a GPU")
+def test_faiss_gpu_agrees_with_exact():
+    exact, gpu = filled("exact", 200), filled("faiss-gpu:Flat", 200)
+    q = torch.randn(KV, G, D)
+    assert torch.equal(exact.search(q, 10, "max", 1.0, (0, 200)).sort().values,
+                       gpu.search(q, 10, "max", 1.0, (0, 200)).sort().values)
+
+
 def test_faiss_rejects_bound_summaries_and_bad_specs():
     with pytest.raises(ConfigError, match="inner product"):
         make_index("faiss:Flat", MinMaxSummary(), KV, D)
@@ -215,9 +245,9 @@ def test_selector_keeps_sink_and_window_and_respects_the_budget(budget, n_tokens
 def test_selector_picks_the_highest_scoring_blocks():
     index = filled("exact", 64, MinMaxSummary())
     q = torch.randn(9, D)
-    cfg = RetrievalConfig(sink_tokens=16, window_tokens=16, budget=16 * 10)
+    cfg = RetrievalConfig(sink_tokens=16, window_tokens=16, budget=16 * 10, gqa_aggregate="sum")
     sel = Selector(cfg, 16, 0.125).select(index, q, 0, 64 * 16)
-    scores = aggregate(MinMaxSummary().score(group_queries(q, KV, D), index.summaries()), "max", 0.125)
+    scores = aggregate(MinMaxSummary().score(group_queries(q, KV, D), index.summaries()), "sum", 0.125)
     expect = scores[:, 1:63].topk(8, dim=-1).indices + 1
     assert torch.equal(sel.retrieved, expect.sort().values)
 

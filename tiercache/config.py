@@ -40,6 +40,10 @@ class RetrievalConfig:
     layer below it at the same step (TidalDecode). ``prefetch`` is the predictor's guess of a
     layer's next selection: ``"previous"`` (that layer's selection at the previous step),
     ``"next_layer"`` (the layer below's query scored on this layer's index) or ``"none"``.
+
+    Defaults follow benchmarks/bench_retrieval.py on SmolLM2 (4K and 8K tokens): the Quest bound
+    beats mean keys and landmarks, and the "softmax" aggregate beats "max" and "sum" at every budget
+    and block size measured.
     """
 
     sink_tokens: int = 32
@@ -47,7 +51,7 @@ class RetrievalConfig:
     budget: float | int = 0.1
     summary: str = "minmax"
     index: str = "exact"
-    gqa_aggregate: str = "max"
+    gqa_aggregate: str = "softmax"
     full_attention_layers: tuple[int, ...] = ()
     layer_budgets: dict[int, float | int] = field(default_factory=dict)
     selection_layers: tuple[int, ...] | None = None

@@ -2,9 +2,9 @@
 blocks are too many to score each step.
 
 One faiss index per KV head holds every summary row (a block contributes ``summary.rows`` rows).
-faiss proposes candidate blocks per query head (and for the group's summed query); the candidates are then re-scored exactly from a
-host copy of their summaries, so GQA aggregation and the summary's own score stay exact and only
-the candidate set is approximate. Removal leaves tombstones (HNSW cannot delete) that are filtered
+faiss proposes candidate blocks per query head (and for the group's summed query); the candidates
+are then re-scored exactly from a host copy of their summaries, so GQA aggregation and the
+summary's own score stay exact and only the candidate set is approximate. Removal leaves tombstones (HNSW cannot delete) that are filtered
 out of results; the faiss indexes are rebuilt once tombstones outnumber live rows.
 """
 
@@ -61,12 +61,22 @@ class FaissIndex(ExactIndex):
             raise ConfigError(f"bad faiss factory string {self._factory!r}: {exc}") from exc
         if self._gpu is not None:  # pragma: no cover - no GPU faiss in CI
             index = faiss.index_cpu_to_gpu(self._gpu, 0, index)
-        if self._params:
-            try:
-                faiss.ParameterSpace().set_index_parameters(index, self._params)
-            except RuntimeError as exc:
-                raise ConfigError(f"bad faiss search parameters {self._params!r}: {exc}") from exc
+        self._apply(index, self._params)
         return index
+
+    def _apply(self, index, params: str) -> None:
+        if params:
+            try:
+                self._faiss.ParameterSpace().set_index_parameters(index, params)
+            except RuntimeError as exc:
+                raise ConfigError(f"bad faiss search parameters {params!r}: {exc}") from exc
+
+    def tune(self, params: str) -> None:
+        """Change the search parameters (faiss ``ParameterSpace`` syntax, e.g. ``"nprobe=32"`` or
+        ``"efSearch=128"``) without rebuilding."""
+        for index in self._indexes:
+            self._apply(index, params)
+        self._params = params
 
     def _reset(self) -> None:
         """Empty faiss indexes; every held block pending."""
@@ -103,8 +113,9 @@ class FaissIndex(ExactIndex):
         if self._dead > self._row_block.size - self._dead:
             self._reset()
 
-    def _sync(self) -> bool:
-        """Push pending rows into faiss; False while the faiss index cannot be searched yet."""
+    def sync(self) -> bool:
+        """Push the rows added since the last search into faiss now (searches do it otherwise);
+        False while the faiss index cannot be searched yet (IVF not trained)."""
         if not self._pending:
             return self._indexes[0].is_trained
         pending = np.asarray(self._pending, dtype=np.int64)
@@ -124,7 +135,7 @@ class FaissIndex(ExactIndex):
     def search(
         self, queries: torch.Tensor, k: int, how: str, scaling: float, eligible: tuple[int, int]
     ) -> torch.Tensor:
-        if not self._sync():
+        if not self.sync():
             return super().search(queries, k, how, scaling, eligible)
         # Over-fetch so that k eligible live blocks survive the filtering of ineligible blocks
         # (sinks, window) and tombstones.
