@@ -41,13 +41,14 @@ def save_kv_context(store: DiskStore, name: str, kv: torch.Tensor, codec: Codec,
                          "expected (layers, 2, kv_heads, tokens, head_dim)")
     layers, _, heads, tokens, head_dim = kv.shape
     layout = BlockLayout(heads, chunk_tokens, head_dim, kv.dtype)
-    records = [
-        encode_record(codec, kv[layer, 0, :, a : a + chunk_tokens], kv[layer, 1, :, a : a + chunk_tokens],
-                      layout, BlockKey(0, layer, a // chunk_tokens))
-        for layer in range(layers)
-        for a in range(0, tokens, chunk_tokens)
-    ]
-    return store.save_context(name, records)
+
+    def encode(part: BlockKey) -> bytes:
+        a = part.index * chunk_tokens
+        return encode_record(codec, kv[part.layer, 0, :, a : a + chunk_tokens],
+                             kv[part.layer, 1, :, a : a + chunk_tokens], layout, part)
+
+    parts = [BlockKey(0, layer, c) for layer in range(layers) for c in range(-(-tokens // chunk_tokens))]
+    return store.save_context(name, list(store.executor.map(encode, parts)))
 
 
 def load_kv_context(store: DiskStore, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -68,7 +69,9 @@ def load_kv_context(store: DiskStore, name: str, device: torch.device | str = "c
     tokens = sum(h.tokens for h, _, _ in parts[:chunks])
     lay = first.layout
     out = torch.empty((layers, 2, lay.kv_heads, tokens, lay.head_dim), dtype=lay.dtype, device=device)
-    for i, (h, k, v) in enumerate(parts):
+
+    def place(i: int) -> None:
+        h, k, v = parts[i]
         expected = BlockKey(0, i // chunks, i % chunks)
         a = expected.index * chunk
         if h.key != expected or h.layout != lay or a + h.tokens > tokens:
@@ -77,4 +80,6 @@ def load_kv_context(store: DiskStore, name: str, device: torch.device | str = "c
             )
         out[expected.layer, 0, :, a : a + h.tokens] = k
         out[expected.layer, 1, :, a : a + h.tokens] = v
+
+    list(store.executor.map(place, range(len(parts))))  # copies in parallel
     return out

@@ -75,33 +75,41 @@ class DiskTier(BackingTier):
                 f"disk tier: {len(keys)} keys, {kv.shape[0]} blocks and {len(tokens)} token counts"
             )
         kv = kv.to("cpu")
-        records = [encode_record(self.codec, kv[i, 0, :, :t], kv[i, 1, :, :t], self.layout, key)
-                   for i, (key, t) in enumerate(zip(keys, tokens))]
+
+        def encode(i: int) -> bytes:
+            t = tokens[i]
+            return encode_record(self.codec, kv[i, 0, :, :t], kv[i, 1, :, :t], self.layout, keys[i])
+
+        # On the I/O threads, in parallel (codecs release the GIL in torch and zlib).
+        records = list(self.store.executor.map(encode, range(len(keys))))
         self._largest_record = max([self._largest_record, *map(len, records)])
         # Blocks are live data: only saved contexts may be evicted to make room (the store's rule).
         return self.store.put_many(list(zip(keys, records)))
 
     def read_many(self, keys: list[BlockKey], tokens: list[int], device: torch.device) -> torch.Tensor:
         out = torch.empty((len(keys), 2, *self.layout.shape), dtype=self.layout.dtype, device=device)
+        rows: dict[BlockKey, list[int]] = {}
+        for i, key in enumerate(keys):
+            rows.setdefault(key, []).append(i)
 
-        def decode(key: BlockKey, record: memoryview, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def decode_into_out(key: BlockKey, record: memoryview, where: str) -> None:
             header, k, v = decode_record(record, device, where)
             # Never serve another block's KV: the record names the block it holds.
             if header.key != key or header.layout != self.layout:
                 raise CorruptBlockError(
                     f"{where}: record holds {header.key} of {header.layout}, expected {key}"
                 )
-            return k, v
+            for i in rows[key]:
+                if header.tokens != tokens[i]:
+                    raise CorruptBlockError(
+                        f"{where}: {key} holds {header.tokens} tokens, the manager expects {tokens[i]}"
+                    )
+                out[i, 0, :, : tokens[i]] = k
+                out[i, 1, :, : tokens[i]] = v
 
-        futures = self.store.read_async(keys, verify=False, then=decode)
-        for i, (future, t) in enumerate(zip(futures, tokens)):
-            k, v = future.result()
-            if k.shape[1] != t:
-                raise CorruptBlockError(
-                    f"disk tier: {keys[i]} holds {k.shape[1]} tokens, the manager expects {t}"
-                )
-            out[i, 0, :, :t] = k
-            out[i, 1, :, :t] = v
+        # Decoding and copying run on the I/O threads, in parallel, as each read completes.
+        for future in self.store.read_async(keys, verify=False, then=decode_into_out):
+            future.result()
         return out
 
     def remove(self, key: BlockKey) -> None:

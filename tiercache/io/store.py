@@ -316,6 +316,12 @@ class DiskStore:
         except KeyError:
             raise BlockNotFoundError(f"disk store {self.path} does not hold {key}") from None
 
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The store's I/O threads, for work that belongs next to the I/O: encoding records
+        before a write, decoding them after a read (both release the GIL in torch and zlib)."""
+        return self._pool
+
     def segment_path(self, seg_id: int) -> Path:
         return self.path / segment_name(seg_id)
 
