@@ -61,6 +61,8 @@ def load_kv_context(store: DiskStore, name: str, device: torch.device | str = "c
 
     parts = store.load_context(name, verify=False, then=decode)
     first = parts[0][0]
+    if any(h.key is None for h, _, _ in parts):
+        raise CorruptBlockError(f"context {name!r}: a record does not name its (layer, chunk)")
     layers = 1 + max(h.key.layer for h, _, _ in parts)
     chunks = len(parts) // layers
     if chunks * layers != len(parts):
