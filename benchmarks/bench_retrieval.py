@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tiercache.config import RetrievalConfig
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
-from tiercache.retrieval import ExactIndex, MeanSummary, Retriever, make_index
+from tiercache.retrieval import MeanSummary, Retriever, make_index
 from tiercache.retrieval.evaluate import Capture, attention_probs, capture, mass_recall
 
 BUDGETS = (0.05, 0.1, 0.2)
@@ -49,6 +49,7 @@ class Variant:
 
 def variants(n_layers: int, quick: bool) -> list[Variant]:
     base = RetrievalConfig(sink_tokens=SINK, window_tokens=WINDOW, summary="minmax", gqa_aggregate="max")
+    softmax = replace(base, gqa_aggregate="softmax")
     full = (0, 1)
     out = [
         Variant("minmax b16 max", 16, base),
@@ -58,10 +59,12 @@ def variants(n_layers: int, quick: bool) -> list[Variant]:
         Variant("landmarks4 b16 max", 16, replace(base, summary="landmarks:4")),
         Variant("minmax b8 max", 8, base),
         Variant("minmax b8 softmax", 8, replace(base, gqa_aggregate="softmax")),
+        Variant("minmax b4 softmax", 4, replace(base, gqa_aggregate="softmax")),
         Variant("minmax b8 max full0-1", 8, replace(base, full_attention_layers=full)),
-        Variant("minmax b8 max full0-1 (uncharged)", 8, replace(base, full_attention_layers=full), charged=False),
-        Variant("minmax b8 softmax boost0-1=30%", 8, replace(base, gqa_aggregate="softmax"), boost={0: 0.3, 1: 0.3}),
-        Variant("minmax b16 softmax boost0-1=30%", 16, replace(base, gqa_aggregate="softmax"), boost={0: 0.3, 1: 0.3}),
+        Variant("minmax b8 max full0-1 (uncharged)", 8, replace(base, full_attention_layers=full),
+                charged=False),
+        Variant("minmax b8 softmax boost0-1=30%", 8, softmax, boost={0: 0.3, 1: 0.3}),
+        Variant("minmax b16 softmax boost0-1=30%", 16, softmax, boost={0: 0.3, 1: 0.3}),
         Variant("minmax b8 max tidal(sel 2,8,16)", 8,
                 replace(base, full_attention_layers=full, selection_layers=(2, 8, 16))),
         Variant("minmax b8 max next_layer prefetch", 8, replace(base, prefetch="next_layer")),
@@ -91,7 +94,9 @@ def layer_budgets(v: Variant, budget: float, n_layers: int) -> dict[int, float] 
     return {layer: fixed.get(layer, min(rest, 1.0)) for layer in range(n_layers)}
 
 
-def oracle_recall(probs: torch.Tensor, kv_heads: int, n_tokens: int, bt: int, budget_tokens: int) -> torch.Tensor:
+def oracle_recall(
+    probs: torch.Tensor, kv_heads: int, n_tokens: int, bt: int, budget_tokens: int
+) -> torch.Tensor:
     """Best recall of any selection of ``bt``-token blocks (sink and window included) within the
     budget: per KV head, the blocks with the most attention mass summed over the group."""
     group = probs.shape[0] // kv_heads
@@ -132,7 +137,8 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
             r = Retriever(cfg, n_layers, kv_heads, head_dim, v.block_tokens, scaling=cap.scaling)
             runs.append((v, b, r, {"recall": [], "layer_recall": np.zeros(n_layers), "tokens": 0.0,
                                    "touched16": 0.0, "select_s": 0.0, "sealed": [0] * n_layers}))
-    oracles = {(name, b): [] for name in ("oracle blocks of 16", "oracle blocks of 8", "oracle tokens") for b in BUDGETS}
+    oracle_units = {"oracle blocks of 16": 16, "oracle blocks of 8": 8, "oracle tokens": 1}
+    oracles = {(name, b): [] for name in oracle_units for b in BUDGETS}
     dense_s = 0.0
     for step in range(cap.steps):
         n = int(cap.positions[step]) + 1
@@ -141,15 +147,15 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
             keys = cap.keys[layer][:, :n]
             t0 = time.perf_counter()
             F.scaled_dot_product_attention(
-                q.view(1, q_heads, 1, head_dim), keys.unsqueeze(0), keys.unsqueeze(0), scale=cap.scaling, enable_gqa=True
+                q.view(1, q_heads, 1, head_dim), keys.unsqueeze(0), keys.unsqueeze(0),
+                scale=cap.scaling, enable_gqa=True,
             )
             dense_s += time.perf_counter() - t0
             probs = attention_probs(q, keys, cap.scaling)
             for b in BUDGETS:
                 bt_tokens = math.floor(b * n)
-                oracles[("oracle blocks of 16", b)].append(oracle_recall(probs, kv_heads, n, 16, bt_tokens).mean())
-                oracles[("oracle blocks of 8", b)].append(oracle_recall(probs, kv_heads, n, 8, bt_tokens).mean())
-                oracles[("oracle tokens", b)].append(oracle_recall(probs, kv_heads, n, 1, bt_tokens).mean())
+                for name, unit in oracle_units.items():
+                    oracles[(name, b)].append(oracle_recall(probs, kv_heads, n, unit, bt_tokens).mean())
             for v, b, r, st in runs:
                 bt = v.block_tokens
                 sealed = n // bt
@@ -251,13 +257,13 @@ def print_table(res: dict) -> None:
         def f(key, fmt="{:.3f}"):
             return fmt.format(row[key]) if key in row else "n/a"
         print(f"{name:38s} {f('recall@0.05'):>6s} {f('recall@0.1'):>6s} {f('recall@0.2'):>6s} "
-              f"{f('worst_layer@0.1'):>8s} {f('attended@0.1'):>8s} {f('touched16@0.1'):>7s} {f('prefetch_hit@0.1'):>8s} "
-              f"{f('select_vs_dense@0.1', '{:.2f}'):>9s}")
+              f"{f('worst_layer@0.1'):>8s} {f('attended@0.1'):>8s} {f('touched16@0.1'):>7s} "
+              f"{f('prefetch_hit@0.1'):>8s} {f('select_vs_dense@0.1', '{:.2f}'):>9s}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2K tokens, fewer variants, 100K synthetic blocks")
+    parser.add_argument("--quick", action="store_true", help="2K tokens, few variants, 100K synthetic blocks")
     args = parser.parse_args()
     torch.manual_seed(0)
     # One thread for torch and faiss alike: on a small shared machine, thread oversubscription

@@ -152,7 +152,8 @@ def test_faiss_search_parameters_can_be_tuned():
     index = filled("faiss:IVF4,Flat|nprobe=1", 200)
     q = torch.randn(KV, G, D)
     index.tune("nprobe=4")  # every list probed: exact
-    assert torch.equal(index.search(q, 5, "max", 1.0, (0, 200)), filled("exact", 200).search(q, 5, "max", 1.0, (0, 200)))
+    want = filled("exact", 200).search(q, 5, "max", 1.0, (0, 200))
+    assert torch.equal(index.search(q, 5, "max", 1.0, (0, 200)), want)
     with pytest.raises(ConfigError, match="search parameters"):
         index.tune("bogus=3")
 

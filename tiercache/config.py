@@ -62,7 +62,9 @@ class RetrievalConfig:
             raise ConfigError(
                 f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"
             )
-        for where, b in [("budget", self.budget)] + [(f"layer_budgets[{k}]", v) for k, v in self.layer_budgets.items()]:
+        budgets = [("budget", self.budget)]
+        budgets += [(f"layer_budgets[{k}]", v) for k, v in self.layer_budgets.items()]
+        for where, b in budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)):
                 raise ConfigError(f"retrieval {where} must be a fraction or a token count, got {b!r}")
             if isinstance(b, float) and not 0.0 < b <= 1.0:
@@ -76,14 +78,16 @@ class RetrievalConfig:
             if any(not isinstance(i, int) or i < 0 for i in layers):
                 raise ConfigError(f"{name} must be layer indices >= 0, got {layers}")
         if any(not isinstance(i, int) or i < 0 for i in self.layer_budgets):
-            raise ConfigError(f"layer_budgets keys must be layer indices >= 0, got {sorted(self.layer_budgets)}")
+            raise ConfigError(f"layer_budgets keys must be layer indices >= 0: {list(self.layer_budgets)}")
         if self.prefetch not in ("previous", "next_layer", "none"):
             raise ConfigError(f"prefetch must be 'previous', 'next_layer' or 'none', got {self.prefetch!r}")
         from .retrieval.summaries import make_summary  # late: the retrieval package imports this module
 
         make_summary(self.summary)
         if self.index != "exact" and not self.index.startswith(("faiss:", "faiss-gpu:")):
-            raise ConfigError(f"index must be 'exact', 'faiss:<factory>' or 'faiss-gpu:<factory>', got {self.index!r}")
+            raise ConfigError(
+                f"index must be 'exact', 'faiss:<factory>' or 'faiss-gpu:<factory>', got {self.index!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ blocks are too many to score each step.
 One faiss index per KV head holds every summary row (a block contributes ``summary.rows`` rows).
 faiss proposes candidate blocks per query head (and for the group's summed query); the candidates
 are then re-scored exactly from a host copy of their summaries, so GQA aggregation and the
-summary's own score stay exact and only the candidate set is approximate. Removal leaves tombstones (HNSW cannot delete) that are filtered
+summary's own score stay exact and only the candidate set is approximate (the "softmax" aggregate
+normalises over the candidates). Removal leaves tombstones (HNSW cannot delete) that are filtered
 out of results; the faiss indexes are rebuilt once tombstones outnumber live rows.
 """
 
@@ -37,7 +38,9 @@ class FaissIndex(ExactIndex):
     are ``39 * nlist`` of them; until then searches are exact.
     """
 
-    def __init__(self, summary: Summary, kv_heads: int, head_dim: int, factory: str, gpu: bool = False) -> None:
+    def __init__(
+        self, summary: Summary, kv_heads: int, head_dim: int, factory: str, gpu: bool = False
+    ) -> None:
         if not summary.inner_product:
             raise ConfigError(
                 f"faiss indexes search inner products; summary {summary.name!r} is not one "

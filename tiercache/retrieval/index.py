@@ -90,7 +90,8 @@ class ExactIndex(Index):
     """Every block scored at every search: a matmul plus top-k on the compute device.
 
     Summaries live in one growing tensor ``(kv_heads, capacity, rows, head_dim)`` (capacity doubles
-    when full, so adding a block is amortised O(1)).
+    when full, so adding a block is amortised O(1)), float32 by default whatever the KV dtype: they
+    are small, and fp16 rounding could break the Quest bound.
     """
 
     def __init__(
@@ -119,7 +120,9 @@ class ExactIndex(Index):
         blocks = [int(b) for b in blocks]
         clash = [b for b in blocks if b < 0 or b in self._held]
         if clash or len(set(blocks)) != len(blocks):
-            raise ShapeError(f"index: blocks must be new indices >= 0, got duplicates or negatives {clash or blocks}")
+            raise ShapeError(
+                f"index: blocks must be new indices >= 0, got duplicates or negatives {clash or blocks}"
+            )
         n, end = len(blocks), self._count + len(blocks)
         if end > self._ids.numel():
             cap = max(end, 2 * self._ids.numel())
@@ -142,7 +145,8 @@ class ExactIndex(Index):
         missing = gone - self._held
         if missing:
             raise BlockNotFoundError(f"index: cannot remove blocks {sorted(missing)}: not in the index")
-        keep = ~torch.isin(self.block_ids(), torch.tensor(sorted(gone), dtype=torch.int64, device=self._ids.device))
+        gone_ids = torch.tensor(sorted(gone), dtype=torch.int64, device=self._ids.device)
+        keep = ~torch.isin(self.block_ids(), gone_ids)
         kept = int(keep.sum())
         self._data[:, :kept] = self.summaries()[:, keep]
         self._ids[:kept] = self.block_ids()[keep]

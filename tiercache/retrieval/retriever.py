@@ -49,7 +49,9 @@ class Retriever:
             raise ShapeError(f"layer {layer} out of range: the model has {self.n_layers} layers")
         key = (seq, layer)
         if key not in self._indexes:
-            self._indexes[key] = make_index(self.config.index, self.summary, self.kv_heads, self.head_dim, self.device)
+            self._indexes[key] = make_index(
+                self.config.index, self.summary, self.kv_heads, self.head_dim, self.device
+            )
         return self._indexes[key]
 
     def seal(self, seq: int, layer: int, first_block: int, keys: torch.Tensor) -> None:

@@ -132,7 +132,7 @@ def group_queries(queries: torch.Tensor, kv_heads: int, head_dim: int) -> torch.
     shape = tuple(queries.shape)
     if queries.dim() == 4:
         if shape[0] != 1:
-            raise ShapeError(f"queries {shape}: select one sequence at a time (batch 1), got batch {shape[0]}")
+            raise ShapeError(f"queries {shape}: select one sequence at a time (batch 1), not {shape[0]}")
         queries = queries[0]  # (q_heads, q_len, d)
     elif queries.dim() == 2:
         queries = queries.unsqueeze(1)

@@ -39,13 +39,17 @@ class Summary(ABC):
         """
         if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.shape[1] < 1:
             shape = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
-            raise ShapeError(f"{self.name} summary: keys must be (kv_heads, tokens>=1, head_dim), got {shape}")
+            raise ShapeError(
+                f"{self.name} summary: keys must be (kv_heads, tokens>=1, head_dim), got {shape}"
+            )
         if not keys.is_floating_point():
             raise ShapeError(f"{self.name} summary: keys must be floating point, got {keys.dtype}")
         kv_heads, tokens, head_dim = keys.shape
         bt = block_tokens or tokens
         whole = tokens // bt * bt
-        parts = [self._summarize(keys[:, :whole].reshape(kv_heads, whole // bt, bt, head_dim))] if whole else []
+        parts = []
+        if whole:
+            parts.append(self._summarize(keys[:, :whole].reshape(kv_heads, whole // bt, bt, head_dim)))
         if whole < tokens:
             parts.append(self._summarize(keys[:, whole:].unsqueeze(1)))
         return torch.cat(parts, dim=1).transpose(0, 1)
@@ -134,5 +138,5 @@ def make_summary(spec: str) -> Summary:
         except ValueError:
             pass
     raise ConfigError(
-        f"unknown summary {spec!r}; use 'mean', 'minmax', 'landmarks' or 'landmarks:R' (R landmarks per block)"
+        f"unknown summary {spec!r}; use 'mean', 'minmax', 'landmarks' or 'landmarks:R' (R per block)"
     )
