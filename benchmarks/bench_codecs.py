@@ -8,7 +8,7 @@ For every codec setting, in one run:
 - greedy generation: 64 tokens after a 2K-token prompt, with the whole prompt cache passed through
   the codec, compared with the uncompressed fp32 cache: tokens until the first divergence, for 5
   prompts at different offsets of the reference text;
-- encode and decode throughput in MB/s of fp16 KV per core (one thread), on this machine;
+- encode and decode throughput in MB/s of fp16 KV per core (the run uses one thread), on this machine;
   ``quant`` rows go through ``encode_many``/``decode_many`` (the host tier's path).
 
 Usage: ``python benchmarks/bench_codecs.py [--quick]``. Prints a table and writes
@@ -118,25 +118,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure_quality(row: Row, codec: Codec, cap: CapturedKV, block_tokens: int, sink: int = 4, window: int = 64) -> None:
     """Fill size, K/V/attention errors and throughput of ``row`` from the captured cache."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        nbytes = elements = 0
-        t_enc = t_dec = 0.0
-        k_err, v_err, attn, attn_sw = [], [], [], []
-        for q, k32, v32 in zip(cap.queries, cap.keys, cap.values):
-            k, v = k32.half(), v32.half()
-            dk, dv, nb, te, td = roundtrip_layer(codec, k, v, block_tokens)
-            nbytes, elements, t_enc, t_dec = nbytes + nb, elements + 2 * k.numel(), t_enc + te, t_dec + td
-            k_err.append(_rel(dk, k))
-            v_err.append(_rel(dv, v))
-            exact = attention_output(q, k32, v32, cap.scaling)
-            attn.append(_rel(attention_output(q, dk, dv, cap.scaling), exact))
-            keep = torch.cat([torch.arange(sink), torch.arange(k.shape[1] - window, k.shape[1])])
-            dk[:, keep], dv[:, keep] = k[:, keep], v[:, keep]
-            attn_sw.append(_rel(attention_output(q, dk, dv, cap.scaling), exact))
-    finally:
-        torch.set_num_threads(threads)
+    nbytes = elements = 0
+    t_enc = t_dec = 0.0
+    k_err, v_err, attn, attn_sw = [], [], [], []
+    for q, k32, v32 in zip(cap.queries, cap.keys, cap.values):
+        k, v = k32.half(), v32.half()
+        dk, dv, nb, te, td = roundtrip_layer(codec, k, v, block_tokens)
+        nbytes, elements, t_enc, t_dec = nbytes + nb, elements + 2 * k.numel(), t_enc + te, t_dec + td
+        k_err.append(_rel(dk, k))
+        v_err.append(_rel(dv, v))
+        exact = attention_output(q, k32, v32, cap.scaling)
+        attn.append(_rel(attention_output(q, dk, dv, cap.scaling), exact))
+        keep = torch.cat([torch.arange(sink), torch.arange(k.shape[1] - window, k.shape[1])])
+        dk[:, keep], dv[:, keep] = k[:, keep], v[:, keep]
+        attn_sw.append(_rel(attention_output(q, dk, dv, cap.scaling), exact))
     mb = elements * 2 / 1e6
     row.bits_per_element = nbytes * 8 / elements
     row.k_rel_error, row.v_rel_error = sum(k_err) / len(k_err), sum(v_err) / len(v_err)
@@ -146,13 +141,16 @@ def measure_quality(row: Row, codec: Codec, cap: CapturedKV, block_tokens: int, 
 
 
 @torch.no_grad()
-def greedy(model, cache, first_token: int, n_new: int) -> list[int]:
-    """``n_new`` greedy tokens continuing ``cache`` from ``first_token``."""
+def greedy(model, cache, first_token: int, n_new: int, reference: list[int] | None = None) -> list[int]:
+    """Up to ``n_new`` greedy tokens continuing ``cache`` from ``first_token``; with a
+    ``reference``, stops at the first token that differs from it (that token included)."""
     out, token = [], first_token
-    for _ in range(n_new):
+    for i in range(n_new):
         logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
+        if reference is not None and token != reference[i]:
+            break
     return out
 
 
@@ -200,6 +198,9 @@ def main() -> None:
     args = parser.parse_args()
     capture_tokens, n_prompts, prompt_tokens, n_new = (1024, 2, 512, 16) if args.quick else (4096, 5, 2048, 64)
 
+    # One thread throughout: throughput is per core, and on a shared 2-core machine many small
+    # ops (greedy decoding) run far faster without cross-thread synchronisation.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     started = time.time()
     model, tokenizer = load_default_model()
@@ -219,7 +220,7 @@ def main() -> None:
             decoded = [roundtrip_layer(codec, k.half(), v.half(), args.block_tokens)[:2] for k, v in layers]
             key = _digest(decoded)
             if key not in generated:
-                generated[key] = divergence(greedy(model, _cache_from(decoded), last, n_new), ref)
+                generated[key] = divergence(greedy(model, _cache_from(decoded), last, n_new, ref), ref)
             row.tokens_to_divergence.append(generated[key])
         rows.append(row)
         _print_row(row, n_new)
