@@ -18,6 +18,7 @@ its compiled loop, never a Python loop per symbol.
 from __future__ import annotations
 
 import functools
+
 import constriction
 import numpy as np
 
@@ -52,8 +53,7 @@ def classify(symbols: np.ndarray) -> np.ndarray:
     """Class (uint8) of each row of the int ``symbols`` ``(rows, n)``: from the mean absolute value,
     ``ZERO_CLASS`` for all-zero rows."""
     mean_abs = np.abs(symbols).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        c = np.rint(2 * np.log2(np.maximum(mean_abs, 1e-9) / _MIN_SCALE))
+    c = np.rint(2 * np.log2(np.maximum(mean_abs, 1e-9) / _MIN_SCALE))
     classes = np.clip(c, 0, N_CLASSES - 1).astype(np.uint8)
     classes[~symbols.any(axis=1)] = ZERO_CLASS
     return classes
