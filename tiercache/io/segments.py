@@ -116,8 +116,10 @@ class Segment:
                     raise
                 # The filesystem wants a coarser alignment than ours: read buffered from now on.
                 # (Left open, not closed: another thread may be reading through it right now.)
-                self.direct_fd = None
-                self._stale_fds.append(fd)
+                with self._lock:
+                    if self.direct_fd == fd:
+                        self.direct_fd = None
+                        self._stale_fds.append(fd)
         return self._read_into(self.fd, offset, length, scratch, direct=False)
 
     def _read_into(self, fd: int, offset: int, length: int, scratch: "ScratchBuffer | None",
