@@ -48,7 +48,7 @@ def needle_case(tok, length: int, depth: float, seed: int) -> tuple[torch.Tensor
     key = "".join(str(d) for d in torch.randint(0, 10, (5,), generator=g).tolist())
     needle = tok(f"\nThe secret pass key is {key}. Remember it.\n", add_special_tokens=False)["input_ids"]
     question = tok("\nWhat is the secret pass key? The secret pass key is", add_special_tokens=False)["input_ids"]
-    hay = text_tokens(tok, length - len(needle) - len(question), offset_tokens=2000 + 97 * seed)
+    hay = text_tokens(tok, length - len(needle) - len(question), offset_tokens=2000 + 997 * (seed % 97))
     at = int(depth * len(hay))
     return torch.tensor([hay[:at] + needle + hay[at:] + question]), key
 

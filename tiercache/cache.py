@@ -205,11 +205,13 @@ class TieredCache(Cache):
         for seq in range(query.shape[0]):
             past = self._lengths[seq][layer]
             q = query[seq]
-            parts = [self._attend_new(q, keys[seq], values[seq], scaling)]
             if past:
-                parts.extend(self._attend_cached(seq, layer, q, past, scaling))
-            o, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts]) if len(parts) > 1 else parts[0]
-            out[seq] = o
+                parts = [self._attend_new(q, keys[seq], values[seq], scaling),
+                         *self._attend_cached(seq, layer, q, past, scaling)]
+                out[seq] = merge_attention([p[0] for p in parts], [p[1] for p in parts])[0]
+            else:
+                # Nothing cached yet: plain causal attention, no log-sum-exp needed for a merge.
+                out[seq] = _causal_attention(q[None], keys[seq][None], values[seq][None], None, scaling)[0].transpose(0, 1)
             self._append(seq, layer, keys[seq], values[seq])
         return out.transpose(1, 2)
 
