@@ -1,0 +1,328 @@
+"""Streaming QA sessions (ReKV / LiveVLM style): append a long text or frame stream chunk by
+chunk, ask questions at any time, persist the stream and reopen it in another process.
+
+- **Append.** Each chunk attends the attention sinks and the recent window only (``TieredCache``
+  with ``prefill="window"``), so the work per chunk does not grow with the stream; every chunk's
+  KV goes into the tiers and cascades down to host and disk as their budgets fill.
+- **Ask.** A question is prefilled with ``prefill="retrieval"`` (its queries pick the relevant
+  blocks of the whole stream), answered greedily with retrieval at every decode step, and then
+  truncated away, so the stream is untouched and never re-encoded.
+- **Persist.** ``save()`` writes the stream's KV as one saved context (the config's disk codec)
+  into a ``DiskStore`` under ``<path>/saved`` and a JSON manifest ``<path>/stream.json`` (model
+  id, tokens, config); ``StreamSession.open`` imports it without any prefill. No pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .cache import ATTN_NAME, TieredCache
+from .config import RetrievalConfig, TierConfig
+from .errors import ConfigError, ShapeError, StoreError
+from .io.codec import make_codec
+from .io.contexts import load_kv_context, save_kv_context
+from .io.segments import fsync_dir
+from .io.store import DiskStore
+
+MANIFEST_NAME = "stream.json"
+SAVED_DIR = "saved"
+_FORMAT = "tiercache-stream"
+_VERSION = 1
+#: Tokens per record of a saved stream (records are the unit of parallel reads on reopen).
+_SAVE_CHUNK_TOKENS = 256
+
+
+def model_id(model) -> str:
+    """A stable name of ``model`` for keys and manifests: the last part of the checkpoint path it
+    was loaded from (``"SmolLM2-135M-Instruct"`` for the default model), else its model type."""
+    name = getattr(model.config, "name_or_path", "") or ""
+    return Path(str(name).rstrip("/")).name or str(model.config.model_type)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str) -> Iterator[None]:
+    """Run the block with ``model`` switched to attention implementation ``name``, then restore
+    the previous one (several sessions and references may share one model)."""
+    previous = model.config._attn_implementation
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, cache, question_ids: Sequence[int], max_new_tokens: int = 32,
+                  stop: str | None = "\n") -> str:
+    """Feed ``question_ids`` after what ``cache`` holds and decode greedily up to
+    ``max_new_tokens`` tokens; the answer ends at the end-of-sequence token or at the first
+    ``stop`` string after some non-blank text. Leaves the question and answer in ``cache``."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    out = model(torch.tensor([list(question_ids)], device=device), past_key_values=cache, use_cache=True)
+    generated: list[int] = []
+    text = ""
+    for step in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        if token == eos:
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if stop and stop in text.lstrip():
+            break
+        if step + 1 < max_new_tokens:
+            out = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+    text = text.strip()
+    return text.split(stop)[0].strip() if stop else text
+
+
+def question_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of ``question`` (no special tokens); ``ShapeError`` if it is empty."""
+    if not isinstance(question, str) or not question.strip():
+        raise ShapeError(f"a question must be a non-empty str, got {question!r:.80}")
+    return tokenizer(question, add_special_tokens=False)["input_ids"]
+
+
+def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_tokens: int = 32,
+              stop: str | None = "\n") -> str:
+    """Answer ``question`` over the context ``cache`` holds and truncate the question and answer
+    away again: the question's queries retrieve blocks (``prefill="retrieval"``), as does every
+    decode step. See ``greedy_answer`` for ``max_new_tokens`` and ``stop``."""
+    ids = question_ids(tokenizer, question)
+    tokens = cache.get_seq_length()
+    mode = cache.prefill
+    cache.prefill = "retrieval"
+    try:
+        with attention_implementation(model, ATTN_NAME):
+            return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
+    finally:
+        cache.truncate(tokens)
+        cache.prefill = mode
+
+
+@torch.no_grad()
+def full_attention_answer(model, tokenizer, question: str, *, input_ids: Sequence[int] | None = None,
+                          inputs_embeds: torch.Tensor | None = None, max_new_tokens: int = 32,
+                          stop: str | None = "\n") -> str:
+    """The reference: ``question`` answered with plain SDPA attention over the whole context
+    (``input_ids``, or ``inputs_embeds`` of shape ``(tokens, hidden)``) in a ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    ids = question_ids(tokenizer, question)
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    with attention_implementation(model, "sdpa"):
+        if input_ids is not None:
+            model(torch.tensor([list(input_ids)], device=device), past_key_values=cache, use_cache=True)
+        elif inputs_embeds is not None:
+            model(inputs_embeds=inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]).to(device, model.dtype),
+                  past_key_values=cache, use_cache=True)
+        return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
+
+
+class StreamSession:
+    """A stream appended chunk by chunk into a ``TieredCache`` and questioned at any time.
+
+    ``config``: the tiers (``tiercache.cache.default_config(model)`` if None). ``path``: the
+    session directory for ``save`` (default ``config.disk_path``; it may also hold the disk
+    tier). ``chunk_tokens``: the largest piece one forward encodes; longer appends are split, so
+    memory and time per forward stay bounded (tokens).
+    """
+
+    def __init__(self, model, tokenizer, config: TierConfig | None = None, *,
+                 path: str | os.PathLike | None = None, chunk_tokens: int = 128) -> None:
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ConfigError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+        self.cache = TieredCache(model, config, prefill="window")
+        self.config = self.cache.config
+        self.path = Path(path) if path is not None else self.config.disk_path
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens (or frame embeddings) in the stream so far."""
+        return self.cache.get_seq_length()
+
+    def append(self, input_ids: torch.Tensor | Sequence[int] | None = None,
+               inputs_embeds: torch.Tensor | None = None) -> int:
+        """Append token ids ``(tokens,)`` / ``(1, tokens)``, or embeddings already projected to
+        the model's hidden size ``(tokens, hidden)`` / ``(1, tokens, hidden)``, to the stream;
+        returns the stream's length in tokens. Exactly one of the two."""
+        ids, embeds = self._check_input(input_ids, inputs_embeds)
+        n = (ids if ids is not None else embeds).shape[1]
+        with attention_implementation(self.model, ATTN_NAME), torch.no_grad():
+            for a in range(0, n, self.chunk_tokens):
+                if ids is not None:
+                    self.model(input_ids=ids[:, a : a + self.chunk_tokens], past_key_values=self.cache, use_cache=True)
+                else:
+                    self.model(inputs_embeds=embeds[:, a : a + self.chunk_tokens], past_key_values=self.cache,
+                               use_cache=True)
+        return self.tokens
+
+    def ask(self, question: str, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
+        """Answer ``question`` (text appended after the stream verbatim: end it with a cue such as
+        "Answer:") from blocks retrieved over the whole stream; the stream is left as it was."""
+        return ask_cache(self.model, self.tokenizer, self.cache, question, max_new_tokens, stop)
+
+    def save(self) -> int:
+        """Persist the stream's KV (with the config's disk codec) and its manifest under
+        ``path``; returns the bytes the saved KV takes on disk. A crash leaves the previous save
+        readable: the new context is committed before the manifest is switched to it."""
+        if self.path is None:
+            raise ConfigError("save() needs a session directory: pass path= or set config.disk_path")
+        kv = self.cache.export_kv()
+        name = f"stream-{kv.shape[3]}"
+        try:
+            old = self._read_manifest(self.path)["context"]
+        except StoreError:  # no earlier save, or an unreadable one: nothing to replace
+            old = None
+        # Room for the previous save and this one during the switch, whatever their encoding.
+        budget = 3 * kv.numel() * kv.element_size() + (64 << 20)
+        with DiskStore(self.path / SAVED_DIR, budget) as store:
+            codec = make_codec(self.config.disk_codec, **self.config.disk_codec_params)
+            nbytes = save_kv_context(store, name, kv, codec, _SAVE_CHUNK_TOKENS)
+            write_json_atomic(self.path / MANIFEST_NAME, {
+                "format": _FORMAT, "version": _VERSION, "model_id": model_id(self.model),
+                "tokens": kv.shape[3], "context": name, "config": config_to_json(self.config),
+            })
+            if old and old != name and store.has_context(old):
+                store.delete_context(old)
+        return nbytes
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model, tokenizer, config: TierConfig | None = None, *,
+             chunk_tokens: int = 128) -> "StreamSession":
+        """Reopen a saved stream: its KV is imported into fresh tiers (no prefill) and the session
+        continues where ``save`` left it. ``config`` defaults to the saved one, with the disk tier
+        (if it had one) under ``path``."""
+        path = Path(path)
+        manifest = cls._read_manifest(path)
+        if manifest["model_id"] != model_id(model):
+            raise ConfigError(f"stream {path} was saved with model {manifest['model_id']!r}, "
+                              f"not {model_id(model)!r}")
+        if config is None:
+            config = config_from_json(manifest["config"], path)
+        with DiskStore(path / SAVED_DIR, 0, readonly=True) as store:
+            kv = load_kv_context(store, manifest["context"])
+        if kv.shape[3] != manifest["tokens"]:
+            raise StoreError(f"stream {path}: saved context holds {kv.shape[3]} tokens, manifest says "
+                             f"{manifest['tokens']}")
+        session = cls(model, tokenizer, config, path=path, chunk_tokens=chunk_tokens)
+        session.cache.import_kv(kv.to(session.cache.layout.dtype))
+        return session
+
+    def close(self) -> None:
+        """Release the tiers (the prefetch worker and the disk tier's store)."""
+        self.cache.close()
+
+    def __enter__(self) -> "StreamSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict:
+        file = path / MANIFEST_NAME
+        try:
+            doc = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StoreError(f"{path} holds no saved stream ({MANIFEST_NAME} is missing)") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read stream manifest {file}: {exc}") from exc
+        missing = {"model_id", "tokens", "context", "config"} - set(doc) if isinstance(doc, dict) else {"all"}
+        if missing or doc.get("format") != _FORMAT or doc.get("version") != _VERSION:
+            raise StoreError(f"{file} is not a version-{_VERSION} {_FORMAT} manifest (missing {sorted(missing)})")
+        return doc
+
+    def _check_input(self, input_ids, inputs_embeds) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Validate and normalise the inputs of ``append`` to batch-of-one tensors."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ShapeError("append takes exactly one of input_ids and inputs_embeds")
+        device = next(self.model.parameters()).device
+        if input_ids is not None:
+            ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids))
+            if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise ShapeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+            if ids.dim() == 1:
+                ids = ids.unsqueeze(0)
+            if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+                raise ShapeError(f"input_ids must be (tokens,) or (1, tokens) with tokens >= 1, "
+                                 f"got shape {tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else ids.shape}")
+            if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+                raise ShapeError(f"input_ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+            return ids.to(device, torch.long), None
+        embeds = inputs_embeds
+        if not isinstance(embeds, torch.Tensor) or not embeds.dtype.is_floating_point:
+            raise ShapeError(f"inputs_embeds must be a floating-point tensor, got "
+                             f"{getattr(embeds, 'dtype', type(embeds).__name__)}")
+        if embeds.dim() == 2:
+            embeds = embeds.unsqueeze(0)
+        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] == 0 or embeds.shape[2] != self.hidden_size:
+            raise ShapeError(f"inputs_embeds must be (tokens, {self.hidden_size}) or (1, tokens, {self.hidden_size}) "
+                             f"with tokens >= 1 (the model's hidden size), got {tuple(inputs_embeds.shape)}")
+        return None, embeds.to(device, self.model.dtype)
+
+
+# ---------------------------------------------------------------------- config <-> JSON
+
+def config_to_json(config: TierConfig) -> dict:
+    """The machine-independent part of ``config`` as JSON data (no device, no disk path)."""
+    doc = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+           if f.name not in ("device", "disk_path", "retrieval", "dtype")}
+    doc["dtype"] = str(config.dtype).removeprefix("torch.") if config.dtype is not None else None
+    retrieval = dataclasses.asdict(config.retrieval)
+    retrieval["layer_budgets"] = {str(k): v for k, v in config.retrieval.layer_budgets.items()}
+    doc["retrieval"] = retrieval
+    try:
+        json.dumps(doc)
+    except TypeError as exc:
+        raise ConfigError(f"config cannot be saved as JSON (codec parameters must be JSON values): {exc}") from exc
+    return doc
+
+
+def config_from_json(doc: dict, disk_path: Path | None) -> TierConfig:
+    """The ``TierConfig`` of ``config_to_json``'s ``doc``; a disk tier, if any, under ``disk_path``."""
+    try:
+        r = dict(doc["retrieval"])
+        r["full_attention_layers"] = tuple(r["full_attention_layers"])
+        if r.get("selection_layers") is not None:
+            r["selection_layers"] = tuple(r["selection_layers"])
+        r["layer_budgets"] = {int(k): v for k, v in r["layer_budgets"].items()}
+        fields = {k: v for k, v in doc.items() if k != "retrieval"}
+        return TierConfig(**fields, retrieval=RetrievalConfig(**r),
+                          disk_path=disk_path if doc["disk_budget_bytes"] > 0 else None)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"saved stream config is not valid: {exc!r}") from exc
+
+
+def write_json_atomic(file: Path, doc: dict) -> None:
+    """Atomically replace ``file`` with ``doc`` (write, fsync, rename, fsync the directory)."""
+    tmp = file.with_name(f"{file.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+        fsync_dir(file.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {file}: {exc.strerror or exc}") from exc
