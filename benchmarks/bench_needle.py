@@ -24,11 +24,12 @@ from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
 
 
-def tiered_config(model, tokens: int, budget: float, summary: str | None) -> TierConfig:
+def tiered_config(model, tokens: int, args: argparse.Namespace) -> TierConfig:
     c = model.config
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
-    retrieval = RetrievalConfig(budget=budget) if summary is None else RetrievalConfig(budget=budget, summary=summary)
-    return TierConfig(device_budget_bytes=kv // 4, host_budget_bytes=2 * kv, block_tokens=32,
+    retrieval = RetrievalConfig(budget=args.budget, sink_tokens=args.sink, window_tokens=args.window,
+                                **({"summary": args.summary} if args.summary else {}))
+    return TierConfig(device_budget_bytes=kv // 4, host_budget_bytes=2 * kv, block_tokens=args.block,
                       dtype=torch.float32, retrieval=retrieval)
 
 
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--summary", default=None, help="block summary (default: RetrievalConfig's)")
+    ap.add_argument("--block", type=int, default=16, help="tokens per block")
+    ap.add_argument("--sink", type=int, default=16, help="sink tokens")
+    ap.add_argument("--window", type=int, default=64, help="recent-window tokens")
     ap.add_argument("--agree-tokens", type=int, default=128)
     ap.add_argument("--agree-prompt", type=int, default=4096)
     args = ap.parse_args()
@@ -72,8 +76,7 @@ def main() -> None:
             full = tok.decode(generate(model, ids, None, 8))
             t_full = time.perf_counter() - t
             t = time.perf_counter()
-            tiered = tok.decode(generate(model, ids, TieredCache(model, tiered_config(model, length, args.budget,
-                                                                                        args.summary)), 8))
+            tiered = tok.decode(generate(model, ids, TieredCache(model, tiered_config(model, length, args)), 8))
             t_tiered = time.perf_counter() - t
             row = {"length": length, "depth": round(depth, 2), "key": key, "full_ok": key in full,
                    "tiered_ok": key in tiered, "same": (key in full) == (key in tiered),
@@ -92,8 +95,7 @@ def main() -> None:
     if args.agree_tokens:
         ids = torch.tensor([text_tokens(tok, args.agree_prompt, offset_tokens=40000)])
         ref = generate(model, ids, None, args.agree_tokens)
-        got = generate(model, ids, TieredCache(model, tiered_config(model, args.agree_prompt + args.agree_tokens,
-                                                                     args.budget, args.summary)), args.agree_tokens)
+        got = generate(model, ids, TieredCache(model, tiered_config(model, args.agree_prompt + args.agree_tokens, args)), args.agree_tokens)
         first = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
         agree = {"prompt_tokens": args.agree_prompt, "generated": len(ref),
                  "agreement": sum(a == b for a, b in zip(ref, got)) / len(ref), "first_divergence": first}
@@ -105,7 +107,7 @@ def main() -> None:
         print(f"greedy agreement after a {agree['prompt_tokens']}-token prompt: {agree['agreement']:.1%} of "
               f"{agree['generated']} tokens, first divergence at token {agree['first_divergence']}")
     write_results("bench_needle", rows, summary=summary, same_as_full=same_all, agreement=agree,
-                  budget=args.budget, summary_kind=args.summary)
+                  settings=vars(args))
 
 
 if __name__ == "__main__":
