@@ -8,7 +8,8 @@ For every codec setting, in one run:
 - greedy generation: 64 tokens after a 2K-token prompt, with the whole prompt cache passed through
   the codec, compared with the uncompressed fp32 cache: tokens until the first divergence, for 5
   prompts at different offsets of the reference text;
-- encode and decode throughput in MB/s of fp16 KV per core (the run uses one thread), on this machine;
+- encode and decode throughput in MB/s of fp16 KV per core: the run uses one thread and times
+  with the process's CPU clock, so other load on a shared machine does not count;
   ``quant`` rows go through ``encode_many``/``decode_many`` (the host tier's path).
 
 Usage: ``python benchmarks/bench_codecs.py [--quick]``. Prints a table and writes
@@ -83,7 +84,7 @@ def roundtrip_layer(codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens
                     ) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
     """Pass one layer's fp16 ``k``, ``v`` ``(H, T, D)`` through ``codec`` block by block.
 
-    Returns decoded keys, values, payload bytes, encode seconds, decode seconds. Fixed-size codecs
+    Returns decoded keys, values, payload bytes, encode and decode CPU seconds. Fixed-size codecs
     go through ``encode_many``/``decode_many`` for the whole blocks.
     """
     layout = BlockLayout(k.shape[0], block_tokens, k.shape[2], k.dtype)
@@ -91,21 +92,21 @@ def roundtrip_layer(codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens
     nbytes, t_enc, t_dec, out_k, out_v = 0, 0.0, 0.0, [], []
     if codec.fixed_nbytes(layout, block_tokens) is not None and full:
         kv = torch.stack([torch.stack(_blocks(k[:, :full], block_tokens)), torch.stack(_blocks(v[:, :full], block_tokens))], 1)
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         payloads = codec.encode_many(kv, layout)
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         dec = codec.decode_many(payloads, layout, "cpu")
-        t_enc, t_dec = t1 - t0, time.perf_counter() - t1
+        t_enc, t_dec = t1 - t0, time.process_time() - t1
         nbytes += payloads.numel()
         out_k.append(dec[:, 0].permute(1, 0, 2, 3).reshape(k.shape[0], full, k.shape[2]))
         out_v.append(dec[:, 1].permute(1, 0, 2, 3).reshape(k.shape[0], full, k.shape[2]))
         k, v = k[:, full:], v[:, full:]
     for kb, vb in zip(_blocks(k, block_tokens), _blocks(v, block_tokens)):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         payload = codec.encode(kb, vb)
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         dk, dv = codec.decode(payload, layout, kb.shape[1], "cpu")
-        t_enc, t_dec = t_enc + t1 - t0, t_dec + time.perf_counter() - t1
+        t_enc, t_dec = t_enc + t1 - t0, t_dec + time.process_time() - t1
         nbytes += payload.numel()
         out_k.append(dk)
         out_v.append(dv)
@@ -235,7 +236,7 @@ def main() -> None:
         "prompts": n_prompts,
         "prompt_tokens": prompt_tokens,
         "new_tokens": n_new,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads_for_throughput": 1,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": 1, "throughput_clock": "process CPU time",
                     "torch": torch.__version__},
         "seconds": round(time.time() - started, 1),
         "rows": [asdict(r) for r in rows],
