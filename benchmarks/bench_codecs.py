@@ -32,12 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tiercache.io  # noqa: E402,F401  (registers the codecs)
-from kv_capture import CapturedKV, attention_output, capture_kv  # noqa: E402
-from tiercache.blocks import BlockLayout  # noqa: E402
-from tiercache.corpus import reference_text, text_tokens  # noqa: E402
-from tiercache.io.codec import Codec, make_codec  # noqa: E402
-from tiercache.models import load_default_model  # noqa: E402
+from kv_capture import CapturedKV, attention_output, capture_kv
+
+import tiercache.io  # noqa: F401  (registers the codecs)
+from tiercache.blocks import BlockLayout
+from tiercache.corpus import reference_text, text_tokens
+from tiercache.io.codec import Codec, make_codec
+from tiercache.models import load_default_model
 
 #: (label, codec name, params). Baselines first.
 SETTINGS: list[tuple[str, str, dict]] = [
@@ -80,8 +81,9 @@ def _blocks(x: torch.Tensor, block_tokens: int) -> list[torch.Tensor]:
     return [x[:, s : s + block_tokens] for s in range(0, x.shape[1], block_tokens)]
 
 
-def roundtrip_layer(codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
+def roundtrip_layer(
+    codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
     """Pass one layer's fp16 ``k``, ``v`` ``(H, T, D)`` through ``codec`` block by block.
 
     Returns decoded keys, values, payload bytes, encode and decode CPU seconds. Fixed-size codecs
@@ -91,7 +93,13 @@ def roundtrip_layer(codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens
     full = k.shape[1] // block_tokens * block_tokens
     nbytes, t_enc, t_dec, out_k, out_v = 0, 0.0, 0.0, [], []
     if codec.fixed_nbytes(layout, block_tokens) is not None and full:
-        kv = torch.stack([torch.stack(_blocks(k[:, :full], block_tokens)), torch.stack(_blocks(v[:, :full], block_tokens))], 1)
+        kv = torch.stack(
+            [
+                torch.stack(_blocks(k[:, :full], block_tokens)),
+                torch.stack(_blocks(v[:, :full], block_tokens)),
+            ],
+            1,
+        )
         t0 = time.process_time()
         payloads = codec.encode_many(kv, layout)
         t1 = time.process_time()
@@ -117,7 +125,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def measure_quality(row: Row, codec: Codec, cap: CapturedKV, block_tokens: int, sink: int = 4, window: int = 64) -> None:
+def measure_quality(
+    row: Row, codec: Codec, cap: CapturedKV, block_tokens: int, sink: int = 4, window: int = 64
+) -> None:
     """Fill size, K/V/attention errors and throughput of ``row`` from the captured cache."""
     nbytes = elements = 0
     t_enc = t_dec = 0.0
@@ -193,11 +203,19 @@ def divergence(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run: 1K-token capture, 2 prompts of 512 tokens, 16 new tokens")
-    parser.add_argument("--block-tokens", type=int, default=256, help="tokens per encoded block (default 256)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: 1K-token capture, 2 prompts of 512 tokens, 16 new tokens",
+    )
+    parser.add_argument(
+        "--block-tokens", type=int, default=256, help="tokens per encoded block (default 256)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_codecs.json"))
     args = parser.parse_args()
-    capture_tokens, n_prompts, prompt_tokens, n_new = (1024, 2, 512, 16) if args.quick else (4096, 5, 2048, 64)
+    capture_tokens, n_prompts, prompt_tokens, n_new = (
+        (1024, 2, 512, 16) if args.quick else (4096, 5, 2048, 64)
+    )
 
     # One thread throughout: throughput is per core, and on a shared 2-core machine many small
     # ops (greedy decoding) run far faster without cross-thread synchronisation.
@@ -236,8 +254,12 @@ def main() -> None:
         "prompts": n_prompts,
         "prompt_tokens": prompt_tokens,
         "new_tokens": n_new,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": 1, "throughput_clock": "process CPU time",
-                    "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": 1,
+            "throughput_clock": "process CPU time",
+            "torch": torch.__version__,
+        },
         "seconds": round(time.time() - started, 1),
         "rows": [asdict(r) for r in rows],
     }
@@ -246,8 +268,10 @@ def main() -> None:
     print(f"\n{len(rows)} settings in {result['seconds']} s; JSON written to {args.out}")
 
 
-_HEADER = (f"{'setting':30} {'bits/el':>7} {'K err':>7} {'V err':>7} {'attn':>7} {'attn max':>8} "
-           f"{'attn s+w':>8} {'enc MB/s':>8} {'dec MB/s':>8}  tokens to divergence")
+_HEADER = (
+    f"{'setting':30} {'bits/el':>7} {'K err':>7} {'V err':>7} {'attn':>7} {'attn max':>8} "
+    f"{'attn s+w':>8} {'enc MB/s':>8} {'dec MB/s':>8}  tokens to divergence"
+)
 
 
 def _print_row(row: Row, n_new: int) -> None:
@@ -255,10 +279,13 @@ def _print_row(row: Row, n_new: int) -> None:
         print(_HEADER)
     div = " ".join(str(d) for d in row.tokens_to_divergence)
     full = sum(d == n_new for d in row.tokens_to_divergence)
-    print(f"{row.label:30} {row.bits_per_element:7.3f} {row.k_rel_error:7.4f} {row.v_rel_error:7.4f} "
-          f"{row.attn_rel_error_mean:7.4f} {row.attn_rel_error_max:8.4f} {row.attn_rel_error_sink_window_raw:8.4f} "
-          f"{row.encode_mb_s:8.1f} {row.decode_mb_s:8.1f}  {div} ({full}/{len(row.tokens_to_divergence)} full)",
-          flush=True)
+    print(
+        f"{row.label:30} {row.bits_per_element:7.3f} {row.k_rel_error:7.4f} {row.v_rel_error:7.4f} "
+        f"{row.attn_rel_error_mean:7.4f} {row.attn_rel_error_max:8.4f} "
+        f"{row.attn_rel_error_sink_window_raw:8.4f} "
+        f"{row.encode_mb_s:8.1f} {row.decode_mb_s:8.1f}  {div} ({full}/{len(row.tokens_to_divergence)} full)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

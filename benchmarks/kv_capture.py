@@ -76,8 +76,13 @@ def capture_kv(model, token_ids: list[int], n_queries: int = 32, layers: int | N
     return CapturedKV(keys, values, queries, float(scaling))
 
 
-def capture_reference_kv(n_tokens: int, offset_tokens: int = 0, n_queries: int = 32,
-                         layers: int | None = None, model_and_tokenizer=None) -> CapturedKV:
+def capture_reference_kv(
+    n_tokens: int,
+    offset_tokens: int = 0,
+    n_queries: int = 32,
+    layers: int | None = None,
+    model_and_tokenizer=None,
+) -> CapturedKV:
     """``capture_kv`` of the default model over ``n_tokens`` tokens of the reference text."""
     if model_and_tokenizer is None:
         from tiercache.models import load_default_model

@@ -42,7 +42,11 @@ def _block(seed: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _decode_or_reject(codec, payload: bytes, tokens: int) -> None:
-    t = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    t = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        if payload
+        else torch.empty(0, dtype=torch.uint8)
+    )
     try:
         k, v = codec.decode(t, LAYOUT, tokens, "cpu")
     except CorruptBlockError:

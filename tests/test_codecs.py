@@ -17,13 +17,26 @@ from tiercache.errors import ConfigError, CorruptBlockError, ShapeError
 from tiercache.io.bitpack import pack, packed_nbytes, unpack
 from tiercache.io.codec import CODECS, make_codec
 from tiercache.io.record import decode_record, encode_record
-from tiercache.kernels.quant import dequantize_rows, dequantize_rows_torch, quantize_rows, quantize_rows_torch, triton_available
+from tiercache.kernels.quant import (
+    dequantize_rows,
+    dequantize_rows_torch,
+    quantize_rows,
+    quantize_rows_torch,
+    triton_available,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
-def _kv(seed: int, heads: int = 3, tokens: int = 32, dim: int = 64, scale: float = 1.0, offset: float = 0.0,
-        dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+def _kv(
+    seed: int,
+    heads: int = 3,
+    tokens: int = 32,
+    dim: int = 64,
+    scale: float = 1.0,
+    offset: float = 0.0,
+    dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(heads, tokens, dim, generator=g) * scale + offset
     v = torch.randn(heads, tokens, dim, generator=g) * scale
@@ -34,11 +47,20 @@ def test_all_codecs_registered_on_import():
     assert {"raw", "quant", "cachegen", "zstd"} <= set(CODECS)
 
 
-@pytest.mark.parametrize("name,params", [
-    ("quant", {"bits": 3}), ("quant", {"group_size": 0}), ("quant", {"key_mode": "row"}),
-    ("cachegen", {"key_step": 0}), ("cachegen", {"value_scale": "block"}), ("cachegen", {"anchor": -1}),
-    ("cachegen", {"tables": "global"}), ("zstd", {"level": 0}), ("zstd", {"nope": 1}),
-])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("quant", {"bits": 3}),
+        ("quant", {"group_size": 0}),
+        ("quant", {"key_mode": "row"}),
+        ("cachegen", {"key_step": 0}),
+        ("cachegen", {"value_scale": "block"}),
+        ("cachegen", {"anchor": -1}),
+        ("cachegen", {"tables": "global"}),
+        ("zstd", {"level": 0}),
+        ("zstd", {"nope": 1}),
+    ],
+)
 def test_bad_parameters_raise_config_error(name, params):
     with pytest.raises(ConfigError, match=name):
         make_codec(name, **params)
@@ -46,7 +68,9 @@ def test_bad_parameters_raise_config_error(name, params):
 
 @given(bits=st.sampled_from([1, 2, 4, 8]), n=st.integers(0, 70), seed=st.integers(0, 2**16))
 def test_bitpack_round_trip(bits, n, seed):
-    codes = torch.randint(0, 1 << bits, (3, n), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    codes = torch.randint(
+        0, 1 << bits, (3, n), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
     packed = pack(codes, bits)
     assert packed.shape == (3, packed_nbytes(n, bits))
     assert torch.equal(unpack(packed, bits, n), codes)
@@ -56,10 +80,16 @@ def test_bitpack_round_trip(bits, n, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), group=st.sampled_from([7, 16, 32, 64]),
-       key_mode=st.sampled_from(["channel", "token"]), tokens=st.integers(1, 32),
-       scale=st.sampled_from([1e-3, 1.0, 300.0]), offset=st.sampled_from([0.0, 5.0, -1000.0]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**16))
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    group=st.sampled_from([7, 16, 32, 64]),
+    key_mode=st.sampled_from(["channel", "token"]),
+    tokens=st.integers(1, 32),
+    scale=st.sampled_from([1e-3, 1.0, 300.0]),
+    offset=st.sampled_from([0.0, 5.0, -1000.0]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
 def test_quant_error_within_stated_bound(bits, group, key_mode, tokens, scale, offset, dtype, seed):
     codec = make_codec("quant", bits=bits, group_size=group, key_mode=key_mode)
     layout = BlockLayout(2, 32, 64, dtype)
@@ -125,8 +155,10 @@ def test_kernel_dispatch_falls_back_to_torch_reference():
     codes, scale, zero = quantize_rows(x, 4, torch.float16)
     ref = quantize_rows_torch(x, 4, torch.float16)
     assert all(torch.equal(a, b) for a, b in zip((codes, scale, zero), ref))
-    assert torch.equal(dequantize_rows(codes, scale, zero, torch.float32),
-                       dequantize_rows_torch(codes, scale, zero, torch.float32))
+    assert torch.equal(
+        dequantize_rows(codes, scale, zero, torch.float32),
+        dequantize_rows_torch(codes, scale, zero, torch.float32),
+    )
 
 
 @pytest.mark.gpu
@@ -171,18 +203,31 @@ def _head_steps(x: torch.Tensor, step: float, center: bool) -> torch.Tensor:
 
 
 @settings(max_examples=25, deadline=None)
-@given(tokens=st.integers(1, 64), key_step=st.sampled_from([0.01, 0.1, 1.0]),
-       value_step=st.sampled_from([0.05, 0.5]), scale=st.sampled_from([1e-2, 1.0, 100.0]),
-       tables=st.sampled_from(["shared", "block"]), seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 64),
+    key_step=st.sampled_from([0.01, 0.1, 1.0]),
+    value_step=st.sampled_from([0.05, 0.5]),
+    scale=st.sampled_from([1e-2, 1.0, 100.0]),
+    tables=st.sampled_from(["shared", "block"]),
+    seed=st.integers(0, 2**16),
+)
 def test_cachegen_error_at_most_half_a_step(tokens, key_step, value_step, scale, tables, seed):
-    codec = make_codec("cachegen", key_step=key_step, value_step=value_step, key_scale="head",
-                       value_scale="head", tables=tables)
+    codec = make_codec(
+        "cachegen",
+        key_step=key_step,
+        value_step=value_step,
+        key_scale="head",
+        value_scale="head",
+        tables=tables,
+    )
     k, v = _kv(seed, 2, tokens, 64, scale, 3 * scale)
     dk, dv = codec.decode(codec.encode(k, v), BlockLayout(2, 64, 64), tokens, "cpu")
     assert dk.shape == k.shape and dk.dtype == torch.float16
     eps = torch.finfo(torch.float16).eps
-    for x, dx, bound in ((k, dk, _head_steps(k, key_step, True) / 2),
-                         (v, dv, _head_steps(v, value_step, False) / 2)):
+    for x, dx, bound in (
+        (k, dk, _head_steps(k, key_step, True) / 2),
+        (v, dv, _head_steps(v, value_step, False) / 2),
+    ):
         assert ((dx.float() - x.float()).abs() <= bound * (1 + 1e-5) + eps * dx.float().abs()).all()
 
 
@@ -192,12 +237,22 @@ def test_cachegen_anchor_deltas_are_lossless_on_symbols():
     plain = make_codec("cachegen")
     for anchor in (1, 4, 10):
         delta = make_codec("cachegen", anchor=anchor)
-        a, b = plain.decode(plain.encode(k, v), layout, 64, "cpu"), delta.decode(delta.encode(k, v), layout, 64, "cpu")
+        a, b = (
+            plain.decode(plain.encode(k, v), layout, 64, "cpu"),
+            delta.decode(delta.encode(k, v), layout, 64, "cpu"),
+        )
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("params", [{"rotate": True}, {"key_scale": "channel"}, {"value_scale": "token"},
-                                    {"key_scale": "token", "value_scale": "channel"}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"rotate": True},
+        {"key_scale": "channel"},
+        {"value_scale": "token"},
+        {"key_scale": "token", "value_scale": "channel"},
+    ],
+)
 def test_cachegen_variants_round_trip_close(params):
     codec = make_codec("cachegen", key_step=0.05, value_step=0.05, **params)
     k, v = _kv(4, tokens=48)
@@ -262,7 +317,7 @@ def _attention_error(cap, codec, block_tokens: int = 128) -> tuple[float, float]
         k, v = k.half(), v.half()
         parts = []
         for start in range(0, k.shape[1], block_tokens):
-            kb, vb = k[:, start:start + block_tokens], v[:, start:start + block_tokens]
+            kb, vb = k[:, start : start + block_tokens], v[:, start : start + block_tokens]
             payload = codec.encode(kb, vb)
             bits += payload.numel() * 8
             elements += 2 * kb.numel()

@@ -75,9 +75,16 @@ class CacheGenCodec(Codec):
     name = "cachegen"
     lossless = False
 
-    def __init__(self, key_step: float = 0.05, value_step: float = 0.1, key_scale: str = "head",
-                 value_scale: str = "token", rotate: bool = False, anchor: int = 0,
-                 tables: str = "shared") -> None:
+    def __init__(
+        self,
+        key_step: float = 0.05,
+        value_step: float = 0.1,
+        key_scale: str = "head",
+        value_scale: str = "token",
+        rotate: bool = False,
+        anchor: int = 0,
+        tables: str = "shared",
+    ) -> None:
         for pname, step in (("key_step", key_step), ("value_step", value_step)):
             if isinstance(step, bool) or not isinstance(step, (int, float)) or not 1e-3 <= step <= 64:
                 raise ConfigError(f"cachegen codec: {pname} must be a number in [0.001, 64], got {step!r}")
@@ -97,16 +104,24 @@ class CacheGenCodec(Codec):
         self._coder = ClassCoder(tables)
 
     def params(self) -> dict[str, int | float | str]:
-        return {"key_step": self.key_step, "value_step": self.value_step, "key_scale": self.key_scale,
-                "value_scale": self.value_scale, "rotate": self.rotate, "anchor": self.anchor,
-                "tables": self.tables}
+        return {
+            "key_step": self.key_step,
+            "value_step": self.value_step,
+            "key_scale": self.key_scale,
+            "value_scale": self.value_scale,
+            "rotate": self.rotate,
+            "anchor": self.anchor,
+            "tables": self.tables,
+        }
 
     # -- encode ---------------------------------------------------------------------------------
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if k.dim() != 3 or k.shape != v.shape or k.dtype != v.dtype or not k.dtype.is_floating_point:
-            raise ShapeError(f"cachegen codec: keys {tuple(k.shape)} {k.dtype} and values {tuple(v.shape)} "
-                             f"{v.dtype} must both be floating (kv_heads, tokens, head_dim)")
+            raise ShapeError(
+                f"cachegen codec: keys {tuple(k.shape)} {k.dtype} and values {tuple(v.shape)} "
+                f"{v.dtype} must both be floating (kv_heads, tokens, head_dim)"
+            )
         if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
             raise ShapeError("cachegen codec: keys or values contain inf or NaN")
         out = Writer()
@@ -170,24 +185,36 @@ class CacheGenCodec(Codec):
 
     # -- decode ---------------------------------------------------------------------------------
 
-    def decode(self, payload: torch.Tensor, layout: BlockLayout, tokens: int,
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise CorruptBlockError(f"cachegen payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}")
+            raise CorruptBlockError(
+                f"cachegen payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}"
+            )
         if self.rotate and layout.head_dim & (layout.head_dim - 1):
-            raise CorruptBlockError(f"cachegen payload: rotate needs a power-of-two head_dim, got {layout.head_dim}")
+            raise CorruptBlockError(
+                f"cachegen payload: rotate needs a power-of-two head_dim, got {layout.head_dim}"
+            )
         reader = Reader(payload.cpu().numpy().tobytes(), "cachegen payload")
         shape = (layout.kv_heads, tokens, layout.head_dim)
-        k, v = (self._rotated(self._decode_tensor(reader, spec, shape, device), inverse=True) for spec in self._specs)
+        k, v = (
+            self._rotated(self._decode_tensor(reader, spec, shape, device), inverse=True)
+            for spec in self._specs
+        )
         reader.finish()
         return k.to(layout.dtype), v.to(layout.dtype)
 
-    def _decode_tensor(self, reader: Reader, spec: _Spec, shape: tuple[int, int, int],
-                       device: torch.device | str) -> torch.Tensor:
+    def _decode_tensor(
+        self, reader: Reader, spec: _Spec, shape: tuple[int, int, int], device: torch.device | str
+    ) -> torch.Tensor:
         """Entropy-decode one tensor on the CPU and dequantize it on ``device``; fp32 ``shape``."""
         heads, tokens, dim = shape
-        center = torch.from_numpy(reader.take(heads * dim, "<f2").astype(np.float32)).view(heads, 1, dim) \
-            if spec.center else torch.zeros(1)
+        center = (
+            torch.from_numpy(reader.take(heads * dim, "<f2").astype(np.float32)).view(heads, 1, dim)
+            if spec.center
+            else torch.zeros(1)
+        )
         base = torch.from_numpy(reader.take(heads, "<f4").astype(np.float32))
         if not (torch.isfinite(base).all() and (base > 0).all() and torch.isfinite(center).all()):
             raise CorruptBlockError("cachegen payload: non-finite or non-positive step or center")

@@ -38,22 +38,30 @@ class ZstdCodec(Codec):
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if k.shape != v.shape or k.dtype != v.dtype or not k.dtype.is_floating_point:
-            raise ShapeError(f"zstd codec: keys {tuple(k.shape)} {k.dtype} and values "
-                             f"{tuple(v.shape)} {v.dtype} must match and be floating point")
+            raise ShapeError(
+                f"zstd codec: keys {tuple(k.shape)} {k.dtype} and values "
+                f"{tuple(v.shape)} {v.dtype} must match and be floating point"
+            )
         raw = torch.stack([k, v]).cpu().contiguous().view(torch.uint8).numpy()
         if self.shuffle:
             raw = raw.reshape(-1, k.dtype.itemsize).T
-        frame = zstandard.ZstdCompressor(level=self.level, write_checksum=True,
-                                         write_content_size=True).compress(np.ascontiguousarray(raw).tobytes())
+        frame = zstandard.ZstdCompressor(
+            level=self.level, write_checksum=True, write_content_size=True
+        ).compress(np.ascontiguousarray(raw).tobytes())
         return torch.frombuffer(bytearray(frame), dtype=torch.uint8).to(k.device)
 
-    def decode(self, payload: torch.Tensor, layout: BlockLayout, tokens: int,
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise CorruptBlockError(f"zstd payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}")
+            raise CorruptBlockError(
+                f"zstd payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}"
+            )
         size = 2 * layout.kv_heads * tokens * layout.head_dim * layout.dtype.itemsize
         try:
-            raw = zstandard.ZstdDecompressor().decompress(payload.cpu().numpy().tobytes(), max_output_size=size)
+            raw = zstandard.ZstdDecompressor().decompress(
+                payload.cpu().numpy().tobytes(), max_output_size=size
+            )
         except zstandard.ZstdError as exc:
             raise CorruptBlockError(f"zstd payload does not decompress: {exc}") from exc
         if len(raw) != size:
@@ -61,5 +69,7 @@ class ZstdCodec(Codec):
         data = np.frombuffer(raw, dtype=np.uint8)
         if self.shuffle:
             data = np.ascontiguousarray(data.reshape(layout.dtype.itemsize, -1).T)
-        kv = torch.from_numpy(data.copy()).view(layout.dtype).view(2, layout.kv_heads, tokens, layout.head_dim)
+        kv = (
+            torch.from_numpy(data.copy()).view(layout.dtype).view(2, layout.kv_heads, tokens, layout.head_dim)
+        )
         return kv[0].to(device), kv[1].to(device)

@@ -155,16 +155,18 @@ class QuantCodec(Codec):
             at += size
         return out
 
-    def _metadata(self, parts: dict[str, torch.Tensor], tag: str, dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _metadata(
+        self, parts: dict[str, torch.Tensor], tag: str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scale = parts[f"{tag}_scale"].reshape(-1).clone().view(dtype)
         zero = parts[f"{tag}_zero"].reshape(-1).clone().view(dtype)
         if not (torch.isfinite(scale).all() and torch.isfinite(zero).all() and (scale >= 0).all()):
             raise CorruptBlockError(f"quant payload: non-finite or negative {tag} scale/zero")
         return scale, zero
 
-    def _decode_batch(self, payloads: torch.Tensor, layout: BlockLayout, tokens: int,
-                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_batch(
+        self, payloads: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         parts = self._split(payloads.to(device), layout, tokens)
         n = payloads.shape[0]
         out = []
@@ -181,25 +183,38 @@ class QuantCodec(Codec):
         _check_pair(k, v)
         return self._encode_batch(k.unsqueeze(0), v.unsqueeze(0))[0]
 
-    def decode(self, payload: torch.Tensor, layout: BlockLayout, tokens: int,
-               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if payload.dim() != 1:
             raise CorruptBlockError(f"quant payload must be 1-D, got shape {tuple(payload.shape)}")
         k, v = self._decode_batch(payload.unsqueeze(0), layout, tokens, device)
         return k[0], v[0]
 
     def encode_many(self, kv: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-        if kv.dim() != 5 or kv.shape[1] != 2 or tuple(kv.shape[2:]) != layout.shape or kv.dtype != layout.dtype:
+        if (
+            kv.dim() != 5
+            or kv.shape[1] != 2
+            or tuple(kv.shape[2:]) != layout.shape
+            or kv.dtype != layout.dtype
+        ):
             raise ShapeError(
-                f"quant encode_many: got {tuple(kv.shape)} {kv.dtype}, expected (n, 2, {layout.shape}) {layout.dtype}"
+                f"quant encode_many: got {tuple(kv.shape)} {kv.dtype}, "
+                f"expected (n, 2, {layout.shape}) {layout.dtype}"
             )
         if kv.shape[0] == 0:
-            return torch.empty(0, self.fixed_nbytes(layout, layout.block_tokens), dtype=torch.uint8, device=kv.device)
+            return torch.empty(
+                0, self.fixed_nbytes(layout, layout.block_tokens), dtype=torch.uint8, device=kv.device
+            )
         return self._encode_batch(kv[:, 0], kv[:, 1])
 
-    def decode_many(self, payloads: torch.Tensor, layout: BlockLayout, device: torch.device | str) -> torch.Tensor:
+    def decode_many(
+        self, payloads: torch.Tensor, layout: BlockLayout, device: torch.device | str
+    ) -> torch.Tensor:
         if payloads.dim() != 2:
-            raise CorruptBlockError(f"quant decode_many: payloads must be 2-D, got shape {tuple(payloads.shape)}")
+            raise CorruptBlockError(
+                f"quant decode_many: payloads must be 2-D, got shape {tuple(payloads.shape)}"
+            )
         if payloads.shape[0] == 0:
             return torch.empty((0, 2, *layout.shape), dtype=layout.dtype, device=device)
         k, v = self._decode_batch(payloads, layout, layout.block_tokens, device)
@@ -207,8 +222,9 @@ class QuantCodec(Codec):
 
     # -- error bound ----------------------------------------------------------------------------
 
-    def error_bound(self, payload: torch.Tensor, layout: BlockLayout, tokens: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def error_bound(
+        self, payload: torch.Tensor, layout: BlockLayout, tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-element bound on ``|decoded - original|`` for keys and values of a payload, each
         ``(kv_heads, tokens, head_dim)`` fp32 (formula in the module docstring)."""
         parts = self._split(payload.reshape(1, -1), layout, tokens)
@@ -217,8 +233,15 @@ class QuantCodec(Codec):
         levels = (1 << self.bits) - 1
         bounds = []
         for tag, grouping, x in zip("kv", self._groupings(layout.kv_heads, tokens, layout.head_dim), decoded):
-            scale, zero = (m.float()[:, None].expand(-1, grouping.group) for m in self._metadata(parts, tag, layout.dtype))
-            per_row = scale / 2 + info.eps * (zero.abs() + levels * scale) + levels * info.smallest_normal * info.eps
+            scale, zero = (
+                m.float()[:, None].expand(-1, grouping.group)
+                for m in self._metadata(parts, tag, layout.dtype)
+            )
+            per_row = (
+                scale / 2
+                + info.eps * (zero.abs() + levels * scale)
+                + levels * info.smallest_normal * info.eps
+            )
             b = grouping.from_rows(per_row, 1, tokens, layout.head_dim)[0]
             bounds.append(b + info.eps * x[0].float().abs())
         return bounds[0], bounds[1]
@@ -227,8 +250,10 @@ class QuantCodec(Codec):
 def _check_pair(k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("keys", k), ("values", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ShapeError(f"{name} must be a (kv_heads, tokens, head_dim) tensor, got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
+            raise ShapeError(
+                f"{name} must be a (kv_heads, tokens, head_dim) tensor, got "
+                f"{getattr(t, 'shape', type(t).__name__)}"
+            )
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ShapeError(f"keys {tuple(k.shape)} {k.dtype} and values {tuple(v.shape)} {v.dtype} differ")
     if not k.dtype.is_floating_point:

@@ -134,7 +134,9 @@ class ClassCoder:
             coder = constriction.stream.stack.AnsCoder(np.array(words, dtype=np.uint32))
             for c, offset, model in plan:
                 rows = classes == c
-                symbols[rows] = coder.decode(model, int(rows.sum()) * n).reshape(-1, n).astype(np.int64) + offset
+                symbols[rows] = (
+                    coder.decode(model, int(rows.sum()) * n).reshape(-1, n).astype(np.int64) + offset
+                )
             exhausted = coder.is_empty()
         except (ValueError, RuntimeError, OverflowError) as exc:
             raise CorruptBlockError(f"cachegen payload: rANS stream does not decode: {exc}") from exc
@@ -153,4 +155,3 @@ def check_classes(classes: np.ndarray) -> None:
     bad = (classes >= N_CLASSES) & (classes != ZERO_CLASS)
     if bad.any():
         raise CorruptBlockError(f"cachegen payload: invalid symbol class {int(classes[bad][0])}")
-

@@ -19,8 +19,9 @@ import torch
 from ..errors import ShapeError
 
 
-def quantize_rows_torch(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows_torch(
+    x: torch.Tensor, bits: int, meta_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference quantizer. ``x``: ``(rows, group)`` float. Returns ``codes`` uint8 ``(rows, group)``,
     ``scale`` and ``zero`` of ``meta_dtype``, shape ``(rows,)``."""
     xf = x.float()
@@ -35,8 +36,9 @@ def quantize_rows_torch(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
     return codes, scale, zero
 
 
-def dequantize_rows_torch(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                          dtype: torch.dtype) -> torch.Tensor:
+def dequantize_rows_torch(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Reference dequantizer: ``codes * scale + zero`` per row, computed in fp32, cast to ``dtype``."""
     return (codes.float() * scale.float()[:, None] + zero.float()[:, None]).to(dtype)
 
@@ -51,8 +53,7 @@ def _triton_kernels():
         return None
 
     @triton.jit
-    def quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, group, levels,
-                        BLOCK: tl.constexpr):
+    def quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, group, levels, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < group
@@ -96,8 +97,9 @@ def _use_triton(t: torch.Tensor, meta_dtype: torch.dtype) -> bool:
     return t.is_cuda and meta_dtype == torch.float16 and _triton_kernels() is not None
 
 
-def quantize_rows_triton(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(
+    x: torch.Tensor, bits: int, meta_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``quantize_rows_torch`` (CUDA tensors, fp16 metadata only)."""
     triton, quantize_kernel, _ = _triton_kernels()
     x = x.contiguous()
@@ -108,34 +110,39 @@ def quantize_rows_triton(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
     scale = torch.empty(rows, dtype=torch.float16, device=x.device)
     zero = torch.empty(rows, dtype=torch.float16, device=x.device)
     if rows:
-        quantize_kernel[(rows,)](x, codes, scale, zero, group, float((1 << bits) - 1),
-                                 BLOCK=triton.next_power_of_2(group))
+        quantize_kernel[(rows,)](
+            x, codes, scale, zero, group, float((1 << bits) - 1), BLOCK=triton.next_power_of_2(group)
+        )
     return codes, scale, zero
 
 
-def dequantize_rows_triton(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                           dtype: torch.dtype) -> torch.Tensor:
+def dequantize_rows_triton(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Triton version of ``dequantize_rows_torch`` (CUDA tensors)."""
     triton, _, dequantize_kernel = _triton_kernels()
     codes = codes.contiguous()
     rows, group = codes.shape
     out = torch.empty((rows, group), dtype=dtype, device=codes.device)
     if rows:
-        dequantize_kernel[(rows,)](codes, scale.contiguous(), zero.contiguous(), out, group,
-                                   BLOCK=triton.next_power_of_2(group))
+        dequantize_kernel[(rows,)](
+            codes, scale.contiguous(), zero.contiguous(), out, group, BLOCK=triton.next_power_of_2(group)
+        )
     return out
 
 
-def quantize_rows(x: torch.Tensor, bits: int, meta_dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    x: torch.Tensor, bits: int, meta_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize each row of ``x`` ``(rows, group)`` to ``bits``-bit codes (see module docstring)."""
     if _use_triton(x, meta_dtype):
         return quantize_rows_triton(x, bits, meta_dtype)
     return quantize_rows_torch(x, bits, meta_dtype)
 
 
-def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    dtype: torch.dtype) -> torch.Tensor:
+def dequantize_rows(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Inverse of ``quantize_rows`` up to the quantization error; returns ``(rows, group)`` of ``dtype``."""
     if _use_triton(codes, scale.dtype):
         return dequantize_rows_triton(codes, scale, zero, dtype)
