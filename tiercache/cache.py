@@ -79,9 +79,11 @@ class TieredCache(Cache):
             raise ConfigError(f"config dtype {self.layout.dtype} differs from the model's {model.dtype}")
         self.prefill = prefill
         self.manager = TierManager(self.config, self.layout)
-        self.retriever = Retriever(self.config.retrieval, self.n_layers, self.kv_heads, self.head_dim,
-                                   self.layout.block_tokens, self.config.device)
         bt = self.layout.block_tokens
+        #: Tokens per selection unit: retrieval indexes and picks units; storage moves blocks.
+        self.unit = self.config.retrieval.unit_tokens or bt
+        self.retriever = Retriever(self.config.retrieval, self.n_layers, self.kv_heads, self.head_dim,
+                                   self.unit, self.config.device)
         self.sink_blocks = math.ceil(self.config.retrieval.sink_tokens / bt)
         self._check_room()
         self._lengths: list[list[int]] = []  # [seq][layer] tokens cached
@@ -145,10 +147,9 @@ class TieredCache(Cache):
             for layer, n in enumerate(lengths):
                 if tokens >= n:
                     continue
-                sealed_before = n // bt
                 gone = [BlockKey(seq, layer, i) for i in range(keep_blocks, math.ceil(n / bt))]
                 self.manager.remove(gone)
-                unindex = list(range(tokens // bt, sealed_before))
+                unindex = list(range(tokens // self.unit, n // self.unit))
                 if unindex:
                     self.retriever.index(seq, layer).remove(unindex)
                 if tokens % bt:
@@ -238,20 +239,23 @@ class TieredCache(Cache):
 
     def _attend_cached(self, seq: int, layer: int, q: torch.Tensor, past: int, scaling: float):
         """Partial attentions (out, lse) of ``q`` over the ``past`` cached tokens of (seq, layer)."""
-        bt = self.layout.block_tokens
-        n_blocks = math.ceil(past / bt)
+        bt, unit = self.layout.block_tokens, self.unit
+        per_block = bt // unit
+        n_units = math.ceil(past / unit)
         mode = "retrieval" if q.shape[1] == 1 else self.prefill
         if mode == "full" or layer in self.config.retrieval.full_attention_layers:
-            per_head = torch.arange(n_blocks, device=q.device).expand(self.kv_heads, n_blocks)
+            units = torch.arange(n_units, device=q.device).expand(self.kv_heads, n_units)
         elif mode == "window":
-            per_head = self._window_blocks(n_blocks, q.device)
+            units = self._window_units(n_units, q.device)
         else:
-            # Every query position of the chunk scores the blocks, like extra query heads.
-            selection = self.retriever.select(seq, layer, q.unsqueeze(0), past)
-            per_head = selection.indices
-            self.manager.record_selection(BlockKey(seq, layer, int(i)) for i in per_head.unique().tolist())
+            # Every query position of the chunk scores the units, like extra query heads.
+            units = self.retriever.select(seq, layer, q.unsqueeze(0), past).indices
+        blocks = (units // per_block).unique().tolist()
+        if mode == "retrieval":
+            self.manager.record_selection(BlockKey(seq, layer, i) for i in blocks)
             self._prefetch_next_layer(seq, layer)
-        blocks = per_head.unique().tolist()
+        selected = torch.zeros(self.kv_heads, math.ceil(past / bt) * per_block, dtype=torch.bool, device=q.device)
+        selected.scatter_(1, units, True)
         # Stream the blocks through the device in groups that fit beside the pinned ones.
         group = max(1, self.manager.max_get_blocks() - 1)
         parts = []
@@ -259,10 +263,14 @@ class TieredCache(Cache):
             chunk = blocks[start : start + group]
             keys = [BlockKey(seq, layer, i) for i in chunk]
             k, v = self.manager.get(keys)
-            lens = torch.tensor(self.manager.tokens(keys), dtype=torch.long, device=k.device)
-            chunk_t = torch.tensor(chunk, device=per_head.device)
-            mask = (per_head.unsqueeze(-1) == chunk_t).any(dim=1)  # (kv_heads, len(chunk))
-            parts.append(block_sparse_attention(q, k, v, mask, lens, scaling))
+            # Split each block into its units: the kernel masks whole (sub-)blocks per head.
+            k, v = (x.view(len(chunk), self.kv_heads, per_block, unit, self.head_dim).transpose(1, 2)
+                    .reshape(-1, self.kv_heads, unit, self.head_dim) for x in (k, v))
+            offsets = torch.arange(per_block, device=q.device) * unit
+            block_len = torch.tensor(self.manager.tokens(keys), dtype=torch.long, device=q.device)
+            lens = (block_len[:, None] - offsets).clamp(0, unit).reshape(-1)
+            ids = (torch.tensor(chunk, device=q.device)[:, None] * per_block + torch.arange(per_block, device=q.device))
+            parts.append(block_sparse_attention(q, k, v, selected[:, ids.reshape(-1)], lens, scaling))
         return parts
 
     def _prefetch_next_layer(self, seq: int, layer: int) -> None:
@@ -270,21 +278,22 @@ class TieredCache(Cache):
         computes."""
         guess = self.retriever.prefetch(seq, layer + 1) if layer + 1 < self.n_layers else None
         if guess is not None:
-            n = self._lengths[seq][layer + 1]
-            keys = [BlockKey(seq, layer + 1, int(i)) for i in guess.indices.unique().tolist() if i * self.layout.block_tokens < n]
-            self.manager.prefetch(keys)
+            n_blocks = math.ceil(self._lengths[seq][layer + 1] / self.layout.block_tokens)
+            blocks = (guess.indices // (self.layout.block_tokens // self.unit)).unique().tolist()
+            self.manager.prefetch(BlockKey(seq, layer + 1, i) for i in blocks if i < n_blocks)
 
-    def _window_blocks(self, n_blocks: int, device: torch.device) -> torch.Tensor:
-        """Sink and recent-window block indices, the same for every KV head."""
-        bt = self.layout.block_tokens
-        window = math.ceil(self.config.retrieval.window_tokens / bt) or 1
-        idx = sorted(set(range(min(self.sink_blocks, n_blocks))) | set(range(max(0, n_blocks - window), n_blocks)))
+    def _window_units(self, n_units: int, device: torch.device) -> torch.Tensor:
+        """Sink and recent-window unit indices, the same for every KV head."""
+        cfg = self.config.retrieval
+        sink = math.ceil(cfg.sink_tokens / self.unit)
+        window = math.ceil(cfg.window_tokens / self.unit) or 1
+        idx = sorted(set(range(min(sink, n_units))) | set(range(max(0, n_units - window), n_units)))
         return torch.tensor(idx, device=device).expand(self.kv_heads, len(idx))
 
     def _append(self, seq: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write new keys and values ``(kv_heads, n, head_dim)`` into the blocks of (seq, layer)."""
         bt = self.layout.block_tokens
-        n = self._lengths[seq][layer]
+        n = start = self._lengths[seq][layer]
         pos, total = 0, k.shape[1]
         while pos < total:
             index, offset = divmod(n, bt)
@@ -297,14 +306,26 @@ class TieredCache(Cache):
                 self.manager.put(key, kk, vv, pinned=sink or not sealed)
             else:
                 self.manager.append(key, kk, vv)
-            if sealed:
-                block_keys = kk if offset == 0 else self.manager.get([key])[0][0]
-                self.retriever.seal(seq, layer, index, block_keys)
-                if offset and not sink:
-                    self.manager.unpin([key])
+            if sealed and offset and not sink:
+                self.manager.unpin([key])
             n += take
             pos += take
         self._lengths[seq][layer] = n
+        self._seal_units(seq, layer, start, k)
+
+    def _seal_units(self, seq: int, layer: int, before: int, new_keys: torch.Tensor) -> None:
+        """Index the selection units completed by appending ``new_keys`` after ``before`` tokens."""
+        first, last = before // self.unit, self._lengths[seq][layer] // self.unit
+        if first == last:
+            return
+        keys = new_keys[:, : last * self.unit - before].to(self.layout.dtype)
+        carry = before - first * self.unit  # tokens of the first unit cached by an earlier append
+        if carry:
+            bt = self.layout.block_tokens
+            block, offset = divmod(first * self.unit, bt)
+            cached = self.manager.get([BlockKey(seq, layer, block)])[0][0, :, offset : offset + carry]
+            keys = torch.cat([cached, keys], dim=1)
+        self.retriever.seal(seq, layer, first, keys)
 
     def _check_room(self) -> None:
         """The device must hold, per sequence and layer, the sink blocks and an open block, plus

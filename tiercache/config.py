@@ -40,6 +40,9 @@ class RetrievalConfig:
     layer below it at the same step (TidalDecode). ``prefetch`` is the predictor's guess of a
     layer's next selection: ``"previous"`` (that layer's selection at the previous step),
     ``"next_layer"`` (the layer below's query scored on this layer's index) or ``"none"``.
+    ``unit_tokens`` is the selection unit: retrieval summarises and picks runs of this many tokens
+    inside the storage blocks (``TierConfig.block_tokens``, a multiple of it), so I/O moves large
+    blocks while the attention reads fine-grained units; ``None`` selects whole storage blocks.
 
     Defaults follow benchmarks/bench_retrieval.py on SmolLM2 (4K and 8K tokens): the Quest bound
     beats mean keys and landmarks, and the "softmax" aggregate beats "max" and "sum" at every budget
@@ -58,8 +61,12 @@ class RetrievalConfig:
     layer_budgets: dict[int, float | int] = field(default_factory=dict)
     selection_layers: tuple[int, ...] | None = None
     prefetch: str = "previous"
+    unit_tokens: int | None = 4
 
     def __post_init__(self) -> None:
+        if self.unit_tokens is not None and (isinstance(self.unit_tokens, bool) or not isinstance(self.unit_tokens, int)
+                                             or self.unit_tokens < 1):
+            raise ConfigError(f"unit_tokens must be a positive int or None, got {self.unit_tokens!r}")
         if self.sink_tokens < 0 or self.window_tokens < 0:
             raise ConfigError(
                 f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"
@@ -111,7 +118,7 @@ class TierConfig:
     device_budget_bytes: int
     host_budget_bytes: int
     disk_budget_bytes: int = 0
-    block_tokens: int = 32
+    block_tokens: int = 16
     dtype: torch.dtype | str | None = None
     host_codec: str = "raw"
     host_codec_params: dict = field(default_factory=dict)
@@ -146,6 +153,9 @@ class TierConfig:
             codec = getattr(self, f"{tier}_codec")
             if codec not in CODECS:
                 raise ConfigError(f"{tier}_codec {codec!r} is unknown; known codecs: {sorted(CODECS)}")
+        unit = self.retrieval.unit_tokens
+        if unit is not None and self.block_tokens % unit:
+            raise ConfigError(f"block_tokens ({self.block_tokens}) must be a multiple of retrieval.unit_tokens ({unit})")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy {self.policy!r} is unknown; use one of {POLICIES}")
         try:
