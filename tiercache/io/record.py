@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from ..blocks import BlockKey, BlockLayout
 from ..errors import ConfigError, CorruptBlockError, ShapeError
+from .checksum import crc32
 from .codec import Codec, make_codec
 
 MAGIC = b"TCKV"
@@ -69,7 +69,7 @@ def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockL
         sort_keys=True,
     ).encode()
     body = _PREFIX.pack(MAGIC, VERSION, len(header), len(payload)) + header + payload
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 def record_length(prefix: bytes, where: str = "record") -> int:
@@ -104,7 +104,7 @@ def read_header(data: bytes | memoryview, where: str = "record") -> tuple[Record
     if len(data) != total:
         raise CorruptBlockError(f"{where}: {len(data)} bytes, the record's lengths say {total}")
     (crc,) = _CRC.unpack_from(data, total - _CRC.size)
-    if zlib.crc32(data[: total - _CRC.size]) != crc:
+    if crc32(data[: total - _CRC.size]) != crc:
         raise CorruptBlockError(f"{where}: checksum mismatch")
     try:
         h = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
