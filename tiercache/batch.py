@@ -30,12 +30,14 @@ from .errors import BlockNotFoundError, ConfigError, ShapeError, StoreError, Tie
 from .io.codec import make_codec
 from .io.contexts import content_key, load_kv_context, save_kv_context
 from .io.store import DiskStore
-from .stream import ask_cache, attention_implementation, model_id, write_json_atomic
+from .stream import ask_cache, attention_implementation, close_cache, model_id, write_json_atomic
 
 #: The sidecar of a context store: per context key, what encoding it measured.
 SIDECAR_NAME = "contexts-meta.json"
 #: Tokens per forward when encoding a document (bounds the score tensors of the prefill).
 _PREFILL_CHUNK = 512
+#: Tokens a default config leaves beyond a document for a question and its answer.
+_ROOM_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
             for a in range(0, len(ids), _PREFILL_CHUNK):
                 model(torch.tensor([ids[a : a + _PREFILL_CHUNK]]), past_key_values=cache, use_cache=True)
     except BaseException:
-        cache.close()
+        close_cache(cache)
         raise
     cache.prefill = "retrieval"
     return cache
@@ -71,8 +73,9 @@ class ContextStore:
 
     ``path``: the store directory (created; one writer at a time). ``codec`` / ``codec_params``:
     the encoding of stored KV (``"cachegen"``, ``"quant"``, ``"zstd"`` (lossless), ``"raw"``).
-    ``config``: the tiers a loaded context goes into (default ``default_config(model)``; its disk
-    tier, if any, must live elsewhere). ``budget_bytes``: disk bytes the store may hold; older
+    ``config``: the tiers a context is prefilled and loaded into (default: ``default_config``
+    sized for the document plus ``_ROOM_TOKENS`` of question and answer; a disk tier, if any,
+    must live elsewhere). ``budget_bytes``: disk bytes the store may hold; older
     contexts are evicted, least recently used first. ``max_tokens``: longest document accepted.
     """
 
@@ -87,7 +90,7 @@ class ContextStore:
         self.model_id = model_id(model)
         self.codec_name = codec
         self.codec = make_codec(codec, **(codec_params or {}))
-        self.config = config or default_config(model)
+        self.config = config
         self.max_tokens = max_tokens
         self.store = DiskStore(self.path, budget_bytes)
         self._info = self._read_sidecar()
@@ -118,12 +121,12 @@ class ContextStore:
             return key
         self.misses += 1
         start = time.perf_counter()
-        cache = prefill(self.model, self.config, ids)
+        cache = prefill(self.model, self._config(len(ids)), ids)
         prefill_seconds = time.perf_counter() - start
         try:
             kv = cache.export_kv()
         finally:
-            cache.close()
+            close_cache(cache)
         stored = save_kv_context(self.store, key, kv, self.codec)
         self._info[key] = ContextInfo(key, len(ids), prefill_seconds, kv.numel() * kv.element_size(), stored,
                                       self.codec_name)
@@ -134,11 +137,11 @@ class ContextStore:
         """A fresh ``TieredCache`` holding context ``key`` (imported, no prefill); the caller
         closes it. ``BlockNotFoundError`` if the store does not hold ``key``."""
         kv = load_kv_context(self.store, key)
-        cache = TieredCache(self.model, self.config, prefill="retrieval")
+        cache = TieredCache(self.model, self._config(kv.shape[3]), prefill="retrieval")
         try:
             cache.import_kv(kv.to(cache.layout.dtype))
         except BaseException:
-            cache.close()
+            close_cache(cache)
             raise
         return cache
 
@@ -155,6 +158,9 @@ class ContextStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _config(self, tokens: int) -> TierConfig:
+        return self.config or default_config(self.model, context_tokens=tokens + _ROOM_TOKENS)
 
     def _read_sidecar(self) -> dict[str, ContextInfo]:
         file = self.path / SIDECAR_NAME
@@ -326,7 +332,7 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
                 stats = cache.manager.stats()
                 report.block_lookups += stats.lookups
                 report.device_hits += stats.hits["device"]
-                cache.close()
+                close_cache(cache)
     bar.close()
     report.saved_seconds -= report.prefill_seconds + report.load_seconds
     return report

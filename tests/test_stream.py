@@ -1,0 +1,184 @@
+"""StreamSession on SmolLM2-135M-Instruct (fp32, CPU): a real-text stream 8x the device budget
+with facts planted early, answered later; flat append cost; device budget; save and reopen in
+another process; frame-embedding streams; bad inputs."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiercache import ConfigError, RetrievalConfig, ShapeError, StoreError, TierConfig
+from tiercache.cli import FACTS, plant_facts, question_text
+from tiercache.corpus import text_tokens
+from tiercache.stream import StreamSession, full_attention_answer
+
+pytestmark = pytest.mark.model
+
+TEXT_TOKENS = 1024
+CHUNK = 128
+BLOCK = 32
+
+
+def kv_bytes(model, tokens: int) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
+
+
+def stream_config(model, tokens: int, disk_path: Path) -> TierConfig:
+    """The device holds 1/8 of the stream's KV (at least 3 blocks a layer: sink, open block and
+    one to stream through), the host 1/4, a lossless disk tier the rest. Questions retrieve with
+    a budget covering the stream: under test here are the encoding, the tiers and the undoing
+    of questions; retrieval quality at partial budgets is measured by benchmarks/bench_stream.py."""
+    device = max(kv_bytes(model, tokens) // 8, kv_bytes(model, 3 * BLOCK))
+    return TierConfig(device_budget_bytes=device, host_budget_bytes=kv_bytes(model, tokens) // 4,
+                      disk_budget_bytes=4 * kv_bytes(model, tokens), disk_path=disk_path, disk_codec="zstd",
+                      block_tokens=BLOCK, dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=1.0))
+
+
+def theil_sen_slope(ys: list[float]) -> float:
+    """Median of the pairwise slopes of ``ys`` against their index: a slope that a few outliers
+    (a noisy neighbour on the machine) cannot drag."""
+    slopes = [(ys[j] - ys[i]) / (j - i) for i in range(len(ys)) for j in range(i + 1, len(ys))]
+    return sorted(slopes)[len(slopes) // 2]
+
+
+@pytest.fixture(scope="module")
+def stream(smollm2, tmp_path_factory):
+    """A session over ~1.1K tokens of real text with the facts planted at 10%-60% depth, appended
+    chunk by chunk; per chunk: CPU seconds and block reads."""
+    model, tok = smollm2
+    ids = plant_facts(tok, text_tokens(tok, TEXT_TOKENS, offset_tokens=1000))
+    path = tmp_path_factory.mktemp("stream")
+    session = StreamSession(model, tok, stream_config(model, len(ids), path), chunk_tokens=CHUNK)
+    seconds, reads = [], []
+    for a in range(0, len(ids), CHUNK):
+        lookups = session.cache.manager.stats().lookups
+        start = time.process_time()  # CPU time: less sensitive than wall time to other processes
+        session.append(torch.tensor(ids[a : a + CHUNK]))
+        seconds.append(time.process_time() - start)
+        reads.append(session.cache.manager.stats().lookups - lookups)
+    yield session, ids, seconds, reads
+    session.close()
+
+
+def test_stream_is_eight_times_the_device_budget_and_stays_within_it(stream):
+    session, ids, _, _ = stream
+    stats = session.cache.manager.stats()
+    assert kv_bytes(session.model, len(ids)) >= 8 * session.config.device_budget_bytes
+    assert stats.peak_bytes["device"] <= session.config.device_budget_bytes
+    assert stats.moved_bytes["host->disk"] > 0, "the stream should have spilled to the disk tier"
+
+
+def test_facts_planted_early_are_answered_later(stream):
+    session, ids, _, _ = stream
+    model, tok = session.model, session.tokenizer
+    tokens = session.tokens
+    got = [session.ask(question_text(f), max_new_tokens=6) for f in FACTS]
+    ref = [full_attention_answer(model, tok, question_text(f), input_ids=ids, max_new_tokens=6) for f in FACTS]
+    ours = sum(f.answer in a for f, a in zip(FACTS, got))
+    full = sum(f.answer in a for f, a in zip(FACTS, ref))
+    print(f"\nQA accuracy over {len(ids)} streamed tokens: tiercache {ours}/{len(FACTS)}, "
+          f"full attention {full}/{len(FACTS)}; answers {got} vs {ref}")
+    assert full == len(FACTS), f"the reference itself misses: {ref}"
+    assert ours == len(FACTS), f"answers {got}, full attention {ref}"
+    assert session.tokens == tokens, "asking must leave the stream as it was"
+
+
+def test_append_cost_does_not_grow_with_the_stream(stream):
+    session, ids, seconds, reads = stream
+    # Deterministic proxy: once the window is full, every chunk reads the same number of blocks.
+    window_full = (session.config.retrieval.window_tokens + CHUNK - 1) // CHUNK + 1
+    steady = reads[window_full:-1]  # the last chunk may be short
+    assert len(set(steady)) == 1, f"blocks read per chunk vary: {reads}"
+    # Time: the fitted growth over the whole stream stays small relative to a chunk's cost.
+    times = seconds[1:-1]  # the first chunk has no past, the last may be short
+    slope = theil_sen_slope(times)
+    median = sorted(times)[len(times) // 2]
+    print(f"\nappend CPU seconds per chunk {[round(t, 2) for t in seconds]}; Theil-Sen slope "
+          f"{slope * 1000:.1f} ms/chunk = {slope * len(times) / median:+.0%} of the median over the stream")
+    assert slope * len(times) < 0.5 * median
+
+
+def test_stream_continues_after_questions(stream):
+    session, ids, _, _ = stream
+    before = session.tokens
+    session.append(torch.tensor(ids[:CHUNK]))
+    assert session.tokens == before + CHUNK
+    session.cache.truncate(before)  # keep the module's stream as it was for the other tests
+    assert FACTS[0].answer in session.ask(question_text(FACTS[0]), max_new_tokens=6)
+
+
+def test_saved_stream_reopens_in_another_process(smollm2, tmp_path):
+    model, tok = smollm2
+    ids = plant_facts(tok, text_tokens(tok, 384, offset_tokens=3000), FACTS[:1])
+    path = tmp_path / "session"
+    with StreamSession(model, tok, stream_config(model, len(ids), path)) as session:
+        session.append(ids)
+        assert session.save() > 0
+        answer = session.ask(question_text(FACTS[0]), max_new_tokens=6)
+    manifest = json.loads((path / "stream.json").read_text())
+    assert manifest["tokens"] == len(ids) and manifest["config"]["disk_codec"] == "zstd"
+    script = (
+        "import sys; from tiercache.models import load_default_model; from tiercache.stream import StreamSession\n"
+        "model, tok = load_default_model()\n"
+        "s = StreamSession.open(sys.argv[1], model, tok)\n"
+        "print(s.tokens); print(s.ask(sys.argv[2], max_new_tokens=6)); s.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(path), question_text(FACTS[0])], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokens, reopened = out.stdout.strip().splitlines()[-2:]
+    assert int(tokens) == len(ids)
+    assert reopened == answer and FACTS[0].answer in reopened
+
+
+def test_embedding_stream_end_to_end(smollm2, tmp_path):
+    """Frames already projected to the hidden size: here the token embeddings of real text."""
+    model, tok = smollm2
+    ids = plant_facts(tok, text_tokens(tok, 512, offset_tokens=5000), FACTS[1:2])
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(torch.tensor(ids))
+    with StreamSession(model, tok, stream_config(model, len(ids), tmp_path)) as session:
+        for a in range(0, len(ids), CHUNK):
+            session.append(inputs_embeds=embeds[a : a + CHUNK].unsqueeze(0))
+        assert session.tokens == len(ids)
+        assert FACTS[1].answer in session.ask(question_text(FACTS[1]), max_new_tokens=6)
+
+
+def test_bad_inputs_raise_clear_errors(smollm2, tmp_path):
+    model, tok = smollm2
+    hidden = model.config.hidden_size
+    config = stream_config(model, 256, tmp_path / "a")
+    with StreamSession(model, tok, config) as session:
+        bad = [
+            ({}, "exactly one"),
+            ({"input_ids": [1, 2], "inputs_embeds": torch.zeros(2, hidden)}, "exactly one"),
+            ({"input_ids": torch.zeros(3)}, "integer"),
+            ({"input_ids": torch.zeros(2, 3, dtype=torch.long)}, "(1, tokens)"),
+            ({"input_ids": torch.zeros(0, dtype=torch.long)}, "tokens >= 1"),
+            ({"input_ids": [model.config.vocab_size]}, "must lie in"),
+            ({"inputs_embeds": torch.zeros(4, hidden + 1)}, f"hidden size"),
+            ({"inputs_embeds": torch.zeros(4, hidden, dtype=torch.long)}, "floating-point"),
+            ({"inputs_embeds": torch.zeros(2, 4, hidden)}, "(1, tokens"),
+        ]
+        for kwargs, message in bad:
+            with pytest.raises(ShapeError, match=re.escape(message)):
+                session.append(**kwargs)
+        with pytest.raises(ShapeError, match="question"):
+            session.ask("  ")
+        assert session.tokens == 0
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        StreamSession(model, tok, config, chunk_tokens=0)
+    no_disk = TierConfig(device_budget_bytes=config.device_budget_bytes, host_budget_bytes=0, dtype=torch.float32)
+    with StreamSession(model, tok, no_disk) as session, pytest.raises(ConfigError, match="session directory"):
+        session.save()
+    with pytest.raises(StoreError, match="stream.json"):
+        StreamSession.open(tmp_path / "nothing", model, tok)
