@@ -8,14 +8,12 @@ records each layer's post-RoPE query and then runs transformers' own SDPA attent
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from tiercache.corpus import text_tokens
-
-_CAPTURE_NAME = "tiercache_capture"
+from tiercache.retrieval.evaluate import recording_attention
 
 
 @dataclass(frozen=True)
@@ -37,26 +35,6 @@ class CapturedKV:
         return self.keys[0].shape[1]
 
 
-@contextmanager
-def _query_recorder(model, n_queries: int, store: dict[int, torch.Tensor]):
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def record(module, query, key, value, attention_mask, **kwargs):
-        store[module.layer_idx] = query[0, :, -n_queries:, :].detach().clone()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register(_CAPTURE_NAME, record)
-    AttentionMaskInterface.register(_CAPTURE_NAME, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(_CAPTURE_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 @torch.no_grad()
 def capture_kv(model, token_ids: list[int], n_queries: int = 32, layers: int | None = None) -> CapturedKV:
     """Run ``model`` over ``token_ids`` and return its cache and last ``n_queries`` queries.
@@ -65,7 +43,10 @@ def capture_kv(model, token_ids: list[int], n_queries: int = 32, layers: int | N
     """
     store: dict[int, torch.Tensor] = {}
     ids = torch.tensor([token_ids])
-    with _query_recorder(model, n_queries, store):
+    def record(module, query, key):
+        store[module.layer_idx] = query[0, :, -n_queries:, :].detach().clone()
+
+    with recording_attention(model, record):
         out = model(ids, use_cache=True)
     cache = out.past_key_values
     n_layers = len(cache.layers) if layers is None else layers

@@ -9,6 +9,8 @@ exactly the vectors decode attention compares.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,40 +42,52 @@ class Capture:
         return int(self.positions.numel())
 
 
+@contextmanager
+def recording_attention(model, record: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], None]):
+    """Within the block, every attention call of ``model`` first calls ``record(module, query,
+    key)`` (post-RoPE, ``(batch, heads, tokens, head_dim)``), then runs transformers' SDPA."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        record(module, query, key)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_NAME, attend)
+    AttentionMaskInterface.register(_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def capture(model, input_ids: list[int], last_positions: int, decode_steps: int) -> Capture:
     """Run ``model`` over ``input_ids`` then ``decode_steps`` greedy steps, recording queries of the
     last ``last_positions`` prompt positions and of every decode step, and the final key cache."""
-    from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
+    from transformers import DynamicCache
 
     n_layers = model.config.num_hidden_layers
     queries: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     keys: list[torch.Tensor | None] = [None] * n_layers
     scaling: list[float] = []
 
-    def record(module, query, key, value, attention_mask, **kwargs):
+    def record(module, query, key):
         layer = module.layer_idx
         take = min(query.shape[2], last_positions) if query.shape[2] > 1 else 1
         queries[layer].append(query[0, :, -take:].transpose(0, 1).detach().clone())
         keys[layer] = key[0].detach()
         scaling.append(module.scaling)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register(_NAME, record)
-    AttentionMaskInterface.register(_NAME, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(_NAME)
-    try:
-        with torch.no_grad():
-            cache = DynamicCache(config=model.config)
-            ids = torch.tensor([input_ids])
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            for _ in range(decode_steps):
-                nxt = out.logits[:, -1:].argmax(-1)
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-    finally:
-        model.set_attn_implementation(previous)
+    with recording_attention(model, record), torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        ids = torch.tensor([input_ids])
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(decode_steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
     n = len(input_ids)
     positions = torch.arange(n - min(n, last_positions), n + decode_steps)
     return Capture(
