@@ -14,6 +14,7 @@ process, loading the KV instead of recomputing the prefill.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .cache import ATTN_NAME, TieredCache, default_config
-from .config import TierConfig
+from .config import RetrievalConfig, TierConfig
 from .errors import BlockNotFoundError, ConfigError, ShapeError, StoreError, TiercacheError
 from .io.codec import make_codec
 from .io.contexts import content_key, load_kv_context, save_kv_context
@@ -75,12 +76,13 @@ class ContextStore:
     the encoding of stored KV (``"cachegen"``, ``"quant"``, ``"zstd"`` (lossless), ``"raw"``).
     ``config``: the tiers a context is prefilled and loaded into (default: ``default_config``
     sized for the document plus ``_ROOM_TOKENS`` of question and answer; a disk tier, if any,
-    must live elsewhere). ``budget_bytes``: disk bytes the store may hold; older
+    must live elsewhere). ``retrieval``: the retrieval settings of that default config. ``budget_bytes``: disk bytes the store may hold; older
     contexts are evicted, least recently used first. ``max_tokens``: longest document accepted.
     """
 
     def __init__(self, path: str | os.PathLike, model, tokenizer, codec: str = "cachegen", *,
                  codec_params: dict | None = None, config: TierConfig | None = None,
+                 retrieval: RetrievalConfig | None = None,
                  budget_bytes: int = 16 << 30, max_tokens: int = 32768) -> None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
@@ -91,6 +93,7 @@ class ContextStore:
         self.codec_name = codec
         self.codec = make_codec(codec, **(codec_params or {}))
         self.config = config
+        self.retrieval = retrieval
         self.max_tokens = max_tokens
         self.store = DiskStore(self.path, budget_bytes)
         self._info = self._read_sidecar()
@@ -160,7 +163,10 @@ class ContextStore:
         self.close()
 
     def _config(self, tokens: int) -> TierConfig:
-        return self.config or default_config(self.model, context_tokens=tokens + _ROOM_TOKENS)
+        if self.config is not None:
+            return self.config
+        config = default_config(self.model, context_tokens=tokens + _ROOM_TOKENS)
+        return dataclasses.replace(config, retrieval=self.retrieval) if self.retrieval else config
 
     def _read_sidecar(self) -> dict[str, ContextInfo]:
         file = self.path / SIDECAR_NAME
