@@ -120,13 +120,15 @@ def full_attention_answer(model, tokenizer, question: str, *, input_ids: Sequenc
     (``input_ids``, or ``inputs_embeds`` of shape ``(tokens, hidden)``) in a ``DynamicCache``."""
     from transformers import DynamicCache
 
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ShapeError("full_attention_answer takes exactly one of input_ids and inputs_embeds")
     ids = question_ids(tokenizer, question)
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
     with attention_implementation(model, "sdpa"):
         if input_ids is not None:
             model(torch.tensor([list(input_ids)], device=device), past_key_values=cache, use_cache=True)
-        elif inputs_embeds is not None:
+        else:
             model(inputs_embeds=inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]).to(device, model.dtype),
                   past_key_values=cache, use_cache=True)
         return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
