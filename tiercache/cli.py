@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="streaming QA on the embedded SmolLM2 vs full attention",
                           description=_demo.__doc__)
-    demo.add_argument("--tokens", type=int, default=2500, help="stream length in tokens (default 2500)")
+    demo.add_argument("--tokens", type=int, default=1500, help="stream length in tokens (default 1500)")
     demo.add_argument("--chunk-tokens", type=int, default=128, help="tokens per appended chunk (default 128)")
     demo.add_argument("--new-tokens", type=int, default=8, help="most tokens per answer (default 8)")
     demo.add_argument("--budget", type=float, default=0.5,
