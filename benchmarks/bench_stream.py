@@ -35,10 +35,15 @@ def theil_sen_slope(ys: list[float]) -> float:
 
 
 def growth(seconds: list[float]) -> dict:
-    """Median chunk time, slope and the fitted growth over the stream relative to the median."""
+    """Median chunk time, slope and the fitted growth over the stream relative to the median;
+    the same growth over the second half alone (for the stream: once the disk tier is in use,
+    which adds a step where the host tier fills)."""
     times = seconds[1:-1]  # the first chunk has no past, the last may be short
     slope, median = theil_sen_slope(times), sorted(times)[len(times) // 2]
-    return {"median_s": median, "slope_ms_per_chunk": 1000 * slope, "growth": slope * len(times) / median}
+    late = times[len(times) // 2 :]
+    late_median = sorted(late)[len(late) // 2]
+    return {"median_s": median, "slope_ms_per_chunk": 1000 * slope, "growth": slope * len(times) / median,
+            "growth_2nd_half": theil_sen_slope(late) * len(late) / late_median}
 
 
 @torch.no_grad()
