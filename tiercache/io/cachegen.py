@@ -31,7 +31,7 @@ import torch
 
 from ..blocks import BlockLayout
 from ..errors import ConfigError, CorruptBlockError, ShapeError
-from .codec import Codec, register_codec
+from .codec import Codec, check_payload, register_codec
 from .rans import ClassCoder, check_classes, classify, half_width
 from .wire import Reader, Writer
 
@@ -188,10 +188,7 @@ class CacheGenCodec(Codec):
     def decode(
         self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise CorruptBlockError(
-                f"cachegen payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}"
-            )
+        check_payload("cachegen", payload)
         if self.rotate and layout.head_dim & (layout.head_dim - 1):
             raise CorruptBlockError(
                 f"cachegen payload: rotate needs a power-of-two head_dim, got {layout.head_dim}"

@@ -40,6 +40,12 @@ def make_codec(name: str, **params: object) -> "Codec":
         raise ConfigError(f"codec {name!r}: bad parameters {params}: {exc}") from exc
 
 
+def check_payload(codec: str, payload: torch.Tensor) -> None:
+    """``CorruptBlockError`` unless ``payload`` is a 1-D uint8 tensor, as every codec emits."""
+    if payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise CorruptBlockError(f"{codec} payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}")
+
+
 class Codec(ABC):
     """Encodes one block's keys and values to a payload of bytes and back."""
 

@@ -14,7 +14,7 @@ import zstandard
 
 from ..blocks import BlockLayout
 from ..errors import ConfigError, CorruptBlockError, ShapeError
-from .codec import Codec, register_codec
+from .codec import Codec, check_payload, register_codec
 
 
 @register_codec("zstd")
@@ -53,10 +53,7 @@ class ZstdCodec(Codec):
     def decode(
         self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise CorruptBlockError(
-                f"zstd payload must be 1-D uint8, got {tuple(payload.shape)} {payload.dtype}"
-            )
+        check_payload("zstd", payload)
         size = 2 * layout.kv_heads * tokens * layout.head_dim * layout.dtype.itemsize
         try:
             raw = zstandard.ZstdDecompressor().decompress(
