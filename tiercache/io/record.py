@@ -30,7 +30,7 @@ from .checksum import crc32
 from .codec import Codec, make_codec
 
 MAGIC = b"TCKV"
-VERSION = 1
+VERSION = 2  # 2: cachegen streams use our interleaved rANS coder (tiercache.io.ans)
 _PREFIX = struct.Struct("<4sHIQ")
 _CRC = struct.Struct("<I")
 _MAX_HEADER = 1 << 16
