@@ -198,7 +198,7 @@ def encode_rows(symbols, row_class, tab_of_class, pb, base, nsym, sym_off, freq,
     return buf[:nout][::-1].copy(), OK
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _step(x, pos, words, slots, so, p, fr, cu, fo):
     """Decode one symbol from state ``x``: ``(state, symbol index, pos)``, ``pos = -1`` when the
     stream is exhausted."""
@@ -259,19 +259,41 @@ def decode_rows(words, row_class, tab_of_class, pb, base, slot_off, sym_off, slo
             out[r, j] = s + b
             j += 1
             g += 1
+        mask = (np.int64(1) << p) - 1
         while j + LANES <= n:
-            x0, s0, pos = _step(x0, pos, words, slots, so, p, freq, cum, fo)
-            if pos < 0:
-                return ERR_TRUNCATED
-            x1, s1, pos = _step(x1, pos, words, slots, so, p, freq, cum, fo)
-            if pos < 0:
-                return ERR_TRUNCATED
-            x2, s2, pos = _step(x2, pos, words, slots, so, p, freq, cum, fo)
-            if pos < 0:
-                return ERR_TRUNCATED
-            x3, s3, pos = _step(x3, pos, words, slots, so, p, freq, cum, fo)
-            if pos < 0:
-                return ERR_TRUNCATED
+            # The four lanes written out: one symbol each (see _step), their chains overlap.
+            sl = x0 & mask
+            s0 = np.int64(slots[so + sl])
+            x0 = np.int64(freq[fo + s0]) * (x0 >> p) + sl - cum[fo + s0]
+            if x0 < _L:
+                if pos >= nw:
+                    return ERR_TRUNCATED
+                x0 = (x0 << 32) | np.int64(words[pos])
+                pos += 1
+            sl = x1 & mask
+            s1 = np.int64(slots[so + sl])
+            x1 = np.int64(freq[fo + s1]) * (x1 >> p) + sl - cum[fo + s1]
+            if x1 < _L:
+                if pos >= nw:
+                    return ERR_TRUNCATED
+                x1 = (x1 << 32) | np.int64(words[pos])
+                pos += 1
+            sl = x2 & mask
+            s2 = np.int64(slots[so + sl])
+            x2 = np.int64(freq[fo + s2]) * (x2 >> p) + sl - cum[fo + s2]
+            if x2 < _L:
+                if pos >= nw:
+                    return ERR_TRUNCATED
+                x2 = (x2 << 32) | np.int64(words[pos])
+                pos += 1
+            sl = x3 & mask
+            s3 = np.int64(slots[so + sl])
+            x3 = np.int64(freq[fo + s3]) * (x3 >> p) + sl - cum[fo + s3]
+            if x3 < _L:
+                if pos >= nw:
+                    return ERR_TRUNCATED
+                x3 = (x3 << 32) | np.int64(words[pos])
+                pos += 1
             out[r, j] = s0 + b
             out[r, j + 1] = s1 + b
             out[r, j + 2] = s2 + b
