@@ -32,6 +32,10 @@ ERR_STATE = 2  # a state is out of range, or does not end where the encoder star
 ERR_TRAILING = 3  # words left after the last symbol
 ERR_SYMBOL = 4  # encoder: a symbol outside its table or of frequency 0
 ERR_TABLE = 5  # table construction: more nonzero weights than slots
+ERR_CLASS = 6  # a row's class maps to NO_CLASS
+#: ``tab_of_class`` values: rows outside the stream, and invalid classes.
+SKIP = -1
+NO_CLASS = -2
 
 
 @njit(cache=True, nogil=True)
@@ -145,11 +149,15 @@ def build_tables(weights, sizes, pb):
 
 @njit(cache=True, nogil=True)
 def _stream_rows(row_class: np.ndarray, tab_of_class: np.ndarray) -> np.ndarray:
-    """Rows in stream order: class by class (ascending), rows ascending within a class."""
+    """Rows in stream order: class by class (ascending), rows ascending within a class; ``None``
+    if a row's class is ``NO_CLASS``."""
     count = 0
     for r in range(row_class.size):
-        if tab_of_class[row_class[r]] >= 0:
+        t = tab_of_class[row_class[r]]
+        if t >= 0:
             count += 1
+        elif t == NO_CLASS:
+            return None
     order = np.empty(count, np.int64)
     k = 0
     for c in range(256):
@@ -167,6 +175,8 @@ def encode_rows(symbols, row_class, tab_of_class, pb, base, nsym, sym_off, freq,
     """Encode the rows of ``symbols`` ``(rows, n)`` int64 whose class has a table. Returns
     ``(words uint32, ERR_* code)``."""
     order = _stream_rows(row_class, tab_of_class)
+    if order is None:
+        return np.zeros(0, np.uint32), ERR_CLASS
     n = symbols.shape[1]
     total = order.size * n
     if total == 0:
@@ -218,6 +228,8 @@ def decode_rows(words, row_class, tab_of_class, pb, base, slot_off, sym_off, slo
     """Decode into the rows of ``out`` ``(rows, n)`` int64 whose class has a table (other rows are
     left alone). Returns an ``ERR_*`` code."""
     order = _stream_rows(row_class, tab_of_class)
+    if order is None:
+        return ERR_CLASS
     n = out.shape[1]
     total = order.size * n
     nw = words.size

@@ -88,6 +88,18 @@ def _shared_tables() -> tuple[np.ndarray, ...]:
     return (pb, base, sizes, *tables)
 
 
+def _tab_of_class() -> np.ndarray:
+    """``tab_of_class`` before any table is assigned: zero rows skipped, other classes invalid."""
+    tab = np.full(256, ans.NO_CLASS, dtype=np.int32)
+    tab[ZERO_CLASS] = ans.SKIP
+    return tab
+
+
+#: Shared tables: class ``c`` uses table ``c``.
+_SHARED_TAB = _tab_of_class()
+_SHARED_TAB[:N_CLASSES] = np.arange(N_CLASSES)
+
+
 def _block_pb(counts: np.ndarray) -> int:
     """Precision of a block table: the smallest power of two >= the counts' sum, at most 16 bits,
     and at least twice the number of nonzero counts."""
@@ -111,8 +123,7 @@ class ClassCoder:
         classes = np.ascontiguousarray(classes, dtype=np.uint8)
         if self.tables == "shared":
             pb, base, nsym, _, sym_off, _, freq, cum = _shared_tables()
-            tab_of_class = np.full(256, -1, dtype=np.int32)
-            tab_of_class[:N_CLASSES] = np.arange(N_CLASSES)
+            tab_of_class = _SHARED_TAB
         else:
             tab_of_class, pb, base, nsym, sym_off, freq, cum = self._encode_block_tables(symbols, classes, out)
         words, err = ans.encode_rows(symbols, classes, tab_of_class, pb, base, nsym, sym_off, freq, cum)
@@ -123,9 +134,10 @@ class ClassCoder:
 
     @staticmethod
     def _encode_block_tables(symbols: np.ndarray, classes: np.ndarray, out: Writer) -> tuple[np.ndarray, ...]:
-        tab_of_class = np.full(256, -1, dtype=np.int32)
+        tab_of_class = _tab_of_class()
         weights, bases, pbs = [], [], []
         for c in _present(classes):
+            tab_of_class[c] = ans.SKIP
             a = int(_half_widths()[c])
             hist = np.bincount((symbols[classes == c] + a).reshape(-1), minlength=2 * a + 1)
             lo, hi = np.flatnonzero(hist)[[0, -1]]
@@ -146,17 +158,17 @@ class ClassCoder:
     def decode(self, reader: Reader, classes: np.ndarray, n: int) -> np.ndarray:
         """Read what ``encode`` wrote for rows of ``classes`` with ``n`` symbols each; returns the
         ``(rows, n)`` int64 symbols (escapes still clipped)."""
-        check_classes(classes)
-        classes = np.array(classes, dtype=np.uint8)
+        classes = np.array(classes, dtype=np.uint8)  # aligned and writable: one compiled variant
         symbols = np.zeros((len(classes), n), dtype=np.int64)
         if self.tables == "shared":
             pb, base, _, slot_off, sym_off, slots, freq, cum = _shared_tables()
-            tab_of_class = np.full(256, -1, dtype=np.int32)
-            tab_of_class[:N_CLASSES] = np.arange(N_CLASSES)
+            tab_of_class = _SHARED_TAB
         else:
-            tab_of_class = np.full(256, -1, dtype=np.int32)
+            check_classes(classes)
+            tab_of_class = _tab_of_class()
             weights, bases, pbs = [], [], []
             for c in _present(classes):
+                tab_of_class[c] = ans.SKIP
                 a = int(_half_widths()[c])
                 lo = int(reader.take(1, "<i2")[0])
                 size = int(reader.take(1, "<u2")[0])
@@ -174,6 +186,8 @@ class ClassCoder:
         n_words = reader.take_count(1 << 30, "rANS word")
         words = reader.take(n_words, "<u4").astype(np.uint32)  # an aligned, writable copy
         err = ans.decode_rows(words, classes, tab_of_class, pb, base, slot_off, sym_off, slots, freq, cum, symbols)
+        if err == ans.ERR_CLASS:
+            check_classes(classes)
         if err != ans.OK:
             raise CorruptBlockError(f"cachegen payload: rANS stream does not decode: {_ERRORS.get(err, err)}")
         return symbols
