@@ -337,3 +337,29 @@ def test_append_fills_an_open_block_in_place():
     m.demote([key])
     with pytest.raises(PinnedBlockError, match="host tier"):
         m.append(key, k[:, :1], v[:, :1])
+
+
+def test_close_closes_the_tiers_it_built_and_releases_the_disk_store(tmp_path):
+    """close() closes the disk tier it built (its writer lock is released, so a second manager
+    can open the same directory), is idempotent, and leaves tiers passed in to their owner."""
+    cfg = TierConfig(device_budget_bytes=LAYOUT.nbytes, host_budget_bytes=LAYOUT.nbytes,
+                     disk_budget_bytes=64 * LAYOUT.nbytes, disk_path=tmp_path, block_tokens=LAYOUT.block_tokens,
+                     dtype=LAYOUT.dtype, device="cpu")
+    m = TierManager(cfg, LAYOUT)
+    for i in range(3):
+        m.put(BlockKey(0, 0, i), *block(i))
+    assert tiers(m)[BlockKey(0, 0, 0)] == "disk"
+    disk = m.lower[-1]
+    m.close()
+    assert disk.store._closed
+    m.close()  # idempotent
+    with TierManager(cfg, LAYOUT) as again:  # the writer lock was released
+        again.put(BlockKey(0, 0, 0), *block(0))
+    # A tier the caller passed in stays open: the caller owns it.
+    host = make(1, 1).lower[0]
+    closed = []
+    host.close = lambda: closed.append(True)
+    TierManager(cfg.__class__(device_budget_bytes=LAYOUT.nbytes, host_budget_bytes=LAYOUT.nbytes,
+                              block_tokens=LAYOUT.block_tokens, dtype=LAYOUT.dtype, device="cpu"),
+                LAYOUT, lower_tiers=[host]).close()
+    assert closed == []

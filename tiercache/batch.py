@@ -31,7 +31,7 @@ from .errors import BlockNotFoundError, ConfigError, ShapeError, StoreError, Tie
 from .io.codec import make_codec
 from .io.contexts import content_key, load_kv_context, save_kv_context
 from .io.store import DiskStore
-from .stream import ask_cache, attention_implementation, close_cache, model_id, write_json_atomic
+from .stream import ask_cache, attention_implementation, model_id, write_json_atomic
 
 #: The sidecar of a context store: per context key, what encoding it measured.
 SIDECAR_NAME = "contexts-meta.json"
@@ -63,7 +63,7 @@ def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
             for a in range(0, len(ids), _PREFILL_CHUNK):
                 model(torch.tensor([ids[a : a + _PREFILL_CHUNK]]), past_key_values=cache, use_cache=True)
     except BaseException:
-        close_cache(cache)
+        cache.close()
         raise
     cache.prefill = "retrieval"
     return cache
@@ -129,7 +129,7 @@ class ContextStore:
         try:
             kv = cache.export_kv()
         finally:
-            close_cache(cache)
+            cache.close()
         stored = save_kv_context(self.store, key, kv, self.codec)
         self._info[key] = ContextInfo(key, len(ids), prefill_seconds, kv.numel() * kv.element_size(), stored,
                                       self.codec_name)
@@ -144,7 +144,7 @@ class ContextStore:
         try:
             cache.import_kv(kv.to(cache.layout.dtype))
         except BaseException:
-            close_cache(cache)
+            cache.close()
             raise
         return cache
 
@@ -338,7 +338,7 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
                 stats = cache.manager.stats()
                 report.block_lookups += stats.lookups
                 report.device_hits += stats.hits["device"]
-                close_cache(cache)
+                cache.close()
     bar.close()
     report.saved_seconds -= report.prefill_seconds + report.load_seconds
     return report

@@ -135,7 +135,8 @@ class TieredCache(Cache):
         self._pending.clear()
 
     def close(self) -> None:
-        """Stop the manager's prefetch worker."""
+        """Stop the manager's prefetch worker and close the tiers it built (the disk tier's
+        store releases its writer lock, so another process can open it)."""
         self.manager.close()
 
     def truncate(self, tokens: int) -> None:

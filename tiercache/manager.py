@@ -92,6 +92,9 @@ class TierManager:
         self.device = torch.device(config.device)
         self.pool = DevicePool(layout, config.device_budget_bytes, self.device)
         self.lower: list[BackingTier] = list(default_lower_tiers(config, layout) if lower_tiers is None else lower_tiers)
+        #: Tiers this manager built from ``config`` (closed by ``close``); tiers passed in as
+        #: ``lower_tiers`` belong to the caller.
+        self._owned: list[BackingTier] = list(self.lower) if lower_tiers is None else []
         self._levels: list[TierName] = [TierName.DEVICE] + [t.name for t in self.lower]
         self._policies: list[Policy] = [make_policy(config.policy)] + [make_policy("lru") for _ in self.lower]
         self._table: dict[BlockKey, BlockMeta] = {}
@@ -315,10 +318,16 @@ class TierManager:
             return victims
 
     def close(self) -> None:
-        """Wait for running prefetches and stop the worker thread."""
+        """Wait for running prefetches, stop the worker thread and close every tier this manager
+        built (the disk tier's store checkpoints and releases its writer lock). Idempotent."""
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        owned, self._owned = self._owned, []
+        for tier in owned:
+            close = getattr(tier, "close", None)
+            if close is not None:
+                close()
 
     def __enter__(self) -> "TierManager":
         return self

@@ -28,7 +28,6 @@ from .config import RetrievalConfig, TierConfig
 from .errors import ConfigError, ShapeError, StoreError
 from .io.codec import make_codec
 from .io.contexts import load_kv_context, save_kv_context
-from .io.disk import DiskTier
 from .io.segments import fsync_dir
 from .io.store import DiskStore
 
@@ -134,15 +133,6 @@ def full_attention_answer(model, tokenizer, question: str, *, input_ids: Sequenc
         return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
 
 
-def close_cache(cache: TieredCache) -> None:
-    """Stop ``cache``'s prefetch worker and close its disk tier, releasing the store's writer
-    lock (``TieredCache.close`` leaves the tiers open), so another process can open the store."""
-    cache.close()
-    for tier in cache.manager.lower:
-        if isinstance(tier, DiskTier):
-            tier.close()
-
-
 class StreamSession:
     """A stream appended chunk by chunk into a ``TieredCache`` and questioned at any time.
 
@@ -240,7 +230,7 @@ class StreamSession:
 
     def close(self) -> None:
         """Release the tiers (the prefetch worker and the disk tier's store)."""
-        close_cache(self.cache)
+        self.cache.close()
 
     def __enter__(self) -> "StreamSession":
         return self
