@@ -1,9 +1,12 @@
 """Compiled core of the class coder (``tiercache.io.rans``): an interleaved rANS coder in numba.
 
 - 64-bit states kept in ``[L, L << 32)`` with ``L = 2**31``, renormalised by 32-bit words.
-- ``LANES`` (4) interleaved states: symbol ``g`` of a block's stream uses state ``g % LANES``, so
-  the CPU overlaps four dependency chains. The encoder starts every state at ``L`` and flushes
-  each as two words; the decoder checks that every state ends at ``L`` and every word was read.
+- Interleaved states: symbol ``g`` of a block's stream uses state ``g % lanes``, so the CPU
+  overlaps their dependency chains; ``lanes`` is 4, or 2 for streams of fewer than
+  ``WIDE_STREAM`` symbols (each state's flush costs about 4 bytes more than the information it
+  carries, 1% of a 16-token block of SmolLM2 with 4 lanes). The encoder starts every state at
+  ``L`` and flushes each as two words; the decoder checks that every state ends at ``L`` and
+  every word was read.
 - Integer frequency tables normalised to ``2**pb`` (``pb <= 16``); decoding a symbol is one
   slot -> symbol lookup (no search), one multiply and at most one word read.
 - A whole block (all of its classes) is coded in one compiled call: the caller passes every
@@ -22,6 +25,8 @@ import numpy as np
 from numba import njit
 
 LANES = 4
+#: Streams shorter than this (in symbols) use 2 lanes.
+WIDE_STREAM = 8192
 PB_MAX = 16
 _L = 1 << 31
 _WORD = 0xFFFFFFFF
@@ -171,6 +176,12 @@ def _stream_rows(row_class: np.ndarray, tab_of_class: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def lanes_for(total: int) -> int:
+    """Number of interleaved states of a stream of ``total`` symbols."""
+    return LANES if total >= WIDE_STREAM else 2
+
+
+@njit(cache=True, nogil=True)
 def encode_rows(symbols, row_class, tab_of_class, pb, base, nsym, sym_off, freq, cum):
     """Encode the rows of ``symbols`` ``(rows, n)`` int64 whose class has a table. Returns
     ``(words uint32, ERR_* code)``."""
@@ -181,9 +192,10 @@ def encode_rows(symbols, row_class, tab_of_class, pb, base, nsym, sym_off, freq,
     total = order.size * n
     if total == 0:
         return np.zeros(0, np.uint32), OK
-    buf = np.empty(total + 2 * LANES, np.uint32)
+    lanes = lanes_for(total)
+    buf = np.empty(total + 2 * lanes, np.uint32)
     nout = 0
-    xs = np.full(LANES, _L, np.int64)
+    xs = np.full(lanes, _L, np.int64)
     for g in range(total - 1, -1, -1):
         r = order[g // n]
         t = tab_of_class[row_class[r]]
@@ -194,14 +206,14 @@ def encode_rows(symbols, row_class, tab_of_class, pb, base, nsym, sym_off, freq,
         if f == 0:
             return np.zeros(0, np.uint32), ERR_SYMBOL
         p = pb[t]
-        lane = g % LANES
+        lane = g % lanes
         x = xs[lane]
         if (x >> 32) >= (_L >> p) * f:
             buf[nout] = x & _WORD
             nout += 1
             x >>= 32
         xs[lane] = ((x // f) << p) + (x % f) + cum[sym_off[t] + s]
-    for lane in range(LANES - 1, -1, -1):
+    for lane in range(lanes - 1, -1, -1):
         buf[nout] = xs[lane] & _WORD
         buf[nout + 1] = xs[lane] >> 32
         nout += 2
@@ -235,10 +247,12 @@ def decode_rows(words, row_class, tab_of_class, pb, base, slot_off, sym_off, slo
     nw = words.size
     if total == 0:
         return OK if nw == 0 else ERR_TRAILING
-    if nw < 2 * LANES:
+    lanes = lanes_for(total)
+    last = lanes - 1
+    if nw < 2 * lanes:
         return ERR_TRUNCATED
-    init = np.empty(LANES, np.int64)
-    for lane in range(LANES):
+    init = np.full(LANES, _L, np.int64)  # unused lanes stay at L
+    for lane in range(lanes):
         if words[2 * lane] >= (1 << 31):  # states stay below L << 32 = 2**63
             return ERR_STATE
         x = (np.int64(words[2 * lane]) << 32) | np.int64(words[2 * lane + 1])
@@ -246,7 +260,7 @@ def decode_rows(words, row_class, tab_of_class, pb, base, slot_off, sym_off, slo
             return ERR_STATE
         init[lane] = x
     x0, x1, x2, x3 = init[0], init[1], init[2], init[3]
-    pos = np.int64(2 * LANES)
+    pos = np.int64(2 * lanes)
     g = 0
     for k in range(order.size):
         r = order[k]
@@ -256,10 +270,10 @@ def decode_rows(words, row_class, tab_of_class, pb, base, slot_off, sym_off, slo
         fo = sym_off[t]
         b = base[t]
         j = 0
-        # One symbol at a time until the global index is a multiple of LANES, then LANES at a
+        # One symbol at a time until the global index is a multiple of lanes, then lanes at a
         # time, then the row's tail one at a time.
-        while j < n and (g & (LANES - 1)) != 0:
-            lane = g & (LANES - 1)
+        while j < n and (g & last) != 0:
+            lane = g & last
             if lane == 1:
                 x1, s, pos = _step(x1, pos, words, slots, so, p, freq, cum, fo)
             elif lane == 2:
@@ -272,48 +286,71 @@ def decode_rows(words, row_class, tab_of_class, pb, base, slot_off, sym_off, slo
             j += 1
             g += 1
         mask = (np.int64(1) << p) - 1
-        while j + LANES <= n:
-            # The four lanes written out: one symbol each (see _step), their chains overlap.
-            sl = x0 & mask
-            s0 = np.int64(slots[so + sl])
-            x0 = np.int64(freq[fo + s0]) * (x0 >> p) + sl - cum[fo + s0]
-            if x0 < _L:
-                if pos >= nw:
-                    return ERR_TRUNCATED
-                x0 = (x0 << 32) | np.int64(words[pos])
-                pos += 1
-            sl = x1 & mask
-            s1 = np.int64(slots[so + sl])
-            x1 = np.int64(freq[fo + s1]) * (x1 >> p) + sl - cum[fo + s1]
-            if x1 < _L:
-                if pos >= nw:
-                    return ERR_TRUNCATED
-                x1 = (x1 << 32) | np.int64(words[pos])
-                pos += 1
-            sl = x2 & mask
-            s2 = np.int64(slots[so + sl])
-            x2 = np.int64(freq[fo + s2]) * (x2 >> p) + sl - cum[fo + s2]
-            if x2 < _L:
-                if pos >= nw:
-                    return ERR_TRUNCATED
-                x2 = (x2 << 32) | np.int64(words[pos])
-                pos += 1
-            sl = x3 & mask
-            s3 = np.int64(slots[so + sl])
-            x3 = np.int64(freq[fo + s3]) * (x3 >> p) + sl - cum[fo + s3]
-            if x3 < _L:
-                if pos >= nw:
-                    return ERR_TRUNCATED
-                x3 = (x3 << 32) | np.int64(words[pos])
-                pos += 1
-            out[r, j] = s0 + b
-            out[r, j + 1] = s1 + b
-            out[r, j + 2] = s2 + b
-            out[r, j + 3] = s3 + b
-            j += LANES
-            g += LANES
+        # The lanes written out, one symbol each (as _step); their chains overlap.
+        if lanes == 4:
+            while j + 4 <= n:
+                sl = x0 & mask
+                s0 = np.int64(slots[so + sl])
+                x0 = np.int64(freq[fo + s0]) * (x0 >> p) + sl - cum[fo + s0]
+                if x0 < _L:
+                    if pos >= nw:
+                        return ERR_TRUNCATED
+                    x0 = (x0 << 32) | np.int64(words[pos])
+                    pos += 1
+                sl = x1 & mask
+                s1 = np.int64(slots[so + sl])
+                x1 = np.int64(freq[fo + s1]) * (x1 >> p) + sl - cum[fo + s1]
+                if x1 < _L:
+                    if pos >= nw:
+                        return ERR_TRUNCATED
+                    x1 = (x1 << 32) | np.int64(words[pos])
+                    pos += 1
+                sl = x2 & mask
+                s2 = np.int64(slots[so + sl])
+                x2 = np.int64(freq[fo + s2]) * (x2 >> p) + sl - cum[fo + s2]
+                if x2 < _L:
+                    if pos >= nw:
+                        return ERR_TRUNCATED
+                    x2 = (x2 << 32) | np.int64(words[pos])
+                    pos += 1
+                sl = x3 & mask
+                s3 = np.int64(slots[so + sl])
+                x3 = np.int64(freq[fo + s3]) * (x3 >> p) + sl - cum[fo + s3]
+                if x3 < _L:
+                    if pos >= nw:
+                        return ERR_TRUNCATED
+                    x3 = (x3 << 32) | np.int64(words[pos])
+                    pos += 1
+                out[r, j] = s0 + b
+                out[r, j + 1] = s1 + b
+                out[r, j + 2] = s2 + b
+                out[r, j + 3] = s3 + b
+                j += 4
+                g += 4
+        else:
+            while j + 2 <= n:
+                sl = x0 & mask
+                s0 = np.int64(slots[so + sl])
+                x0 = np.int64(freq[fo + s0]) * (x0 >> p) + sl - cum[fo + s0]
+                if x0 < _L:
+                    if pos >= nw:
+                        return ERR_TRUNCATED
+                    x0 = (x0 << 32) | np.int64(words[pos])
+                    pos += 1
+                sl = x1 & mask
+                s1 = np.int64(slots[so + sl])
+                x1 = np.int64(freq[fo + s1]) * (x1 >> p) + sl - cum[fo + s1]
+                if x1 < _L:
+                    if pos >= nw:
+                        return ERR_TRUNCATED
+                    x1 = (x1 << 32) | np.int64(words[pos])
+                    pos += 1
+                out[r, j] = s0 + b
+                out[r, j + 1] = s1 + b
+                j += 2
+                g += 2
         while j < n:
-            lane = g & (LANES - 1)
+            lane = g & last
             if lane == 0:
                 x0, s, pos = _step(x0, pos, words, slots, so, p, freq, cum, fo)
             elif lane == 1:

@@ -100,11 +100,16 @@ _SHARED_TAB = _tab_of_class()
 _SHARED_TAB[:N_CLASSES] = np.arange(N_CLASSES)
 
 
+#: Precision of block tables, unless they have more nonzero counts: their slot tables are built
+#: per block, so they are kept small; the u8 counts are coarser than this anyway.
+_BLOCK_PB = 12
+
+
 def _block_pb(counts: np.ndarray) -> int:
-    """Precision of a block table: the smallest power of two >= the counts' sum, at most 16 bits,
-    and at least twice the number of nonzero counts."""
+    """Precision of a block table: the smallest power of two >= the counts' sum, at most
+    ``_BLOCK_PB`` bits unless twice the number of nonzero counts needs more."""
     nnz, total = int(np.count_nonzero(counts)), int(counts.sum())
-    return min(ans.PB_MAX, max(nnz.bit_length() + 1, (total - 1).bit_length()))
+    return min(ans.PB_MAX, max(nnz.bit_length() + 1, min(_BLOCK_PB, (total - 1).bit_length())))
 
 
 class ClassCoder:
