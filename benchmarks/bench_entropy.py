@@ -89,6 +89,28 @@ class ConstrictionReference:
         return symbols
 
 
+class ConstrictionClassCoder(rans.ClassCoder):
+    """The codec's class coder as it was (shared tables, constriction), to time the whole codec
+    with it in the same run."""
+
+    def __init__(self) -> None:
+        super().__init__("shared")
+        self._ref = ConstrictionReference("shared")
+
+    def encode(self, symbols, classes, out):
+        words, _ = self._ref.encode(symbols, classes)
+        out.put_count(len(words))
+        out.put(words, "<u4")
+
+    def decode(self, reader, classes, n):
+        plan = []
+        for c in rans._present(classes):
+            a = int(rans.half_width(np.array([c]))[0])
+            plan.append((int(c), -a, self._ref._model(int(c))))
+        words = np.array(reader.take(reader.take_count(1 << 30, "word"), "<u4"), dtype=np.uint32)
+        return self._ref.decode(words, plan, classes, n)
+
+
 class _Recorder(rans.ClassCoder):
     """A class coder that keeps what the codec asks it to code."""
 
@@ -147,12 +169,15 @@ def _coder_row(tables: str, calls: list[tuple[np.ndarray, np.ndarray]]) -> dict:
             coder.decode(Reader(data, "bench"), c, n)
 
     new_s = _cpu_best(decode_new, 3)
+    new_enc_s = _cpu_best(lambda: [coder.encode(s, c, Writer()) for s, c in calls], 1, 3)
     row = {
         "tables": tables,
         "bits/sym entropy": sum(_entropy_bits(s, c) for s, c in calls) / n_sym,
         "bits/sym new": 8 * new_bytes / n_sym,
+        "size over entropy %": 100 * (8 * new_bytes / n_sym / (sum(_entropy_bits(s, c) for s, c in calls) / n_sym) - 1),
         "new ns/sym": 1e9 * new_s / n_sym,
         "new MB/s": 2 * n_sym / new_s / 1e6,
+        "new encode ns/sym": 1e9 * new_enc_s / n_sym,
     }
     if constriction is None:
         return row
@@ -171,11 +196,13 @@ def _coder_row(tables: str, calls: list[tuple[np.ndarray, np.ndarray]]) -> dict:
             ref.decode(words, plan, c, n)
 
     old_s = _cpu_best(decode_old, 3)
+    old_enc_s = _cpu_best(lambda: [ref.encode(s, c) for s, c in calls], 1, 3)
     row.update({
         "bits/sym constriction": 8 * old_bytes / n_sym,
-        "size new/constriction": new_bytes / old_bytes,
+        "size over constriction %": 100 * (new_bytes / old_bytes - 1),
         "constriction ns/sym": 1e9 * old_s / n_sym,
         "constriction MB/s": 2 * n_sym / old_s / 1e6,
+        "constriction encode ns/sym": 1e9 * old_enc_s / n_sym,
     })
     return row
 
@@ -196,12 +223,21 @@ def main() -> None:
                 payloads = [codec.encode(*_kv(tokens, outliers, seed)) for seed in range(blocks)]
                 codec._coder = own
                 codec_s = _cpu_best(lambda: [codec.decode(p, layout, tokens, "cpu") for p in payloads], 2)
+                if constriction is not None:
+                    codec._coder = ConstrictionClassCoder()
+                    old_payloads = [codec.encode(*_kv(tokens, outliers, seed)) for seed in range(blocks)]
+                    old_codec_s = _cpu_best(
+                        lambda: [codec.decode(p, layout, tokens, "cpu") for p in old_payloads], 2
+                    )
+                    codec._coder = own
                 for tables in ("shared", "block"):
                     row = {"tokens": tokens, "outliers": outliers, "setting": name}
                     row.update(_coder_row(tables, recorder.calls))
                     if tables == "shared":
                         fp16 = blocks * 2 * layout.kv_heads * tokens * layout.head_dim * 2
                         row["codec decode MB/s"] = fp16 / codec_s / 1e6
+                        if constriction is not None:
+                            row["codec decode MB/s, constriction"] = fp16 / old_codec_s / 1e6
                     rows.append(row)
                     print_table([row])
     print()

@@ -196,23 +196,30 @@ def encode_rows(symbols, row_class, tab_of_class, pb, base, nsym, sym_off, freq,
     buf = np.empty(total + 2 * lanes, np.uint32)
     nout = 0
     xs = np.full(lanes, _L, np.int64)
-    for g in range(total - 1, -1, -1):
-        r = order[g // n]
+    last = lanes - 1
+    for k in range(order.size - 1, -1, -1):
+        r = order[k]
         t = tab_of_class[row_class[r]]
-        s = symbols[r, g % n] - base[t]
-        if s < 0 or s >= nsym[t]:
-            return np.zeros(0, np.uint32), ERR_SYMBOL
-        f = np.int64(freq[sym_off[t] + s])
-        if f == 0:
-            return np.zeros(0, np.uint32), ERR_SYMBOL
         p = pb[t]
-        lane = g % lanes
-        x = xs[lane]
-        if (x >> 32) >= (_L >> p) * f:
-            buf[nout] = x & _WORD
-            nout += 1
-            x >>= 32
-        xs[lane] = ((x // f) << p) + (x % f) + cum[sym_off[t] + s]
+        fo = sym_off[t]
+        b = base[t]
+        m = nsym[t]
+        bound = _L >> p
+        for j in range(n - 1, -1, -1):
+            s = symbols[r, j] - b
+            if s < 0 or s >= m:
+                return np.zeros(0, np.uint32), ERR_SYMBOL
+            f = np.int64(freq[fo + s])
+            if f == 0:
+                return np.zeros(0, np.uint32), ERR_SYMBOL
+            lane = (k * n + j) & last
+            x = xs[lane]
+            if (x >> 32) >= bound * f:
+                buf[nout] = x & _WORD
+                nout += 1
+                x >>= 32
+            q = x // f
+            xs[lane] = (q << p) + (x - q * f) + cum[fo + s]
     for lane in range(lanes - 1, -1, -1):
         buf[nout] = xs[lane] & _WORD
         buf[nout + 1] = xs[lane] >> 32
