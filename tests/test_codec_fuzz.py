@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tiercache.io  # noqa: F401  (registers the codecs)
-from tiercache.blocks import BlockLayout
+from tiercache.blocks import BlockKey, BlockLayout
 from tiercache.errors import CorruptBlockError
 from tiercache.io.codec import make_codec
 from tiercache.io.record import decode_record, encode_record
@@ -26,8 +26,7 @@ CODECS = [
     ("quant", {"bits": 4, "group_size": 8, "key_mode": "token"}),
     ("quant", {"bits": 8}),
     ("cachegen", {}),
-    ("cachegen", {"tables": "block", "anchor": 4, "key_scale": "channel"}),
-    ("cachegen", {"rotate": True, "value_scale": "head"}),
+    ("cachegen", {"key_step": 0.5, "value_step": 0.01, "sink_tokens": 8}),
     ("zstd", {}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for n, p in CODECS]
@@ -67,7 +66,8 @@ def test_codec_random_payloads(name, params, data, tokens):
 @given(seed=st.integers(0, 2**16), tokens=st.integers(1, 16), data=st.data())
 def test_codec_mutated_payloads(name, params, seed, tokens, data):
     codec = make_codec(name, **params)
-    payload = bytearray(codec.encode(*_block(seed, tokens)).numpy().tobytes())
+    # At position 0, so cachegen's payloads include raw sink tokens.
+    payload = bytearray(codec.encode_at(*_block(seed, tokens), 0).numpy().tobytes())
     kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
     if kind == "flip":
         at = data.draw(st.integers(0, len(payload) - 1))
@@ -85,14 +85,15 @@ def test_codec_mutated_payloads(name, params, seed, tokens, data):
 @pytest.mark.parametrize("name,params", CODECS, ids=IDS)
 def test_codec_truncation_always_rejected_when_size_is_known(name, params):
     codec = make_codec(name, **params)
-    payload = codec.encode(*_block(1, 16))
+    payload = codec.encode_at(*_block(1, 16), 0)
     for cut in (0, 1, payload.numel() // 2, payload.numel() - 1):
         with pytest.raises(CorruptBlockError):
             codec.decode(payload[:cut], LAYOUT, 16, "cpu")
 
 
 def _record(name: str, params: dict, seed: int, tokens: int) -> bytes:
-    return encode_record(make_codec(name, **params), *_block(seed, tokens), LAYOUT)
+    # Blocks 0 and 1 of a sequence: with and without cachegen's raw sink tokens.
+    return encode_record(make_codec(name, **params), *_block(seed, tokens), LAYOUT, BlockKey(0, 0, seed % 2))
 
 
 @pytest.mark.parametrize("name,params", CODECS, ids=IDS)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tiercache.io  # noqa: F401  (registers the codecs)
-from tiercache.blocks import BlockLayout
+from tiercache.blocks import BlockKey, BlockLayout
 from tiercache.errors import ConfigError, CorruptBlockError, ShapeError
 from tiercache.io.bitpack import pack, packed_nbytes, unpack
 from tiercache.io.codec import CODECS, make_codec
@@ -54,9 +54,8 @@ def test_all_codecs_registered_on_import():
         ("quant", {"group_size": 0}),
         ("quant", {"key_mode": "row"}),
         ("cachegen", {"key_step": 0}),
-        ("cachegen", {"value_scale": "block"}),
-        ("cachegen", {"anchor": -1}),
-        ("cachegen", {"tables": "global"}),
+        ("cachegen", {"sink_tokens": -1}),
+        ("cachegen", {"anchor": 4}),  # measured useless, removed
         ("zstd", {"level": 0}),
         ("zstd", {"nope": 1}),
     ],
@@ -195,11 +194,17 @@ def test_zstd_is_bit_exact(shuffle, dtype):
 # -- cachegen -------------------------------------------------------------------------------------
 
 
-def _head_steps(x: torch.Tensor, step: float, center: bool) -> torch.Tensor:
-    x = x.float()
-    if center:
-        x = x - x.mean(dim=1, keepdim=True).half().float()
-    return (x.pow(2).mean(dim=(1, 2)).sqrt() * step).view(-1, 1, 1)
+def _cachegen_steps(k: torch.Tensor, v: torch.Tensor, key_step: float, value_step: float):
+    """The steps the module docstring specifies, recomputed here: keys per channel ``(H, 1, D)``
+    (weights from RoPE pairs), values per token ``(H, T, 1)``; before rounding to eighth octaves."""
+    k, v = k.float(), v.float()
+    w = k.pow(2).mean(dim=1)
+    w = (w + w.roll(k.shape[2] // 2, dims=1)) / 2
+    f = (w / w.mean(dim=1, keepdim=True)).pow(-0.5)
+    f = f / f.log().mean(dim=1, keepdim=True).exp()
+    kc = k - k.mean(dim=1, keepdim=True).half().float()
+    key = (kc.pow(2).mean(dim=(1, 2)).sqrt() * key_step)[:, None, None] * f[:, None, :]
+    return key, v.pow(2).mean(dim=2, keepdim=True).sqrt() * value_step
 
 
 @settings(max_examples=25, deadline=None)
@@ -208,66 +213,54 @@ def _head_steps(x: torch.Tensor, step: float, center: bool) -> torch.Tensor:
     key_step=st.sampled_from([0.01, 0.1, 1.0]),
     value_step=st.sampled_from([0.05, 0.5]),
     scale=st.sampled_from([1e-2, 1.0, 100.0]),
-    tables=st.sampled_from(["shared", "block"]),
     seed=st.integers(0, 2**16),
 )
-def test_cachegen_error_at_most_half_a_step(tokens, key_step, value_step, scale, tables, seed):
-    codec = make_codec(
-        "cachegen",
-        key_step=key_step,
-        value_step=value_step,
-        key_scale="head",
-        value_scale="head",
-        tables=tables,
-    )
+def test_cachegen_error_at_most_half_a_step(tokens, key_step, value_step, scale, seed):
+    codec = make_codec("cachegen", key_step=key_step, value_step=value_step)
     k, v = _kv(seed, 2, tokens, 64, scale, 3 * scale)
     dk, dv = codec.decode(codec.encode(k, v), BlockLayout(2, 64, 64), tokens, "cpu")
     assert dk.shape == k.shape and dk.dtype == torch.float16
     eps = torch.finfo(torch.float16).eps
-    for x, dx, bound in (
-        (k, dk, _head_steps(k, key_step, True) / 2),
-        (v, dv, _head_steps(v, value_step, False) / 2),
-    ):
-        assert ((dx.float() - x.float()).abs() <= bound * (1 + 1e-5) + eps * dx.float().abs()).all()
+    # Step factors are rounded to eighth octaves: up to 2**(1/16) coarser than specified.
+    for x, dx, step in zip((k, v), (dk, dv), _cachegen_steps(k, v, key_step, value_step)):
+        bound = step / 2 * 2 ** (1 / 16) * (1 + 1e-5)
+        assert ((dx.float() - x.float()).abs() <= bound + eps * dx.float().abs()).all()
 
 
-def test_cachegen_anchor_deltas_are_lossless_on_symbols():
-    k, v = _kv(3, tokens=64)
+def test_cachegen_key_steps_follow_rope_pair_energy():
+    """Channels of a RoPE pair with 100x the energy get 10x finer steps than the rest."""
+    k, v = _kv(2, tokens=64)
+    k[:, :, 3] *= 10
+    k[:, :, 3 + 32] *= 10
+    codec = make_codec("cachegen", key_step=0.05, value_step=0.05)
+    dk, _ = codec.decode(codec.encode(k, v), BlockLayout(3, 64, 64), 64, "cpu")
+    err = (dk.float() - k.float()).abs().amax(dim=1)  # (H, D)
+    assert (err[:, 3] < err[:, 4] / 2).all() and (err[:, 35] < err[:, 36] / 2).all()
+
+
+def test_cachegen_keeps_sink_tokens_raw_at_the_start_of_a_sequence():
+    k, v = _kv(3, tokens=40)
     layout = BlockLayout(3, 64, 64)
-    plain = make_codec("cachegen")
-    for anchor in (1, 4, 10):
-        delta = make_codec("cachegen", anchor=anchor)
-        a, b = (
-            plain.decode(plain.encode(k, v), layout, 64, "cpu"),
-            delta.decode(delta.encode(k, v), layout, 64, "cpu"),
-        )
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        {"rotate": True},
-        {"key_scale": "channel"},
-        {"value_scale": "token"},
-        {"key_scale": "token", "value_scale": "channel"},
-    ],
-)
-def test_cachegen_variants_round_trip_close(params):
-    codec = make_codec("cachegen", key_step=0.05, value_step=0.05, **params)
-    k, v = _kv(4, tokens=48)
-    dk, dv = codec.decode(codec.encode(k, v), BlockLayout(3, 64, 64), 48, "cpu")
-    for x, dx in ((k, dk), (v, dv)):
-        # Uniform error of at most step/2 per element has RMS at most step/sqrt(12) of the RMS.
-        rel = ((dx.float() - x.float()).norm() / x.float().norm()).item()
-        assert 0 < rel <= 0.05 / math.sqrt(12) * 1.5
+    codec = make_codec("cachegen", sink_tokens=6)
+    for position, raw in ((0, 6), (4, 2), (6, 0), (640, 0)):
+        dk, dv = codec.decode(codec.encode_at(k, v, position), layout, 40, "cpu")
+        assert torch.equal(dk[:, :raw], k[:, :raw]) and torch.equal(dv[:, :raw], v[:, :raw])
+        assert not torch.equal(dk[:, raw : raw + 1], k[:, raw : raw + 1])
+    # Without a position nothing is kept raw; a block of sink tokens only is all raw.
+    dk, _ = codec.decode(codec.encode(k, v), layout, 40, "cpu")
+    assert not torch.equal(dk[:, :1], k[:, :1])
+    dk, dv = codec.decode(codec.encode_at(k[:, :5], v[:, :5], 0), layout, 5, "cpu")
+    assert torch.equal(dk, k[:, :5]) and torch.equal(dv, v[:, :5])
+    # Records carry the position in their key: block 0 keeps its sinks.
+    _, dk, _ = decode_record(encode_record(codec, k, v, layout, BlockKey(0, 3, 0)))
+    assert torch.equal(dk[:, :6], k[:, :6])
 
 
 def test_cachegen_outliers_go_through_escapes():
     k, v = _kv(5, tokens=32)
     k[0, 0, 0] = 3000.0  # thousands of steps away from everything else
     v[1, 5, 7] = -2000.0
-    codec = make_codec("cachegen", key_step=0.01, value_step=0.01, value_scale="head")
+    codec = make_codec("cachegen", key_step=0.01, value_step=0.01)
     dk, dv = codec.decode(codec.encode(k, v), BlockLayout(3, 32, 64), 32, "cpu")
     assert abs(dk[0, 0, 0].item() - 3000.0) <= 2.0 and abs(dv[1, 5, 7].item() + 2000.0) <= 2.0
 
@@ -282,8 +275,9 @@ def test_cachegen_compresses_smaller_with_coarser_steps():
 def test_cachegen_all_zero_block_round_trips():
     z = torch.zeros(3, 16, 64, dtype=torch.float16)
     codec = make_codec("cachegen")
-    dk, dv = codec.decode(codec.encode(z, z), BlockLayout(3, 16, 64), 16, "cpu")
-    assert torch.equal(dk, z) and torch.equal(dv, z)
+    for payload in (codec.encode(z, z), codec.encode_at(z, z, 0)):
+        dk, dv = codec.decode(payload, BlockLayout(3, 16, 64), 16, "cpu")
+        assert torch.equal(dk, z) and torch.equal(dv, z)
 
 
 @pytest.mark.parametrize("name,params", [("quant", {"bits": 4}), ("cachegen", {}), ("zstd", {}), ("raw", {})])
@@ -318,7 +312,7 @@ def _attention_error(cap, codec, block_tokens: int = 128) -> tuple[float, float]
         parts = []
         for start in range(0, k.shape[1], block_tokens):
             kb, vb = k[:, start : start + block_tokens], v[:, start : start + block_tokens]
-            payload = codec.encode(kb, vb)
+            payload = codec.encode_at(kb, vb, start)
             bits += payload.numel() * 8
             elements += 2 * kb.numel()
             parts.append(codec.decode(payload, layout, kb.shape[1], "cpu"))
@@ -334,9 +328,14 @@ def test_real_kv_quality_orders_as_expected(real_kv):
     e8, b8 = _attention_error(real_kv, make_codec("quant", bits=8, group_size=64, key_mode="token"))
     e4, b4 = _attention_error(real_kv, make_codec("quant", bits=4, group_size=32))
     e2, _ = _attention_error(real_kv, make_codec("quant", bits=2, group_size=32))
-    ec, bc = _attention_error(real_kv, make_codec("cachegen", key_step=0.1, value_step=0.2))
     ez, _ = _attention_error(real_kv, make_codec("zstd"))
     assert ez == 0.0
     assert e8 < e4 < e2
-    # Uniform steps + rANS beat naive 4-bit KIVI on both error and size.
-    assert ec < e4 and bc < b4 < b8
+    # cachegen's default: 8-bit quality (<= 1% attention-output error, less than 8-bit per
+    # token's) in fewer bits (measured 0.82% at 7.06 bits/element on this sample).
+    ed, bd = _attention_error(real_kv, make_codec("cachegen"))
+    assert ed <= 0.01 and ed < e8 and bd < 7.5 < b8
+    # The compact setting: <= 3% error (measured 2.4% at 5.47 bits), a third of naive 4-bit's.
+    compact = CODECS["cachegen"].COMPACT
+    ec, bc = _attention_error(real_kv, make_codec("cachegen", **compact))
+    assert ec <= 0.03 and ec < e4 / 2 and bc < 5.6

@@ -69,6 +69,14 @@ class Codec(ABC):
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Encode keys and values ``(kv_heads, tokens, head_dim)`` to a 1-D uint8 payload."""
 
+    def encode_at(self, k: torch.Tensor, v: torch.Tensor, position: int) -> torch.Tensor:
+        """``encode`` for a block whose first token is at sequence position ``position`` (tokens).
+
+        Codecs that spend more bits on some positions (``cachegen`` keeps attention-sink tokens
+        raw) override it; decoding never needs the position. The default ignores it.
+        """
+        return self.encode(k, v)
+
     @abstractmethod
     def decode(
         self, payload: torch.Tensor, layout: BlockLayout, tokens: int, device: torch.device | str

@@ -53,7 +53,9 @@ def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockL
                   key: BlockKey | None = None) -> bytes:
     """Encode a block's keys and values ``(kv_heads, tokens, head_dim)`` into one record."""
     tokens = layout.check(k, v, what=str(key) if key else "record")
-    payload = codec.encode(k, v).cpu().numpy().tobytes()
+    # A key gives the block's position in its sequence, for codecs that code positions differently.
+    encoded = codec.encode_at(k, v, key.index * layout.block_tokens) if key else codec.encode(k, v)
+    payload = encoded.cpu().numpy().tobytes()
     header = json.dumps(
         {
             "codec": codec.name,
