@@ -76,21 +76,25 @@ def normalize(weights: np.ndarray, pb: int, freq: np.ndarray) -> int:
         freq[i] = f
         s += f
     if s < m:
-        # Largest remainders first (a stable order, so ties break the same way everywhere).
-        order = np.argsort(-rem, kind="mergesort")
+        # Rounded down: the deficit (< the number of symbols) goes one each to the symbols whose
+        # remainder is at least half (those nearest rounding would raise), in index order, then
+        # to any seen symbol. No sort: this runs per class per block.
         d = m - s
-        k = 0
+        half = (total + 1) // 2
         while d > 0:
-            i = order[k % n]
-            if weights[i] > 0:
-                freq[i] += 1
-                d -= 1
-            k += 1
+            for i in range(n):
+                if d > 0 and weights[i] > 0 and rem[i] >= half:
+                    freq[i] += 1
+                    rem[i] = -1
+                    d -= 1
+            half = 0
     elif s > m:
         # Too many weights were raised to 1: take the excess from the others, in proportion to
-        # what they can give (f - 1), then one by one from the largest.
+        # what they can give (f - 1), then one each from the largest (f above half the largest
+        # first), in index order.
         excess = s - m
         avail = np.int64(0)
+        top = np.int64(0)
         for i in range(n):
             if freq[i] > 1:
                 avail += freq[i] - 1
@@ -102,14 +106,15 @@ def normalize(weights: np.ndarray, pb: int, freq: np.ndarray) -> int:
                 t = (excess * (freq[i] - 1)) // avail
                 freq[i] -= t
                 taken += t
+            top = max(top, freq[i])
         excess -= taken
-        order = np.argsort(-freq, kind="mergesort")
+        floor = max(np.int64(1), top // 2)
         while excess > 0:
-            for k in range(n):
-                i = order[k]
-                if excess > 0 and freq[i] > 1:
+            for i in range(n):
+                if excess > 0 and freq[i] > floor:
                     freq[i] -= 1
                     excess -= 1
+            floor = np.int64(1)
     return OK
 
 
