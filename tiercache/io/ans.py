@@ -118,10 +118,39 @@ def normalize(weights: np.ndarray, pb: int, freq: np.ndarray) -> int:
     return OK
 
 
+#: Precision of tables built from stored counts (per block), unless they have more nonzero
+#: counts: their slot tables are built per block, so they are kept small.
+BLOCK_PB = 12
+AUTO_PB = -1
+
+
+@njit(cache=True, nogil=True)
+def _bit_length(v: int) -> int:
+    b = 0
+    while v > 0:
+        v >>= 1
+        b += 1
+    return b
+
+
+@njit(cache=True, nogil=True)
+def auto_pb(weights: np.ndarray) -> int:
+    """Precision for counts: the smallest power of two >= their sum, at most ``BLOCK_PB`` bits
+    unless twice the number of nonzero counts needs more (at most ``PB_MAX``)."""
+    nnz = 0
+    total = 0
+    for w in weights:
+        total += w
+        if w > 0:
+            nnz += 1
+    return min(PB_MAX, max(_bit_length(nnz) + 1, min(BLOCK_PB, _bit_length(total - 1))))
+
+
 @njit(cache=True, nogil=True)
 def build_tables(weights, sizes, pb):
     """Stacked tables of ``sizes.size`` models: model ``t`` has weights
-    ``weights[sym_off[t] : sym_off[t] + sizes[t]]`` normalised to ``2**pb[t]``. Returns
+    ``weights[sym_off[t] : sym_off[t] + sizes[t]]`` normalised to ``2**pb[t]``; a ``pb[t]`` of
+    ``AUTO_PB`` is replaced (in place) by ``auto_pb`` of those weights. Returns
     ``(slot_off, sym_off, slots, freq, cum, ERR_* code)``; ``slots[slot_off[t] + k]`` is the
     symbol index of slot ``k``."""
     nt = sizes.size
@@ -130,6 +159,8 @@ def build_tables(weights, sizes, pb):
     ns = 0
     nslot = 0
     for t in range(nt):
+        if pb[t] == AUTO_PB:
+            pb[t] = auto_pb(weights[ns : ns + sizes[t]])
         if pb[t] < 0 or pb[t] > PB_MAX:
             return slot_off, sym_off, np.zeros(0, np.uint16), np.zeros(0, np.int32), np.zeros(0, np.int32), ERR_TABLE
         sym_off[t] = ns

@@ -10,8 +10,8 @@ Two kinds of tables, both integer frequencies normalised to a power of two (``an
 - shared: the Laplace table of the class, computed from the class index alone (16-bit
   precision); nothing stored.
 - block: the class's empirical histogram in this block, stored as ``i16 lo, u16 n, u8 counts[n]``
-  and normalised to the smallest power of two >= their sum (at most ``2**16``); a class with a
-  single symbol value needs no stream at all.
+  and normalised to the smallest power of two >= their sum, at most ``2**12`` (``ans.auto_pb``);
+  a class with a single symbol value needs no stream at all.
 
 The stream (u32 word count, then the words) holds the rows class by class (ascending), rows
 ascending within a class, in 4 interleaved rANS states; a whole block is coded in one compiled
@@ -100,18 +100,6 @@ _SHARED_TAB = _tab_of_class()
 _SHARED_TAB[:N_CLASSES] = np.arange(N_CLASSES)
 
 
-#: Precision of block tables, unless they have more nonzero counts: their slot tables are built
-#: per block, so they are kept small; the u8 counts are coarser than this anyway.
-_BLOCK_PB = 12
-
-
-def _block_pb(counts: np.ndarray) -> int:
-    """Precision of a block table: the smallest power of two >= the counts' sum, at most
-    ``_BLOCK_PB`` bits unless twice the number of nonzero counts needs more."""
-    nnz, total = int(np.count_nonzero(counts)), int(counts.sum())
-    return min(ans.PB_MAX, max(nnz.bit_length() + 1, min(_BLOCK_PB, (total - 1).bit_length())))
-
-
 class ClassCoder:
     """Codes the rows of a symbol matrix class by class (see module docstring).
 
@@ -156,7 +144,7 @@ class ClassCoder:
                 tab_of_class[c] = len(weights)
                 weights.append(q)
                 bases.append(lo - a)
-                pbs.append(_block_pb(q))
+                pbs.append(ans.AUTO_PB)
         pb, base, nsym, _, sym_off, _, freq, cum = _block_tables(weights, bases, pbs, "rANS encode")
         return tab_of_class, pb, base, nsym, sym_off, freq, cum
 
@@ -186,7 +174,7 @@ class ClassCoder:
                     tab_of_class[c] = len(weights)
                     weights.append(counts.astype(np.int64))
                     bases.append(lo)
-                    pbs.append(_block_pb(counts))
+                    pbs.append(ans.AUTO_PB)
             pb, base, _, slot_off, sym_off, slots, freq, cum = _block_tables(weights, bases, pbs, "cachegen payload")
         n_words = reader.take_count(1 << 30, "rANS word")
         words = reader.take(n_words, "<u4").astype(np.uint32)  # an aligned, writable copy
