@@ -273,7 +273,8 @@ def test_invalid_class_raises(tables):
 
 
 @pytest.mark.parametrize(
-    "table", [struct.pack("<hH", 0, 0), struct.pack("<hH", -99, 3) + bytes(3), struct.pack("<hH", 0, 2) + bytes(2)]
+    "table",
+    [struct.pack("<hH", 0, 0), struct.pack("<hH", -99, 3) + bytes(3), struct.pack("<hH", 0, 2) + bytes(2)],
 )
 def test_bad_block_tables_raise(table):
     with pytest.raises(CorruptBlockError):

@@ -162,7 +162,8 @@ def build_tables(weights, sizes, pb):
         if pb[t] == AUTO_PB:
             pb[t] = auto_pb(weights[ns : ns + sizes[t]])
         if pb[t] < 0 or pb[t] > PB_MAX:
-            return slot_off, sym_off, np.zeros(0, np.uint16), np.zeros(0, np.int32), np.zeros(0, np.int32), ERR_TABLE
+            empty = np.zeros(0, np.int32)
+            return slot_off, sym_off, np.zeros(0, np.uint16), empty, empty, ERR_TABLE
         sym_off[t] = ns
         slot_off[t] = nslot
         ns += sizes[t]

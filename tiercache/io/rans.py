@@ -75,7 +75,8 @@ def _shared_tables() -> tuple[np.ndarray, ...]:
         a = int(_half_widths()[c])
         edges = np.arange(-a, a + 2) - 0.5
         # Discrete Laplace mass of each bin; the two end bins take the tails (they are the escapes).
-        cdf = np.where(edges < 0, 0.5 * np.exp(edges / class_scale(c)), 1 - 0.5 * np.exp(-edges / class_scale(c)))
+        b = class_scale(c)
+        cdf = np.where(edges < 0, 0.5 * np.exp(edges / b), 1 - 0.5 * np.exp(-edges / b))
         cdf[0], cdf[-1] = 0.0, 1.0
         # Integer weights (every bin >= 1): the integer normalisation then builds the same table
         # on every machine unless exp differs by an ulp right at a rounding boundary.
@@ -118,7 +119,8 @@ class ClassCoder:
             pb, base, nsym, _, sym_off, _, freq, cum = _shared_tables()
             tab_of_class = _SHARED_TAB
         else:
-            tab_of_class, pb, base, nsym, sym_off, freq, cum = self._encode_block_tables(symbols, classes, out)
+            tables = self._encode_block_tables(symbols, classes, out)
+            tab_of_class, pb, base, nsym, sym_off, freq, cum = tables
         words, err = ans.encode_rows(symbols, classes, tab_of_class, pb, base, nsym, sym_off, freq, cum)
         if err != ans.OK:
             raise ValueError(f"rANS encode: a symbol lies outside its class's table (error {err})")
@@ -136,7 +138,8 @@ class ClassCoder:
             lo, hi = np.flatnonzero(hist)[[0, -1]]
             counts = hist[lo : hi + 1]
             # Rescale to u8, keeping every seen symbol encodable (count >= 1).
-            q = np.where(counts > 0, np.maximum(1, np.rint(counts * (255 / counts.max()))), 0).astype(np.int64)
+            q = np.where(counts > 0, np.maximum(1, np.rint(counts * (255 / counts.max()))), 0)
+            q = q.astype(np.int64)
             out.put(np.array([lo - a]), "<i2")
             out.put(np.array([len(q)]), "<u2")
             out.put(q, "u1")
@@ -167,7 +170,9 @@ class ClassCoder:
                 size = int(reader.take(1, "<u2")[0])
                 counts = reader.take(size, "u1")
                 if size == 0 or lo < -a or lo + size - 1 > a or not counts.any():
-                    raise CorruptBlockError(f"cachegen payload: bad table for class {c}: lo={lo}, {size} entries")
+                    raise CorruptBlockError(
+                        f"cachegen payload: bad table for class {c}: lo={lo}, {size} entries"
+                    )
                 if size == 1:
                     symbols[classes == c] = lo
                 else:
@@ -175,10 +180,13 @@ class ClassCoder:
                     weights.append(counts.astype(np.int64))
                     bases.append(lo)
                     pbs.append(ans.AUTO_PB)
-            pb, base, _, slot_off, sym_off, slots, freq, cum = _block_tables(weights, bases, pbs, "cachegen payload")
+            tables = _block_tables(weights, bases, pbs, "cachegen payload")
+            pb, base, _, slot_off, sym_off, slots, freq, cum = tables
         n_words = reader.take_count(1 << 30, "rANS word")
         words = reader.take(n_words, "<u4").astype(np.uint32)  # an aligned, writable copy
-        err = ans.decode_rows(words, classes, tab_of_class, pb, base, slot_off, sym_off, slots, freq, cum, symbols)
+        err = ans.decode_rows(
+            words, classes, tab_of_class, pb, base, slot_off, sym_off, slots, freq, cum, symbols
+        )
         if err == ans.ERR_CLASS:
             check_classes(classes)
         if err != ans.OK:
@@ -198,7 +206,9 @@ def _present(classes: np.ndarray) -> np.ndarray:
     return present[present != ZERO_CLASS]
 
 
-def _block_tables(weights: list[np.ndarray], bases: list[int], pbs: list[int], what: str) -> tuple[np.ndarray, ...]:
+def _block_tables(
+    weights: list[np.ndarray], bases: list[int], pbs: list[int], what: str
+) -> tuple[np.ndarray, ...]:
     """Stacked tables of a block: ``(pb, base, nsym, slot_off, sym_off, slots, freq, cum)``."""
     sizes = np.array([len(w) for w in weights], dtype=np.int64)
     pb = np.array(pbs, dtype=np.int64)
