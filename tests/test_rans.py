@@ -312,3 +312,15 @@ def test_normalize_sums_to_the_power_of_two_and_keeps_every_seen_symbol(weights,
 def test_normalize_refuses_more_symbols_than_slots():
     freq = np.zeros(300, dtype=np.int64)
     assert ans.normalize(np.ones(300, dtype=np.int64), 8, freq) == ans.ERR_TABLE
+
+
+def test_threads_decode_concurrently():
+    """The compiled coder releases the GIL (``nogil``): the disk tier's I/O threads decode side
+    by side, each getting its own right answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [_shared_case(seed, n=64) for seed in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda case: _decode("shared", case[2], case[1], 64), cases * 4))
+    for (symbols, _, _), got in zip(cases * 4, results):
+        np.testing.assert_array_equal(got, symbols)
