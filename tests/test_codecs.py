@@ -265,6 +265,12 @@ def test_cachegen_outliers_go_through_escapes():
     assert abs(dk[0, 0, 0].item() - 3000.0) <= 2.0 and abs(dv[1, 5, 7].item() + 2000.0) <= 2.0
 
 
+def test_cachegen_rejects_data_whose_step_would_overflow():
+    k, v = _kv(5, tokens=8, dtype=torch.float32)
+    with pytest.raises(ShapeError, match="too large"):
+        make_codec("cachegen").encode(k * 1e30, v)
+
+
 def test_cachegen_compresses_smaller_with_coarser_steps():
     k, v = _kv(6, tokens=64)
     sizes = [make_codec("cachegen", key_step=s, value_step=s).encode(k, v).numel() for s in (0.02, 0.1, 0.5)]

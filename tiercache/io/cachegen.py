@@ -47,6 +47,8 @@ _MAX_SYMBOL = 1 << 30
 #: Key channel weights below this fraction of the head's mean count as this fraction.
 _MIN_WEIGHT = 2.0**-20
 _MAX_SINK = 1024
+#: Base steps must stay below this (so decoded values stay finite in fp32).
+_MAX_BASE = 2.0**64
 
 
 @register_codec("cachegen")
@@ -162,37 +164,31 @@ class CacheGenCodec(Codec):
             raise CorruptBlockError(
                 f"cachegen payload: {n_raw} raw tokens, at most {min(self.sink_tokens, tokens)} allowed"
             )
-        raw = []
-        for _ in range(2):
+        out = torch.empty((2, heads, tokens, dim), dtype=layout.dtype, device=device)
+        for i in range(2):
             data = reader.take(heads * n_raw * dim * layout.dtype.itemsize, "u1")
-            x = torch.zeros(heads, 0, dim)
             if n_raw:
-                x = torch.from_numpy(data.copy()).view(layout.dtype).view(heads, n_raw, dim).float()
-            if not torch.isfinite(x).all():
-                raise CorruptBlockError("cachegen payload: raw sink tokens are not finite")
-            raw.append(x.to(device))
-        rest = (heads, tokens - n_raw, dim)
+                raw = torch.from_numpy(data.copy()).view(layout.dtype).view(heads, n_raw, dim)
+                if not torch.isfinite(raw).all():
+                    raise CorruptBlockError("cachegen payload: raw sink tokens are not finite")
+                out[i, :, :n_raw] = raw
         if n_raw < tokens:
-            k = torch.cat([raw[0], self._decode_tensor(reader, rest, True, device)], dim=1)
-            v = torch.cat([raw[1], self._decode_tensor(reader, rest, False, device)], dim=1)
-        else:
-            k, v = raw
+            rest = (heads, tokens - n_raw, dim)
+            out[0, :, n_raw:] = self._decode_tensor(reader, rest, True, device)
+            out[1, :, n_raw:] = self._decode_tensor(reader, rest, False, device)
         reader.finish()
-        return k.to(layout.dtype), v.to(layout.dtype)
+        return out[0], out[1]
 
     def _decode_tensor(
         self, reader: Reader, shape: tuple[int, int, int], keys: bool, device: torch.device | str
     ) -> torch.Tensor:
         """Entropy-decode keys or values on the CPU and dequantize on ``device``; fp32 ``shape``."""
         heads, tokens, dim = shape
-        center = (
-            torch.from_numpy(reader.take(heads * dim, "<f2").astype(np.float32)).view(heads, 1, dim)
-            if keys
-            else torch.zeros(1)
-        )
-        base = torch.from_numpy(reader.take(heads, "<f4").astype(np.float32))
-        if not (torch.isfinite(base).all() and (base > 0).all() and torch.isfinite(center).all()):
-            raise CorruptBlockError("cachegen payload: non-finite or non-positive step or center")
+        center = reader.take(heads * dim, "<f2").astype(np.float32) if keys else np.zeros(1, np.float32)
+        base = reader.take(heads, "<f4").astype(np.float32)
+        # |symbol| < 2**31, factor <= 2**16 and base < 2**64 keep every decoded value finite.
+        if not (np.isfinite(center).all() and (base > 0).all() and (base < _MAX_BASE).all()):
+            raise CorruptBlockError("cachegen payload: non-finite center, or step not in (0, 2**64)")
         codes = torch.from_numpy(reader.take(heads * (dim if keys else tokens), "u1").copy())
         classes = reader.take(heads * dim, "u1")
         check_classes(classes)
@@ -201,17 +197,19 @@ class CacheGenCodec(Codec):
         values = reader.take(n_esc, "<i4").astype(np.int64)
         rows = self._coder.decode(reader, classes, tokens)
         _apply_escapes(rows, classes, positions, values)
-        q = torch.from_numpy(rows).to(device).view(heads, dim, tokens).transpose(1, 2).float()
-        factor = _factor(codes.to(device)).view(heads, 1, dim) if keys else _factor(codes.to(device)).view(heads, tokens, 1)
-        x = q * (base.to(device).view(heads, 1, 1) * factor) + center.to(device)
-        if not torch.isfinite(x).all():
-            raise CorruptBlockError("cachegen payload: decodes to non-finite values")
-        return x
+        q = torch.from_numpy(rows.astype(np.float32)).to(device).view(heads, dim, tokens).transpose(1, 2)
+        factor = _factor(codes.to(device)).view((heads, 1, dim) if keys else (heads, tokens, 1))
+        step = torch.from_numpy(base).to(device).view(heads, 1, 1) * factor
+        if keys:
+            return torch.addcmul(torch.from_numpy(center).to(device).view(heads, 1, dim), q, step)
+        return q * step
 
 
 def _base_steps(x: torch.Tensor, step: float) -> torch.Tensor:
     """``step`` times each head's RMS of ``x`` ``(H, T, D)``; 1 for an all-zero head."""
     base = x.pow(2).mean(dim=(1, 2)).sqrt() * step
+    if (base >= _MAX_BASE).any():
+        raise ShapeError(f"cachegen codec: data RMS too large (step {float(base.max()):.3g} >= 2**64)")
     return torch.where(base > 0, base, torch.ones_like(base))
 
 
