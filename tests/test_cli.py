@@ -51,13 +51,17 @@ def test_batch_on_a_tiny_jobs_file(smollm2, tmp_path, capsys):
     jobs.write_text(json.dumps({"document": document, "questions": [question_text(FACTS[0])]}) + "\nnot json\n")
     out = tmp_path / "answers.jsonl"
     args = ["batch", str(jobs), "--out", str(out), "--store", str(tmp_path / "store"), "--codec", "zstd",
-            "--max-new-tokens", "6", "--quiet"]
+            "--max-new-tokens", "6"]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert f"{jobs}:2: skipped: bad JSON" in captured.err
+    # The progress bar (stderr) shows answer tokens/s and the stored-context and device hit rates.
+    assert "answering" in captured.err and "tok/s=" in captured.err and "ctx hit=0/1" in captured.err
+    assert "dev hit=" in captured.err
     assert "answered 1 questions" in captured.out and "prefill time saved" in captured.out
     [record] = [json.loads(x) for x in out.read_text().splitlines()]
     assert record["line"] == 1 and FACTS[0].answer in record["answer"]
+    args.append("--quiet")
     assert main(args) == 0  # a rerun answers nothing again
     assert "answered 0 questions (1 already answered before)" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "store")]) == 0

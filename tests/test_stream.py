@@ -192,3 +192,34 @@ def test_bad_inputs_raise_clear_errors(smollm2, tmp_path):
         session.save()
     with pytest.raises(StoreError, match="stream.json"):
         StreamSession.open(tmp_path / "nothing", model, tok)
+
+
+def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
+    """ReKV-style asking at a partial budget: the question's queries select the units of the
+    whole stream once (at its prefill); with ``hold`` the answer's decode steps attend that
+    selection (plus sink and window) instead of scoring the stream again at every step. Either
+    way the question leaves nothing behind."""
+    import dataclasses
+
+    session, ids, _, _ = stream
+    config = dataclasses.replace(session.config, disk_budget_bytes=0, disk_path=None,
+                                 host_budget_bytes=2 * kv_bytes(session.model, len(ids)),
+                                 retrieval=RetrievalConfig(budget=0.25))
+    kv = session.cache.export_kv()
+    with StreamSession(session.model, session.tokenizer, config) as partial:
+        partial.cache.import_kv(kv)
+        calls = []
+        select = partial.cache.retriever.select
+        partial.cache.retriever.select = lambda seq, layer, q, n: calls.append(q.shape[2]) or select(seq, layer, q, n)
+        question = question_text(FACTS[0])
+        n_question = len(session.tokenizer(question, add_special_tokens=False)["input_ids"])
+        answers = {}
+        for hold in (True, False):
+            calls.clear()
+            answers[hold] = partial.ask(question, max_new_tokens=4, stop=None, hold=hold)
+            layers = session.model.config.num_hidden_layers
+            prefill, decode = calls[:layers], calls[layers:]
+            assert prefill == [n_question] * layers, "the question's queries select, all positions at once"
+            assert decode == ([] if hold else [1] * (3 * layers)), f"hold={hold}: decode-step selections {decode}"
+            assert partial.tokens == len(ids) and not partial.cache._held
+        assert all(answers.values())

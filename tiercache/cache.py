@@ -36,6 +36,7 @@ from .errors import ConfigError, ShapeError, UnsupportedModelError
 from .kernels.attention import block_sparse_attention, merge_attention
 from .manager import TierManager
 from .retrieval.retriever import Retriever
+from .retrieval.selector import storage_blocks
 
 ATTN_NAME = "tiercache"
 #: Model types whose attention modules follow the Llama layout (q/k/v projections, RoPE before the
@@ -78,6 +79,11 @@ class TieredCache(Cache):
         if self.layout.dtype != model.dtype:
             raise ConfigError(f"config dtype {self.layout.dtype} differs from the model's {model.dtype}")
         self.prefill = prefill
+        #: After a ``"retrieval"`` prefill (a question), decode steps attend the units that
+        #: prefill selected (plus sink and the recent window) instead of selecting anew each step
+        #: (ReKV). The held selections are dropped by ``truncate``, ``reset`` and the next prefill.
+        self.hold_selection = False
+        self._held: dict[tuple[int, int], torch.Tensor] = {}
         self.manager = TierManager(self.config, self.layout)
         bt = self.layout.block_tokens
         #: Tokens per selection unit: retrieval indexes and picks units; storage moves blocks.
@@ -133,6 +139,7 @@ class TieredCache(Cache):
             self.retriever.drop(seq)
         self._lengths = []
         self._pending.clear()
+        self._held.clear()
 
     def close(self) -> None:
         """Stop the manager's prefetch worker and close the tiers it built (the disk tier's
@@ -144,6 +151,7 @@ class TieredCache(Cache):
         question asked of a stream). The block that becomes the last is reopened (pinned, unindexed)."""
         bt = self.layout.block_tokens
         keep_blocks = math.ceil(tokens / bt)
+        self._held.clear()
         for seq, lengths in enumerate(self._lengths):
             for layer, n in enumerate(lengths):
                 if tokens >= n:
@@ -243,20 +251,36 @@ class TieredCache(Cache):
         bt, unit = self.layout.block_tokens, self.unit
         per_block = bt // unit
         n_units = math.ceil(past / unit)
-        mode = "retrieval" if q.shape[1] == 1 else self.prefill
-        if mode == "full" or layer in self.config.retrieval.full_attention_layers:
+        decode = q.shape[1] == 1
+        mode = "retrieval" if decode else self.prefill
+        if not decode:
+            self._held.pop((seq, layer), None)
+        held = self._held.get((seq, layer)) if decode else None
+        full = mode == "full" or layer in self.config.retrieval.full_attention_layers
+        if full:
             units = torch.arange(n_units, device=q.device).expand(self.kv_heads, n_units)
         elif mode == "window":
             units = self._window_units(n_units, q.device)
+        elif held is not None:
+            # The question's selection, and sink + window of the grown context (question, answer).
+            units = torch.cat([held, self._window_units(n_units, q.device)], dim=1)
         else:
             # Every query position of the chunk scores the units, like extra query heads.
             units = self.retriever.select(seq, layer, q.unsqueeze(0), past).indices
-        blocks = (units // per_block).unique().tolist()
+            if not decode and self.hold_selection:
+                self._held[(seq, layer)] = units
+        selected = torch.zeros(self.kv_heads, math.ceil(past / bt) * per_block, dtype=torch.bool, device=q.device)
+        if mode == "retrieval" and not full:
+            forced = self._window_units(n_units, q.device)[0] // per_block
+            chosen = storage_blocks(units, per_block, math.ceil(past / bt), forced.unique())
+            selected.view(self.kv_heads, -1, per_block)[:, chosen] = True
+            blocks = chosen.tolist()
+        else:
+            selected.scatter_(1, units, True)
+            blocks = (units // per_block).unique().tolist()
         if mode == "retrieval":
             self.manager.record_selection(BlockKey(seq, layer, i) for i in blocks)
             self._prefetch_next_layer(seq, layer)
-        selected = torch.zeros(self.kv_heads, math.ceil(past / bt) * per_block, dtype=torch.bool, device=q.device)
-        selected.scatter_(1, units, True)
         # Stream the blocks through the device in groups that fit beside the pinned ones.
         group = max(1, self.manager.max_get_blocks() - 1)
         parts = []

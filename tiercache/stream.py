@@ -5,8 +5,9 @@ chunk, ask questions at any time, persist the stream and reopen it in another pr
   with ``prefill="window"``), so the work per chunk does not grow with the stream; every chunk's
   KV goes into the tiers and cascades down to host and disk as their budgets fill.
 - **Ask.** A question is prefilled with ``prefill="retrieval"`` (its queries pick the relevant
-  blocks of the whole stream), answered greedily with retrieval at every decode step, and then
-  truncated away, so the stream is untouched and never re-encoded.
+  units of the whole stream), answered greedily from that selection (or with retrieval at every
+  decode step: ``hold=False``), and then truncated away, so the stream is untouched and never
+  re-encoded.
 - **Persist.** ``save()`` writes the stream's KV as one saved context (the config's disk codec)
   into a ``DiskStore`` under ``<path>/saved`` and a JSON manifest ``<path>/stream.json`` (model
   id, tokens, config); ``StreamSession.open`` imports it without any prefill. No pickle.
@@ -95,20 +96,23 @@ def question_ids(tokenizer, question: str) -> list[int]:
 
 
 def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_tokens: int = 32,
-              stop: str | None = "\n") -> str:
+              stop: str | None = "\n", hold: bool = True) -> str:
     """Answer ``question`` over the context ``cache`` holds and truncate the question and answer
-    away again: the question's queries retrieve blocks (``prefill="retrieval"``), as does every
-    decode step. See ``greedy_answer`` for ``max_new_tokens`` and ``stop``."""
+    away again. The question is prefilled with ``prefill="retrieval"``: all its query positions
+    score the units of the whole context together and each layer attends sink + window + the top
+    units. With ``hold`` (ReKV) the answer's decode steps attend that same selection (plus sink and
+    the recent window, which holds the question and answer); without, every decode step selects
+    anew from its own query. See ``greedy_answer`` for ``max_new_tokens`` and ``stop``."""
     ids = question_ids(tokenizer, question)
     tokens = cache.get_seq_length()
-    mode = cache.prefill
-    cache.prefill = "retrieval"
+    mode, held = cache.prefill, cache.hold_selection
+    cache.prefill, cache.hold_selection = "retrieval", hold
     try:
         with attention_implementation(model, ATTN_NAME):
             return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
     finally:
         cache.truncate(tokens)
-        cache.prefill = mode
+        cache.prefill, cache.hold_selection = mode, held
 
 
 @torch.no_grad()
@@ -176,10 +180,11 @@ class StreamSession:
                                use_cache=True)
         return self.tokens
 
-    def ask(self, question: str, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
+    def ask(self, question: str, max_new_tokens: int = 32, stop: str | None = "\n", hold: bool = True) -> str:
         """Answer ``question`` (text appended after the stream verbatim: end it with a cue such as
-        "Answer:") from blocks retrieved over the whole stream; the stream is left as it was."""
-        return ask_cache(self.model, self.tokenizer, self.cache, question, max_new_tokens, stop)
+        "Answer:") from blocks retrieved over the whole stream; the stream is left as it was.
+        ``hold``: the answer's decode steps keep the question's selection (see ``ask_cache``)."""
+        return ask_cache(self.model, self.tokenizer, self.cache, question, max_new_tokens, stop, hold)
 
     def save(self) -> int:
         """Persist the stream's KV (with the config's disk codec) and its manifest under
