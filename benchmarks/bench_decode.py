@@ -63,6 +63,25 @@ def make_cache(kind: str, model, context: int):
     return TieredCache(model, cfg)
 
 
+def tensor_bytes(t) -> int:
+    """Bytes held by ``t``, looking inside tensor subclasses (quanto's packed tensors)."""
+    if t is None:
+        return 0
+    if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def cache_bytes(cache) -> int:
+    """KV bytes a transformers cache holds: full-precision tensors plus quantized ones."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            total += tensor_bytes(getattr(layer, name, None))
+    return total
+
+
 @torch.no_grad()
 def run(kind: str, model, context: int, steps: int, prefill_chunk: int) -> dict:
     device = model.device
@@ -94,7 +113,7 @@ def run(kind: str, model, context: int, steps: int, prefill_chunk: int) -> dict:
         row["device_hit_rate"] = s.hits["device"] / max(1, s.lookups)
         cache.close()
     else:
-        row["device_kv_MiB"] = kv_bytes(model, context + steps) / 2**20
+        row["device_kv_MiB"] = cache_bytes(cache) / 2**20
     if torch.cuda.is_available():
         row["peak_gpu_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return row

@@ -21,6 +21,7 @@ from tiercache.retrieval import (
     make_index,
     make_summary,
 )
+from tiercache.retrieval.selector import storage_blocks
 
 KV, G, D = 3, 3, 64
 
@@ -273,6 +274,19 @@ def test_an_index_short_of_blocks_is_filled_with_recent_ones():
     cfg = RetrievalConfig(sink_tokens=16, window_tokens=16, budget=16 * 20)
     sel = Selector(cfg, 16, 0.125).select(index, torch.randn(9, D), 0, 40 * 16)
     assert sel.k == 20 and (sel.indices.diff(dim=1) > 0).all()
+
+
+def test_storage_blocks_keep_io_at_the_budget():
+    # 2 heads, 4 units per block, 10 blocks: 8 units per head -> 2 blocks' worth of I/O.
+    units = torch.tensor([[0, 1, 12, 13, 14, 20, 30, 39], [2, 13, 15, 21, 22, 23, 31, 38]])
+    forced = torch.tensor([0, 9])  # sink and window blocks
+    # Votes: block 3 holds 5 selected units, block 5 holds 4, block 7 two; sink and window forced.
+    assert storage_blocks(units, 4, 10, forced).tolist() == [0, 9]
+    wide = torch.cat([units, units], dim=1)  # 16 units per head -> 4 blocks
+    assert storage_blocks(wide, 4, 10, forced).tolist() == [0, 3, 5, 9]
+    # Ties go to the later block; never more blocks than the layer has.
+    assert storage_blocks(torch.tensor([[4, 8, 10, 12]]), 2, 20, torch.tensor([0])).tolist() == [0, 6]
+    assert storage_blocks(torch.arange(40).reshape(2, 20), 4, 3, torch.tensor([0])).tolist() == [0, 1, 2]
 
 
 def test_config_validation():

@@ -115,6 +115,24 @@ class Selector:
         return Selection(indices, retrieved, plan.n_blocks)
 
 
+def storage_blocks(units: torch.Tensor, per_block: int, n_blocks: int, forced: torch.Tensor) -> torch.Tensor:
+    """The storage blocks one step reads, ascending, when heads selected ``units`` ``(kv_heads, k)``
+    (unit indices, ``per_block`` units per block) in a layer of ``n_blocks`` blocks.
+
+    A block holds every KV head, so what a step moves between tiers is the union of the heads'
+    blocks; scattered per-head units touch many blocks (at a 10% budget of 4-token units in
+    16-token blocks, over half of them). This keeps the I/O at the budget: it reads
+    ``ceil(k / per_block)`` blocks (never fewer than ``forced``, the sink and window blocks), the
+    ones holding the most selected units over all heads, later blocks first on ties. Every token
+    of a block read is then attended, by every head: it is on the device already.
+    """
+    votes = torch.bincount((units // per_block).flatten(), minlength=n_blocks)[:n_blocks].double()
+    votes += torch.arange(n_blocks, dtype=torch.float64, device=votes.device) / (2 * n_blocks)
+    votes[forced] = float("inf")
+    take = min(n_blocks, max(math.ceil(units.shape[1] / per_block), forced.numel()))
+    return votes.topk(take).indices.sort().values
+
+
 def _fill_recent(mask: torch.Tensor, plan: Plan, missing: torch.Tensor) -> None:
     """Give each head's unfilled top-k slots (an index that found fewer than k eligible blocks) to
     its most recent unselected eligible blocks, so every head selects the same number."""
