@@ -194,6 +194,17 @@ def test_bad_inputs_raise_clear_errors(smollm2, tmp_path):
         StreamSession.open(tmp_path / "nothing", model, tok)
 
 
+def test_holding_the_question_selection_at_full_budget_is_exact(stream):
+    """At a budget covering the stream, the held selection is every block: the answer equals the
+    one decoded with retrieval at every step (a held set must not lose blocks as the question and
+    answer grow the context)."""
+    session, _, _, _ = stream
+    for fact in FACTS[:2]:
+        held = session.ask(question_text(fact), max_new_tokens=6, hold=True)
+        assert held == session.ask(question_text(fact), max_new_tokens=6, hold=False)
+        assert fact.answer in held
+
+
 def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
     """ReKV-style asking at a partial budget: the question's queries select the units of the
     whole stream once (at its prefill); with ``hold`` the answer's decode steps attend that

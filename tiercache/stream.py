@@ -5,8 +5,8 @@ chunk, ask questions at any time, persist the stream and reopen it in another pr
   with ``prefill="window"``), so the work per chunk does not grow with the stream; every chunk's
   KV goes into the tiers and cascades down to host and disk as their budgets fill.
 - **Ask.** A question is prefilled with ``prefill="retrieval"`` (its queries pick the relevant
-  units of the whole stream), answered greedily from that selection (or with retrieval at every
-  decode step: ``hold=False``), and then truncated away, so the stream is untouched and never
+  units of the whole stream), answered greedily with retrieval at every decode step (or from the
+  question's selection: ``hold=True``), and then truncated away, so the stream is untouched and never
   re-encoded.
 - **Persist.** ``save()`` writes the stream's KV as one saved context (the config's disk codec)
   into a ``DiskStore`` under ``<path>/saved`` and a JSON manifest ``<path>/stream.json`` (model
@@ -96,7 +96,7 @@ def question_ids(tokenizer, question: str) -> list[int]:
 
 
 def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_tokens: int = 32,
-              stop: str | None = "\n", hold: bool = True) -> str:
+              stop: str | None = "\n", hold: bool = False) -> str:
     """Answer ``question`` over the context ``cache`` holds and truncate the question and answer
     away again. The question is prefilled with ``prefill="retrieval"``: all its query positions
     score the units of the whole context together and each layer attends sink + window + the top
@@ -180,7 +180,7 @@ class StreamSession:
                                use_cache=True)
         return self.tokens
 
-    def ask(self, question: str, max_new_tokens: int = 32, stop: str | None = "\n", hold: bool = True) -> str:
+    def ask(self, question: str, max_new_tokens: int = 32, stop: str | None = "\n", hold: bool = False) -> str:
         """Answer ``question`` (text appended after the stream verbatim: end it with a cue such as
         "Answer:") from blocks retrieved over the whole stream; the stream is left as it was.
         ``hold``: the answer's decode steps keep the question's selection (see ``ask_cache``)."""
