@@ -34,6 +34,7 @@ from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
 from tiercache.retrieval import MeanSummary, Retriever, make_index
 from tiercache.retrieval.evaluate import Capture, attention_probs, capture, mass_recall
+from tiercache.retrieval.selector import Selection, storage_blocks
 
 BUDGETS = (0.05, 0.1, 0.2)
 SINK, WINDOW = 16, 64  # tokens: 1 block + 4 blocks of 16, as in DESIGN.md's first measurements
@@ -47,9 +48,10 @@ class Variant:
     config: RetrievalConfig
     boost: dict[int, float] = field(default_factory=dict)  # fixed budgets of some layers
     charged: bool = True  # boosted and full layers' tokens shrink the other layers' budgets
+    storage: int | None = None  # decode reads these storage blocks (selector.storage_blocks), all heads
 
 
-def variants(n_layers: int, quick: bool) -> list[Variant]:
+def variants(n_layers: int, quick: bool, only: str | None = None) -> list[Variant]:
     base = RetrievalConfig(sink_tokens=SINK, window_tokens=WINDOW, summary="minmax", gqa_aggregate="max")
     softmax = replace(base, gqa_aggregate="softmax")
     full = (0, 1)
@@ -62,6 +64,10 @@ def variants(n_layers: int, quick: bool) -> list[Variant]:
         Variant("minmax b8 max", 8, base),
         Variant("minmax b8 softmax", 8, replace(base, gqa_aggregate="softmax")),
         Variant("minmax b4 softmax", 4, replace(base, gqa_aggregate="softmax")),
+        Variant("minmax b4 softmax -> read 16-token blocks", 4, replace(base, gqa_aggregate="softmax"),
+                storage=16),
+        Variant("minmax b16 softmax -> read 16-token blocks", 16, replace(base, gqa_aggregate="softmax"),
+                storage=16),
         Variant("minmax b8 max full0-1", 8, replace(base, full_attention_layers=full)),
         Variant("minmax b8 max full0-1 (uncharged)", 8, replace(base, full_attention_layers=full),
                 charged=False),
@@ -77,9 +83,12 @@ def variants(n_layers: int, quick: bool) -> list[Variant]:
         Variant("mean b16 faiss HNSW32", 16, replace(base, summary="mean", index="faiss:HNSW32|efSearch=64")),
     ]
     if quick:
-        keep = ("minmax b16 max", "minmax b16 sum", "minmax b8 max", "minmax b8 max full0-1",
+        keep = ("minmax b16 max", "minmax b16 sum", "minmax b8 max", "minmax b8 max full0-1", "minmax b4 softmax",
+                "minmax b4 softmax -> read 16-token blocks", "minmax b16 softmax -> read 16-token blocks",
                 "keys b1 (token top-k) softmax", "keys b1 faiss IVF64 softmax")
         out = [v for v in out if v.name in keep]
+    if only:
+        out = [v for v in out if any(part in v.name for part in only.split("|"))]
     return out
 
 
@@ -124,12 +133,25 @@ def touched_blocks(mask: torch.Tensor, unit: int, n_tokens: int, storage: int) -
     return tokens.any(-1).float().mean()
 
 
-def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
+def read_blocks(sel: Selection, unit: int, storage: int, n_tokens: int) -> Selection:
+    """What decode attends for a selection of ``unit``-token units: every token, for every KV
+    head, of the ``storage``-token blocks that ``storage_blocks`` reads (sink and window forced)."""
+    per_block = storage // unit
+    n_units = math.ceil(n_tokens / unit)
+    window = range(max(0, n_units - math.ceil(WINDOW / unit)), n_units)
+    forced = torch.tensor(sorted({u // per_block for u in [*range(math.ceil(SINK / unit)), *window]}))
+    chosen = storage_blocks(sel.ranked, per_block, math.ceil(n_tokens / storage), forced,
+                            math.ceil(sel.k / per_block))
+    indices = chosen.expand(sel.indices.shape[0], -1)
+    return Selection(indices, indices, math.ceil(n_tokens / storage), indices)
+
+
+def run_real(cap: Capture, prompt_tokens: int, quick: bool, only: str | None = None) -> dict:
     n_layers = len(cap.keys)
     kv_heads, _, head_dim = cap.keys[0].shape
     q_heads = cap.queries[0].shape[1]
     runs = []  # (variant, budget, retriever)
-    vs = variants(n_layers, quick)
+    vs = variants(n_layers, quick, only)
     for v in vs:
         for b in BUDGETS:
             lb = layer_budgets(v, b, n_layers)
@@ -167,6 +189,8 @@ def run_real(cap: Capture, prompt_tokens: int, quick: bool) -> dict:
                     st["sealed"][layer] = sealed
                 t0 = time.perf_counter()
                 sel = r.select(0, layer, q, n)
+                if v.storage:
+                    sel, bt = read_blocks(sel, bt, v.storage, n), v.storage
                 st["select_s"] += time.perf_counter() - t0
                 rec = float(mass_recall(probs, sel, bt).mean())
                 st["recall"].append(rec)
@@ -268,6 +292,9 @@ def print_table(res: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2K tokens, few variants, 100K synthetic blocks")
+    parser.add_argument("--only", help="run only the variants whose name contains one of these '|'-separated texts")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file to write")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic faiss layer")
     args = parser.parse_args()
     torch.manual_seed(0)
     # One thread for torch and faiss alike: on a small shared machine, thread oversubscription
@@ -282,15 +309,16 @@ def main() -> None:
         t0 = time.perf_counter()
         cap = capture(model, text_tokens(tokenizer, n), last_positions=8, decode_steps=8)
         print(f"captured {n} tokens in {time.perf_counter() - t0:.1f} s", flush=True)
-        res = run_real(cap, n, args.quick)
+        res = run_real(cap, n, args.quick, args.only)
         print_table(res)
         results["real"].append(res)
-    n_blocks = 100_000 if args.quick else 1_000_000
-    print(f"\n== synthetic layer of {n_blocks} blocks, top-64, faiss vs exact scan (same process) ==")
-    results["synthetic"] = run_synthetic(n_blocks)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {RESULTS}")
+    if not args.no_synthetic:
+        n_blocks = 100_000 if args.quick else 1_000_000
+        print(f"\n== synthetic layer of {n_blocks} blocks, top-64, faiss vs exact scan (same process) ==")
+        results["synthetic"] = run_synthetic(n_blocks)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def test_sparse_decode_reads_only_its_budget(smollm2):
     model, tok = smollm2
     n = 2048
     ids = torch.tensor([text_tokens(tok, n, offset_tokens=20000)])
-    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64, unit_tokens=4)
+    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64, unit_tokens=4, read_factor=1)
     cache = TieredCache(model, dataclasses.replace(exact_config(model, n, 0.25), retrieval=retrieval))
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True)

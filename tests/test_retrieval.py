@@ -277,21 +277,22 @@ def test_an_index_short_of_blocks_is_filled_with_recent_ones():
 
 
 def test_storage_blocks_keep_io_at_the_budget():
-    # 2 heads, 4 units per block, 10 blocks: 8 units per head -> 2 blocks' worth of I/O.
-    units = torch.tensor([[0, 1, 12, 13, 14, 20, 30, 39], [2, 13, 15, 21, 22, 23, 31, 38]])
-    forced = torch.tensor([0, 9])  # sink and window blocks
-    # Votes: block 3 holds 5 selected units, block 5 holds 4, block 7 two; sink and window forced.
-    assert storage_blocks(units, 4, 10, forced).tolist() == [0, 9]
-    wide = torch.cat([units, units], dim=1)  # 16 units per head -> 4 blocks
-    assert storage_blocks(wide, 4, 10, forced).tolist() == [0, 3, 5, 9]
-    # Ties go to the later block; never more blocks than the layer has.
-    assert storage_blocks(torch.tensor([[4, 8, 10, 12]]), 2, 20, torch.tensor([0])).tolist() == [0, 6]
-    assert storage_blocks(torch.arange(40).reshape(2, 20), 4, 3, torch.tensor([0])).tolist() == [0, 1, 2]
+    forced = torch.tensor([0, 9])  # sink and window blocks of a 10-block layer, 4 units per block
+    # Heads rank first a unit of block 5, of block 3, of block 7; second, of 7, 7 and 1.
+    ranked = torch.tensor([[21, 29], [12, 30], [28, 4]])
+    assert storage_blocks(ranked, 4, 10, forced, 2).tolist() == [0, 9]  # the budget is sink + window
+    assert storage_blocks(ranked, 4, 10, forced, 3).tolist() == [0, 7, 9]  # votes 1/2 + 1/2 + 1
+    assert storage_blocks(ranked, 4, 10, forced, 5).tolist() == [0, 3, 5, 7, 9]  # 1 each beats 1/2
+    # Ties go to the later block; pads vote for nothing; never more blocks than the layer has.
+    assert storage_blocks(torch.tensor([[4], [8]]), 2, 20, torch.tensor([0]), 2).tolist() == [0, 4]
+    assert storage_blocks(torch.full((2, 3), -1), 4, 6, torch.tensor([0]), 2).tolist() == [0, 5]
+    assert storage_blocks(torch.arange(12).reshape(2, 6), 4, 3, torch.tensor([0]), 9).tolist() == [0, 1, 2]
 
 
 def test_config_validation():
     for bad in (dict(gqa_aggregate="mean"), dict(summary="pca"), dict(index="annoy"), dict(prefetch="lru"),
-                dict(layer_budgets={1: 1.5}), dict(selection_layers=(-1,)), dict(budget=0)):
+                dict(layer_budgets={1: 1.5}), dict(selection_layers=(-1,)), dict(budget=0), dict(read_factor=0.5),
+                dict(read_factor=True), dict(read_factor="2")):
         with pytest.raises(ConfigError):
             RetrievalConfig(**bad)
 

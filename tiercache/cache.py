@@ -79,11 +79,11 @@ class TieredCache(Cache):
         if self.layout.dtype != model.dtype:
             raise ConfigError(f"config dtype {self.layout.dtype} differs from the model's {model.dtype}")
         self.prefill = prefill
-        #: After a ``"retrieval"`` prefill (a question), decode steps attend the units that
-        #: prefill selected (plus sink and the recent window) instead of selecting anew each step
+        #: After a ``"retrieval"`` prefill (a question), decode steps read the blocks that
+        #: prefill ranked (plus sink and the recent window) instead of selecting anew each step
         #: (ReKV). The held selections are dropped by ``truncate``, ``reset`` and the next prefill.
         self.hold_selection = False
-        self._held: dict[tuple[int, int], torch.Tensor] = {}
+        self._held: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
         self.manager = TierManager(self.config, self.layout)
         bt = self.layout.block_tokens
         #: Tokens per selection unit: retrieval indexes and picks units; storage moves blocks.
@@ -257,27 +257,27 @@ class TieredCache(Cache):
             self._held.pop((seq, layer), None)
         held = self._held.get((seq, layer)) if decode else None
         full = mode == "full" or layer in self.config.retrieval.full_attention_layers
-        if full:
-            units = torch.arange(n_units, device=q.device).expand(self.kv_heads, n_units)
-        elif mode == "window":
-            units = self._window_units(n_units, q.device)
-        elif held is not None:
-            # The question's selection, and sink + window of the grown context (question, answer).
-            units = torch.cat([held, self._window_units(n_units, q.device)], dim=1)
-        else:
-            # Every query position of the chunk scores the units, like extra query heads.
-            units = self.retriever.select(seq, layer, q.unsqueeze(0), past).indices
-            if not decode and self.hold_selection:
-                self._held[(seq, layer)] = units
         selected = torch.zeros(self.kv_heads, math.ceil(past / bt) * per_block, dtype=torch.bool, device=q.device)
-        if mode == "retrieval" and not full:
-            forced = self._window_units(n_units, q.device)[0] // per_block
-            chosen = storage_blocks(units, per_block, math.ceil(past / bt), forced.unique())
-            selected.view(self.kv_heads, -1, per_block)[:, chosen] = True
-            blocks = chosen.tolist()
-        else:
+        if full or mode == "window":
+            units = (torch.arange(n_units, device=q.device).expand(self.kv_heads, n_units) if full
+                     else self._window_units(n_units, q.device))
             selected.scatter_(1, units, True)
             blocks = (units // per_block).unique().tolist()
+        else:
+            if held is not None:
+                # The question's picks, with sink + window of the grown context (question, answer).
+                ranked, k = held
+            else:
+                # Every query position of the chunk scores the units, like extra query heads.
+                sel = self.retriever.select(seq, layer, q.unsqueeze(0), past)
+                ranked, k = sel.ranked, sel.k
+                if not decode and self.hold_selection:
+                    self._held[(seq, layer)] = (ranked, k)
+            forced = (self._window_units(n_units, q.device)[0] // per_block).unique()
+            reads = math.ceil(self.config.retrieval.read_factor * k / per_block)
+            chosen = storage_blocks(ranked, per_block, math.ceil(past / bt), forced, reads)
+            selected.view(self.kv_heads, -1, per_block)[:, chosen] = True
+            blocks = chosen.tolist()
         if mode == "retrieval":
             self.manager.record_selection(BlockKey(seq, layer, i) for i in blocks)
             self._prefetch_next_layer(seq, layer)

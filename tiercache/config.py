@@ -43,6 +43,11 @@ class RetrievalConfig:
     ``unit_tokens`` is the selection unit: retrieval summarises and picks runs of this many tokens
     inside the storage blocks (``TierConfig.block_tokens``, a multiple of it), so I/O moves large
     blocks while the attention reads fine-grained units; ``None`` selects whole storage blocks.
+    ``read_factor`` bounds the I/O of a decode step: it reads at most ``read_factor`` times the
+    budget in storage blocks (sink and window included), the blocks the heads' ranked units vote
+    for (``tiercache.retrieval.selector.storage_blocks``), and every head attends every token of
+    them. Per-head units alone scatter over many blocks: at a 10% budget, 4-token units touch over
+    half of the 16-token blocks of a layer in one step.
 
     Defaults follow benchmarks/bench_retrieval.py on SmolLM2 (4K and 8K tokens): the Quest bound
     beats mean keys and landmarks, and the "softmax" aggregate beats "max" and "sum" at every budget
@@ -62,11 +67,15 @@ class RetrievalConfig:
     selection_layers: tuple[int, ...] | None = None
     prefetch: str = "previous"
     unit_tokens: int | None = 4
+    read_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.unit_tokens is not None and (isinstance(self.unit_tokens, bool) or not isinstance(self.unit_tokens, int)
                                              or self.unit_tokens < 1):
             raise ConfigError(f"unit_tokens must be a positive int or None, got {self.unit_tokens!r}")
+        if isinstance(self.read_factor, bool) or not isinstance(self.read_factor, (int, float)) \
+                or not self.read_factor >= 1:
+            raise ConfigError(f"read_factor must be a number >= 1, got {self.read_factor!r}")
         if self.sink_tokens < 0 or self.window_tokens < 0:
             raise ConfigError(
                 f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"

@@ -25,11 +25,14 @@ class Selection:
     - ``indices``: ``(kv_heads, k)`` int64 block indices, ascending; the same ``k`` for every head.
     - ``retrieved``: ``(kv_heads, k_top)`` the part chosen by score (not sink or window), ascending.
     - ``n_blocks``: blocks in the layer's context (sealed and open); every index is below it.
+    - ``ranked``: ``(kv_heads, k_top)`` the index's picks, best score first, -1 where it found
+      fewer (the recent blocks that ``retrieved`` got instead are not in it).
     """
 
     indices: torch.Tensor
     retrieved: torch.Tensor
     n_blocks: int
+    ranked: torch.Tensor
 
     @property
     def k(self) -> int:
@@ -112,25 +115,31 @@ class Selector:
         _fill_recent(mask, plan, (top < 0).sum(dim=1))
         indices = mask.nonzero()[:, 1].reshape(kv_heads, -1)
         retrieved = indices[:, plan.sink : indices.shape[1] - plan.window]
-        return Selection(indices, retrieved, plan.n_blocks)
+        return Selection(indices, retrieved, plan.n_blocks, top)
 
 
-def storage_blocks(units: torch.Tensor, per_block: int, n_blocks: int, forced: torch.Tensor) -> torch.Tensor:
-    """The storage blocks one step reads, ascending, when heads selected ``units`` ``(kv_heads, k)``
-    (unit indices, ``per_block`` units per block) in a layer of ``n_blocks`` blocks.
+def storage_blocks(ranked: torch.Tensor, per_block: int, n_blocks: int, forced: torch.Tensor,
+                   budget_blocks: int) -> torch.Tensor:
+    """The ``budget_blocks`` storage blocks one step reads, ascending, for the units each KV head
+    ranked best first (``ranked`` ``(kv_heads, r)``, -1 pads; ``per_block`` units per block) in a
+    layer of ``n_blocks`` blocks. ``forced`` (sink and window blocks) are always read, and never
+    fewer than they.
 
     A block holds every KV head, so what a step moves between tiers is the union of the heads'
     blocks; scattered per-head units touch many blocks (at a 10% budget of 4-token units in
-    16-token blocks, over half of them). This keeps the I/O at the budget: it reads
-    ``ceil(k / per_block)`` blocks (never fewer than ``forced``, the sink and window blocks), the
-    ones holding the most selected units over all heads, later blocks first on ties. Every token
-    of a block read is then attended, by every head: it is on the device already.
+    16-token blocks, over half of them). This keeps the I/O at the budget: each head's unit of rank
+    ``r`` votes ``1 / (r + 1)`` for its block, so every head's best picks come first and a block
+    wanted by several heads beats one wanted by one; later blocks win ties. Every token of a block
+    read is then attended, by every head: it is on the device already.
     """
-    votes = torch.bincount((units // per_block).flatten(), minlength=n_blocks)[:n_blocks].double()
-    votes += torch.arange(n_blocks, dtype=torch.float64, device=votes.device) / (2 * n_blocks)
+    heads, r = ranked.shape
+    weight = (1.0 / torch.arange(1, r + 1, dtype=torch.float64, device=ranked.device)).expand(heads, r)
+    valid = ranked >= 0
+    votes = torch.zeros(n_blocks, dtype=torch.float64, device=ranked.device)
+    votes.index_add_(0, (ranked[valid] // per_block), weight[valid])
+    votes += torch.arange(n_blocks, dtype=torch.float64, device=votes.device) / (4 * n_blocks * max(r, 1))
     votes[forced] = float("inf")
-    take = min(n_blocks, max(math.ceil(units.shape[1] / per_block), forced.numel()))
-    return votes.topk(take).indices.sort().values
+    return votes.topk(min(n_blocks, max(budget_blocks, forced.numel()))).indices.sort().values
 
 
 def _fill_recent(mask: torch.Tensor, plan: Plan, missing: torch.Tensor) -> None:
