@@ -9,7 +9,6 @@ import re
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -44,46 +43,25 @@ def stream_config(model, tokens: int, disk_path: Path) -> TierConfig:
                       block_tokens=BLOCK, dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=1.0))
 
 
-def theil_sen_slope(ys: list[float]) -> float:
-    """Median of the pairwise slopes of ``ys`` against their index: a slope that a few outliers
-    (a noisy neighbour on the machine) cannot drag."""
-    slopes = [(ys[j] - ys[i]) / (j - i) for i in range(len(ys)) for j in range(i + 1, len(ys))]
-    return sorted(slopes)[len(slopes) // 2]
-
-
 @pytest.fixture(scope="module")
 def stream(smollm2, tmp_path_factory):
     """A session over ~1.1K tokens of real text with the facts planted at 10%-60% depth, appended
-    chunk by chunk; per chunk: CPU seconds and block reads."""
+    chunk by chunk; the blocks each chunk read."""
     model, tok = smollm2
     ids = plant_facts(tok, text_tokens(tok, TEXT_TOKENS, offset_tokens=1000))
     path = tmp_path_factory.mktemp("stream")
     session = StreamSession(model, tok, stream_config(model, len(ids), path), chunk_tokens=CHUNK)
-    seconds, reads, spilled = [], [], []
-    # CPU time of one compute thread: other processes on the machine neither stretch it (as they
-    # do wall time) nor add spin-waiting of idle worker threads to it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for a in range(0, len(ids), CHUNK):
-            lookups = session.cache.manager.stats().lookups
-            start = time.process_time()
-            session.append(torch.tensor(ids[a : a + CHUNK]))
-            seconds.append(time.process_time() - start)
-            reads.append(session.cache.manager.stats().lookups - lookups)
-            spilled.append(session.cache.manager.stats().moved_bytes["host->disk"] > 0)
-    finally:
-        torch.set_num_threads(threads)
-    # Per-chunk times from the first chunk whose blocks cascade all the way to the disk tier: the
-    # tiers fill one after the other at the start of the stream (each adds its demotion work
-    # once), after which every chunk does the same work.
-    steady = spilled.index(True) + 1 if any(spilled) else len(seconds)
-    yield session, ids, seconds[steady:], reads
+    reads = []
+    for a in range(0, len(ids), CHUNK):
+        lookups = session.cache.manager.stats().lookups
+        session.append(torch.tensor(ids[a : a + CHUNK]))
+        reads.append(session.cache.manager.stats().lookups - lookups)
+    yield session, ids, reads
     session.close()
 
 
 def test_stream_is_eight_times_the_device_budget_and_stays_within_it(stream):
-    session, ids, _, _ = stream
+    session, ids, _ = stream
     stats = session.cache.manager.stats()
     assert kv_bytes(session.model, len(ids)) >= 8 * session.config.device_budget_bytes
     assert stats.peak_bytes["device"] <= session.config.device_budget_bytes
@@ -91,7 +69,7 @@ def test_stream_is_eight_times_the_device_budget_and_stays_within_it(stream):
 
 
 def test_facts_planted_early_are_answered_later(stream):
-    session, ids, _, _ = stream
+    session, ids, _ = stream
     model, tok = session.model, session.tokenizer
     tokens = session.tokens
     got = [session.ask(question_text(f), max_new_tokens=6) for f in FACTS]
@@ -106,26 +84,17 @@ def test_facts_planted_early_are_answered_later(stream):
 
 
 def test_append_cost_does_not_grow_with_the_stream(stream):
-    session, ids, seconds, reads = stream
-    # Deterministic proxy: once the window is full, every chunk reads the same number of blocks.
+    """The work per chunk is flat: once the window is full, every chunk reads the same number of
+    blocks however long the stream (the time per chunk is measured by benchmarks/bench_stream.py,
+    not asserted here)."""
+    session, ids, reads = stream
     window_full = (session.config.retrieval.window_tokens + CHUNK - 1) // CHUNK + 1
     steady = reads[window_full:-1]  # the last chunk may be short
-    assert len(set(steady)) == 1, f"blocks read per chunk vary: {reads}"
-    # Time: once every tier is in use, the fitted growth stays small relative to a chunk's cost.
-    times = seconds[:-1]  # the last chunk may be short
-    assert len(times) >= 5, f"too few chunks after the tiers filled: {seconds}"
-    slope = theil_sen_slope(times)
-    median = sorted(times)[len(times) // 2]
-    print(f"\nappend CPU seconds per chunk (all tiers in use) {[round(t, 2) for t in seconds]}; Theil-Sen slope "
-          f"{slope * 1000:.1f} ms/chunk = {slope * len(times) / median:+.0%} of the median over the stream")
-    assert slope * len(times) < 0.5 * median
-    # Contention only ever adds time: the fastest chunks late in the stream are as fast as early.
-    half = len(times) // 2
-    assert min(times[half:]) < 1.5 * min(times[:half])
-
+    assert len(steady) >= 5 and len(set(steady)) == 1, f"blocks read per chunk vary: {reads}"
+    assert session.cache.manager.stats().moved_bytes["host->disk"] > 0, "the steady part must include the disk tier"
 
 def test_stream_continues_after_questions(stream):
-    session, ids, _, _ = stream
+    session, ids, _ = stream
     before = session.tokens
     session.append(torch.tensor(ids[:CHUNK]))
     assert session.tokens == before + CHUNK
@@ -205,7 +174,7 @@ def test_holding_the_question_selection_at_full_budget_is_exact(stream):
     """At a budget covering the stream, the held selection is every block: the answer equals the
     one decoded with retrieval at every step (a held set must not lose blocks as the question and
     answer grow the context)."""
-    session, _, _, _ = stream
+    session, _, _ = stream
     for fact in FACTS[:2]:
         held = session.ask(question_text(fact), max_new_tokens=6, hold=True)
         assert held == session.ask(question_text(fact), max_new_tokens=6, hold=False)
@@ -219,7 +188,7 @@ def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
     way the question leaves nothing behind."""
     import dataclasses
 
-    session, ids, _, _ = stream
+    session, ids, _ = stream
     config = dataclasses.replace(session.config, disk_budget_bytes=0, disk_path=None,
                                  host_budget_bytes=2 * kv_bytes(session.model, len(ids)),
                                  retrieval=RetrievalConfig(budget=0.25))
