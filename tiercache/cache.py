@@ -273,9 +273,7 @@ class TieredCache(Cache):
                 ranked, k = sel.ranked, sel.k
                 if not decode and self.hold_selection:
                     self._held[(seq, layer)] = (ranked, k)
-            forced = (self._window_units(n_units, q.device)[0] // per_block).unique()
-            reads = math.ceil(self.config.retrieval.read_factor * k / per_block)
-            chosen = storage_blocks(ranked, per_block, math.ceil(past / bt), forced, reads)
+            chosen = self._blocks_to_read(ranked, k, past)
             selected.view(self.kv_heads, -1, per_block)[:, chosen] = True
             blocks = chosen.tolist()
         if mode == "retrieval":
@@ -303,9 +301,17 @@ class TieredCache(Cache):
         computes."""
         guess = self.retriever.prefetch(seq, layer + 1) if layer + 1 < self.n_layers else None
         if guess is not None:
-            n_blocks = math.ceil(self._lengths[seq][layer + 1] / self.layout.block_tokens)
-            blocks = (guess.indices // (self.layout.block_tokens // self.unit)).unique().tolist()
-            self.manager.prefetch(BlockKey(seq, layer + 1, i) for i in blocks if i < n_blocks)
+            blocks = self._blocks_to_read(guess.ranked, guess.k, self._lengths[seq][layer + 1]).tolist()
+            self.manager.prefetch(BlockKey(seq, layer + 1, i) for i in blocks)
+
+    def _blocks_to_read(self, ranked: torch.Tensor, k: int, past: int) -> torch.Tensor:
+        """Storage blocks (ascending) a retrieval step over ``past`` cached tokens reads, for the
+        heads' ``ranked`` units and ``k`` units per head: sink and window blocks, then the voted
+        ones, ``read_factor`` times the budget in all."""
+        per_block = self.layout.block_tokens // self.unit
+        forced = (self._window_units(math.ceil(past / self.unit), ranked.device)[0] // per_block).unique()
+        reads = math.ceil(self.config.retrieval.read_factor * k / per_block)
+        return storage_blocks(ranked, per_block, math.ceil(past / self.layout.block_tokens), forced, reads)
 
     def _window_units(self, n_units: int, device: torch.device) -> torch.Tensor:
         """Sink and recent-window unit indices, the same for every KV head."""
