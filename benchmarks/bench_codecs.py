@@ -8,6 +8,9 @@ For every codec setting, in one run:
 - greedy generation: 64 tokens after a 2K-token prompt, with the whole prompt cache passed through
   the codec, compared with the uncompressed fp32 cache: tokens until the first divergence, for 5
   prompts at different offsets of the reference text;
+- a stored context's far tokens: a 4K-token haystack with a pass key at 5 depths, its whole cache
+  through the codec as a saved context, then the question (computed exactly) answered greedily:
+  how often the key comes out, against the uncompressed cache;
 - encode and decode throughput in MB/s of fp16 KV per core: the run uses one thread and times
   with the process's CPU clock, so other load on a shared machine does not count;
   ``quant`` rows go through ``encode_many``/``decode_many`` (the host tier's path).
@@ -32,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_needle import needle_parts
 from kv_capture import CapturedKV, attention_output, capture_kv
 
 import tiercache.io  # noqa: F401  (registers the codecs)
@@ -41,19 +45,24 @@ from tiercache.io.cachegen import CacheGenCodec
 from tiercache.io.codec import Codec, make_codec
 from tiercache.models import load_default_model
 
-#: (label, codec name, params). Baselines first.
-SETTINGS: list[tuple[str, str, dict]] = [
-    ("raw fp16", "raw", {}),
-    ("zstd fp16 (shuffled)", "zstd", {"level": 3, "shuffle": True}),
-    ("zstd fp16 (plain)", "zstd", {"level": 3, "shuffle": False}),
-    ("8-bit per-token", "quant", {"bits": 8, "group_size": 64, "key_mode": "token"}),
-    ("KIVI 4-bit g32", "quant", {"bits": 4, "group_size": 32}),
-    ("KIVI 2-bit g32", "quant", {"bits": 2, "group_size": 32}),
-    ("cachegen default (k.03 v.04)", "cachegen", {}),
-    ("  without raw sink tokens", "cachegen", {"sink_tokens": 0}),
-    ("cachegen compact (k.1 v.11)", "cachegen", dict(CacheGenCodec.COMPACT)),
-    ("cachegen k.25 v.33 (~4 bits)", "cachegen", {"key_step": 0.25, "value_step": 0.33}),
-    ("cachegen k.8 v1 (~2.5 bits)", "cachegen", {"key_step": 0.8, "value_step": 1.0}),
+#: (label, codec name, params, saved). Baselines first. ``saved``: blocks get the sequence's final
+#: length (``encode_at``'s ``end``), as a saved context's records do; otherwise only positions, as
+#: the disk tier codes blocks of a sequence that may still grow.
+SETTINGS: list[tuple[str, str, dict, bool]] = [
+    ("raw fp16", "raw", {}, True),
+    ("zstd fp16 (shuffled)", "zstd", {"level": 3, "shuffle": True}, True),
+    ("zstd fp16 (plain)", "zstd", {"level": 3, "shuffle": False}, True),
+    ("8-bit per-token", "quant", {"bits": 8, "group_size": 64, "key_mode": "token"}, True),
+    ("KIVI 4-bit g32", "quant", {"bits": 4, "group_size": 32}, True),
+    ("KIVI 2-bit g32", "quant", {"bits": 2, "group_size": 32}, True),
+    ("cachegen default", "cachegen", {}, True),
+    ("  without raw sink tokens", "cachegen", {"sink_tokens": 0}, True),
+    ("  without recency (no end)", "cachegen", {}, False),
+    ("  recency off, k.03 v.04", "cachegen", {"key_step": 0.03, "value_step": 0.04, "recency_exponent": 0}, True),
+    ("cachegen compact", "cachegen", dict(CacheGenCodec.COMPACT), True),
+    ("  recency off, k.1 v.11", "cachegen", {"key_step": 0.1, "value_step": 0.11, "recency_exponent": 0}, True),
+    ("cachegen k.06 v.08", "cachegen", {"key_step": 0.06, "value_step": 0.08}, True),
+    ("cachegen k.25 v.33, recency off", "cachegen", {"key_step": 0.25, "value_step": 0.33, "recency_exponent": 0}, True),
 ]
 
 
@@ -62,6 +71,7 @@ class Row:
     label: str
     codec: str
     params: dict
+    saved: bool
     bits_per_element: float = 0.0
     k_rel_error: float = 0.0
     v_rel_error: float = 0.0
@@ -71,6 +81,7 @@ class Row:
     encode_mb_s: float = 0.0
     decode_mb_s: float = 0.0
     tokens_to_divergence: list[int] = field(default_factory=list)
+    needle_found: list[bool] = field(default_factory=list)
 
 
 def _blocks(x: torch.Tensor, block_tokens: int) -> list[torch.Tensor]:
@@ -78,14 +89,16 @@ def _blocks(x: torch.Tensor, block_tokens: int) -> list[torch.Tensor]:
 
 
 def roundtrip_layer(
-    codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens: int
+    codec: Codec, k: torch.Tensor, v: torch.Tensor, block_tokens: int, saved: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, int, float, float]:
     """Pass one layer's fp16 ``k``, ``v`` ``(H, T, D)`` through ``codec`` block by block.
 
     Returns decoded keys, values, payload bytes, encode and decode CPU seconds. Fixed-size codecs
     go through ``encode_many``/``decode_many`` for the whole blocks; the others get each block's
-    position (``encode_at``), as the disk tier passes it.
+    position (``encode_at``), and with ``saved`` the sequence's length ``T`` too, as a saved
+    context's records do (without it, as the disk tier codes blocks of a growing sequence).
     """
+    end = k.shape[1] if saved else None
     layout = BlockLayout(k.shape[0], block_tokens, k.shape[2], k.dtype)
     full = k.shape[1] // block_tokens * block_tokens
     nbytes, t_enc, t_dec, out_k, out_v = 0, 0.0, 0.0, [], []
@@ -110,7 +123,7 @@ def roundtrip_layer(
         full = 0
     for i, (kb, vb) in enumerate(zip(_blocks(k, block_tokens), _blocks(v, block_tokens))):
         t0 = time.process_time()
-        payload = codec.encode_at(kb, vb, full + i * block_tokens)
+        payload = codec.encode_at(kb, vb, full + i * block_tokens, end)
         t1 = time.process_time()
         dk, dv = codec.decode(payload, layout, kb.shape[1], "cpu")
         t_enc, t_dec = t_enc + t1 - t0, t_dec + time.process_time() - t1
@@ -133,7 +146,7 @@ def measure_quality(
     k_err, v_err, attn, attn_sw = [], [], [], []
     for q, k32, v32 in zip(cap.queries, cap.keys, cap.values):
         k, v = k32.half(), v32.half()
-        dk, dv, nb, te, td = roundtrip_layer(codec, k, v, block_tokens)
+        dk, dv, nb, te, td = roundtrip_layer(codec, k, v, block_tokens, row.saved)
         nbytes, elements, t_enc, t_dec = nbytes + nb, elements + 2 * k.numel(), t_enc + te, t_dec + td
         k_err.append(_rel(dk, k))
         v_err.append(_rel(dv, v))
@@ -187,6 +200,26 @@ def prompt_caches(model, tokenizer, n_prompts: int, prompt_tokens: int) -> list[
     return out
 
 
+@torch.no_grad()
+def needle_contexts(model, tokenizer, n_depths: int, tokens: int) -> list[tuple[list, list[int], str]]:
+    """Prefilled fp32 caches (per-layer ``(k, v)``) of pass-key haystacks at ``n_depths`` depths,
+    each with its question's ids and the key."""
+    out = []
+    for d in range(n_depths):
+        context, question, key = needle_parts(tokenizer, tokens, (d + 0.5) / n_depths, seed=tokens + d)
+        cache = model(torch.tensor([context]), use_cache=True).past_key_values
+        out.append(([(layer.keys[0].clone(), layer.values[0].clone()) for layer in cache.layers], question, key))
+    return out
+
+
+@torch.no_grad()
+def answers_key(model, tokenizer, layers: list, question: list[int], key: str, n_new: int = 8) -> bool:
+    """Whether greedy decoding after ``question``, over the context cache ``layers``, says ``key``."""
+    cache = _cache_from(layers)
+    model(torch.tensor([question[:-1]]), past_key_values=cache, use_cache=True)
+    return key in tokenizer.decode(greedy(model, cache, question[-1], n_new))
+
+
 def _digest(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for k, v in layers:
@@ -210,11 +243,13 @@ def main() -> None:
     parser.add_argument(
         "--block-tokens", type=int, default=256, help="tokens per encoded block (default 256)"
     )
+    parser.add_argument("--needle-depths", type=int, default=5, help="pass-key depths (0: skip)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_codecs.json"))
     args = parser.parse_args()
     capture_tokens, n_prompts, prompt_tokens, n_new = (
         (1024, 2, 512, 16) if args.quick else (4096, 5, 2048, 64)
     )
+    needle_tokens = capture_tokens
 
     # One thread throughout: throughput is per core, and on a shared 2-core machine many small
     # ops (greedy decoding) run far faster without cross-thread synchronisation.
@@ -225,21 +260,27 @@ def main() -> None:
     cap = capture_kv(model, text_tokens(tokenizer, capture_tokens, 0), n_queries=32)
     prompts = prompt_caches(model, tokenizer, n_prompts, prompt_tokens)
     references = [greedy(model, _cache_from(layers), last, n_new) for layers, last in prompts]
+    needles = needle_contexts(model, tokenizer, args.needle_depths, needle_tokens)
 
     rows = []
     # Settings that decode to identical tensors (lossless codecs) generate identical tokens:
     # generate once per distinct decoded cache.
     generated: dict[bytes, int] = {}
-    for label, name, params in SETTINGS:
+    for label, name, params, saved in SETTINGS:
         codec = make_codec(name, **params)
-        row = Row(label, name, params)
+        row = Row(label, name, params, saved)
         measure_quality(row, codec, cap, args.block_tokens)
         for (layers, last), ref in zip(prompts, references):
-            decoded = [roundtrip_layer(codec, k.half(), v.half(), args.block_tokens)[:2] for k, v in layers]
+            decoded = [roundtrip_layer(codec, k.half(), v.half(), args.block_tokens, saved)[:2]
+                       for k, v in layers]
             key = _digest(decoded)
             if key not in generated:
                 generated[key] = divergence(greedy(model, _cache_from(decoded), last, n_new, ref), ref)
             row.tokens_to_divergence.append(generated[key])
+        for layers, question, key in needles:
+            decoded = [roundtrip_layer(codec, k.half(), v.half(), args.block_tokens, saved)[:2]
+                       for k, v in layers]
+            row.needle_found.append(answers_key(model, tokenizer, decoded, question, key))
         rows.append(row)
         _print_row(row, n_new)
 
@@ -253,6 +294,8 @@ def main() -> None:
         "prompts": n_prompts,
         "prompt_tokens": prompt_tokens,
         "new_tokens": n_new,
+        "needle_tokens": needle_tokens,
+        "needle_found_uncompressed": [answers_key(model, tokenizer, layers, q, key) for layers, q, key in needles],
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "threads": 1,
@@ -269,7 +312,7 @@ def main() -> None:
 
 _HEADER = (
     f"{'setting':30} {'bits/el':>7} {'K err':>7} {'V err':>7} {'attn':>7} {'attn max':>8} "
-    f"{'attn s+w':>8} {'enc MB/s':>8} {'dec MB/s':>8}  tokens to divergence"
+    f"{'attn s+w':>8} {'enc MB/s':>8} {'dec MB/s':>8} {'needle':>6}  tokens to divergence"
 )
 
 
@@ -282,7 +325,8 @@ def _print_row(row: Row, n_new: int) -> None:
         f"{row.label:30} {row.bits_per_element:7.3f} {row.k_rel_error:7.4f} {row.v_rel_error:7.4f} "
         f"{row.attn_rel_error_mean:7.4f} {row.attn_rel_error_max:8.4f} "
         f"{row.attn_rel_error_sink_window_raw:8.4f} "
-        f"{row.encode_mb_s:8.1f} {row.decode_mb_s:8.1f}  {div} ({full}/{len(row.tokens_to_divergence)} full)",
+        f"{row.encode_mb_s:8.1f} {row.decode_mb_s:8.1f} {sum(row.needle_found):>3}/{len(row.needle_found):<2} "
+        f"{div} ({full}/{len(row.tokens_to_divergence)} full)",
         flush=True,
     )
 

@@ -63,14 +63,21 @@ def forced_agreement(model, ids: torch.Tensor, cache, reference: list[int]) -> f
     return same / len(reference)
 
 
-def needle_case(tok, length: int, depth: float, seed: int) -> tuple[torch.Tensor, str]:
+def needle_parts(tok, length: int, depth: float, seed: int) -> tuple[list[int], list[int], str]:
+    """A haystack of real prose with a pass-key sentence at ``depth`` (0 to 1), and the question:
+    ``(context ids, question ids, key)``, ``length`` tokens in all."""
     g = torch.Generator().manual_seed(seed)
     key = "".join(str(d) for d in torch.randint(0, 10, (5,), generator=g).tolist())
     needle = tok(f"\nThe secret pass key is {key}. Remember it.\n", add_special_tokens=False)["input_ids"]
     question = tok("\nWhat is the secret pass key? The secret pass key is", add_special_tokens=False)["input_ids"]
     hay = text_tokens(tok, length - len(needle) - len(question), offset_tokens=2000 + 997 * (seed % 97))
     at = int(depth * len(hay))
-    return torch.tensor([hay[:at] + needle + hay[at:] + question]), key
+    return hay[:at] + needle + hay[at:], question, key
+
+
+def needle_case(tok, length: int, depth: float, seed: int) -> tuple[torch.Tensor, str]:
+    context, question, key = needle_parts(tok, length, depth, seed)
+    return torch.tensor([context + question]), key
 
 
 def main() -> None:

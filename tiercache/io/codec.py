@@ -69,11 +69,13 @@ class Codec(ABC):
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Encode keys and values ``(kv_heads, tokens, head_dim)`` to a 1-D uint8 payload."""
 
-    def encode_at(self, k: torch.Tensor, v: torch.Tensor, position: int) -> torch.Tensor:
-        """``encode`` for a block whose first token is at sequence position ``position`` (tokens).
+    def encode_at(self, k: torch.Tensor, v: torch.Tensor, position: int, end: int | None = None) -> torch.Tensor:
+        """``encode`` for a block whose first token is at sequence position ``position`` (tokens),
+        in a sequence of ``end`` tokens when that length is final (a saved context), else None.
 
         Codecs that spend more bits on some positions (``cachegen`` keeps attention-sink tokens
-        raw) override it; decoding never needs the position. The default ignores it.
+        raw and codes tokens far from ``end`` coarser) override it; decoding never needs the
+        position. The default ignores both.
         """
         return self.encode(k, v)
 

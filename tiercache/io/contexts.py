@@ -44,8 +44,9 @@ def save_kv_context(store: DiskStore, name: str, kv: torch.Tensor, codec: Codec,
 
     def encode(part: BlockKey) -> bytes:
         a = part.index * chunk_tokens
+        # The context is whole: its length lets codecs code old tokens coarser.
         return encode_record(codec, kv[part.layer, 0, :, a : a + chunk_tokens],
-                             kv[part.layer, 1, :, a : a + chunk_tokens], layout, part)
+                             kv[part.layer, 1, :, a : a + chunk_tokens], layout, part, end=tokens)
 
     parts = [BlockKey(0, layer, c) for layer in range(layers) for c in range(-(-tokens // chunk_tokens))]
     return store.save_context(name, list(store.executor.map(encode, parts)))

@@ -30,7 +30,8 @@ from .checksum import crc32
 from .codec import Codec, make_codec
 
 MAGIC = b"TCKV"
-VERSION = 2  # 2: cachegen streams use our interleaved rANS coder (tiercache.io.ans)
+VERSION = 3  # 2: cachegen streams use our interleaved rANS coder (tiercache.io.ans); 3: cachegen
+#              payloads carry per-token recency codes
 _PREFIX = struct.Struct("<4sHIQ")
 _CRC = struct.Struct("<I")
 _MAX_HEADER = 1 << 16
@@ -50,11 +51,17 @@ class RecordHeader:
 
 
 def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                  key: BlockKey | None = None) -> bytes:
-    """Encode a block's keys and values ``(kv_heads, tokens, head_dim)`` into one record."""
+                  key: BlockKey | None = None, end: int | None = None) -> bytes:
+    """Encode a block's keys and values ``(kv_heads, tokens, head_dim)`` into one record.
+
+    ``end``: the final length in tokens of the block's sequence, when known (a saved context);
+    it needs a ``key``, which gives the block's position.
+    """
     tokens = layout.check(k, v, what=str(key) if key else "record")
+    if end is not None and key is None:
+        raise ShapeError("encode_record: end needs a key (the block's position in its sequence)")
     # A key gives the block's position in its sequence, for codecs that code positions differently.
-    encoded = codec.encode_at(k, v, key.index * layout.block_tokens) if key else codec.encode(k, v)
+    encoded = codec.encode_at(k, v, key.index * layout.block_tokens, end) if key else codec.encode(k, v)
     payload = encoded.cpu().numpy().tobytes()
     header = json.dumps(
         {
