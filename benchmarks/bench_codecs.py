@@ -57,12 +57,16 @@ SETTINGS: list[tuple[str, str, dict, bool]] = [
     ("KIVI 2-bit g32", "quant", {"bits": 2, "group_size": 32}, True),
     ("cachegen default", "cachegen", {}, True),
     ("  without raw sink tokens", "cachegen", {"sink_tokens": 0}, True),
-    ("  without recency (no end)", "cachegen", {}, False),
-    ("  recency off, k.03 v.04", "cachegen", {"key_step": 0.03, "value_step": 0.04, "recency_exponent": 0}, True),
+    ("  as growing-sequence blocks (no end)", "cachegen", {}, False),
+    ("  recency uncapped", "cachegen", {"recency_max": 2.0**15}, True),
+    ("  recency off, k.03 v.04 (old default)", "cachegen",
+     {"key_step": 0.03, "value_step": 0.04, "recency_exponent": 0}, True),
     ("cachegen compact", "cachegen", dict(CacheGenCodec.COMPACT), True),
-    ("  recency off, k.1 v.11", "cachegen", {"key_step": 0.1, "value_step": 0.11, "recency_exponent": 0}, True),
-    ("cachegen k.06 v.08", "cachegen", {"key_step": 0.06, "value_step": 0.08}, True),
-    ("cachegen k.25 v.33, recency off", "cachegen", {"key_step": 0.25, "value_step": 0.33, "recency_exponent": 0}, True),
+    ("  recency off, k.1 v.11 (old compact)", "cachegen",
+     {"key_step": 0.1, "value_step": 0.11, "recency_exponent": 0}, True),
+    ("cachegen k.1 v.13", "cachegen", {"key_step": 0.1, "value_step": 0.13}, True),
+    ("cachegen k.25 v.33, recency off", "cachegen",
+     {"key_step": 0.25, "value_step": 0.33, "recency_exponent": 0}, True),
 ]
 
 
@@ -190,6 +194,8 @@ def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]):
 def prompt_caches(model, tokenizer, n_prompts: int, prompt_tokens: int) -> list[tuple[list, int]]:
     """Prefilled fp32 caches (as per-layer ``(k, v)``) of ``n_prompts`` prompts spread over the
     reference text, each with the prompt's last token (fed first during generation)."""
+    if not n_prompts:
+        return []
     total = len(tokenizer(reference_text(), add_special_tokens=False)["input_ids"])
     stride = (total - prompt_tokens) // n_prompts
     out = []
@@ -244,12 +250,19 @@ def main() -> None:
         "--block-tokens", type=int, default=256, help="tokens per encoded block (default 256)"
     )
     parser.add_argument("--needle-depths", type=int, default=5, help="pass-key depths (0: skip)")
+    parser.add_argument("--capture-tokens", type=int, default=None,
+                        help="tokens of the captured cache for the error columns (default 4096)")
+    parser.add_argument("--no-generation", action="store_true",
+                        help="sizes, errors and speed only: no greedy divergence, no pass key")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_codecs.json"))
     args = parser.parse_args()
     capture_tokens, n_prompts, prompt_tokens, n_new = (
         (1024, 2, 512, 16) if args.quick else (4096, 5, 2048, 64)
     )
     needle_tokens = capture_tokens
+    capture_tokens = args.capture_tokens or capture_tokens
+    if args.no_generation:
+        n_prompts = args.needle_depths = 0
 
     # One thread throughout: throughput is per core, and on a shared 2-core machine many small
     # ops (greedy decoding) run far faster without cross-thread synchronisation.

@@ -58,6 +58,7 @@ def test_all_codecs_registered_on_import():
         ("cachegen", {"recency_tokens": 0}),
         ("cachegen", {"recency_exponent": -0.5}),
         ("cachegen", {"recency_exponent": True}),
+        ("cachegen", {"recency_max": 0.5}),
         ("cachegen", {"anchor": 4}),  # measured useless, removed
         ("zstd", {"level": 0}),
         ("zstd", {"nope": 1}),
@@ -235,20 +236,20 @@ def test_cachegen_error_at_most_half_a_step(tokens, key_step, value_step, scale,
     tokens=st.integers(5, 64),
     position=st.integers(4, 5000),
     after=st.integers(0, 5000),
-    recency=st.sampled_from([(1, 1.0), (64, 0.75), (16, 2.0)]),
+    recency=st.sampled_from([(1, 1.0, 2.0**15), (64, 0.75, 8.0), (16, 2.0, 100.0)]),
     seed=st.integers(0, 2**16),
 )
 def test_cachegen_saved_context_codes_old_tokens_coarser_within_bound(tokens, position, after, recency, seed):
     """With the sequence's end known, a token ``age`` tokens before it gets steps
-    ``max(1, age / recency_tokens) ** recency_exponent`` times the recent tokens' (module docstring)."""
-    recency_tokens, exponent = recency
+    ``min(recency_max, max(1, age / recency_tokens) ** recency_exponent)`` times the recent tokens'."""
+    recency_tokens, exponent, cap = recency
     codec = make_codec("cachegen", key_step=0.05, value_step=0.05, recency_tokens=recency_tokens,
-                       recency_exponent=exponent)
+                       recency_exponent=exponent, recency_max=cap)
     k, v = _kv(seed, 2, tokens, 64)
     end = position + tokens + after
     dk, dv = codec.decode(codec.encode_at(k, v, position, end), BlockLayout(2, 64, 64), tokens, "cpu")
     age = end - 1 - position - torch.arange(tokens, dtype=torch.float64)
-    factor = (age / recency_tokens).clamp_min(1).pow(exponent).clamp_max(2**15.9).float().view(1, tokens, 1)
+    factor = (age / recency_tokens).clamp_min(1).pow(exponent).clamp_max(cap).float().view(1, tokens, 1)
     eps = torch.finfo(torch.float16).eps
     for x, dx, step in zip((k, v), (dk, dv), _cachegen_steps(k, v, 0.05, 0.05)):
         # Factors are rounded to eighth octaves, each at most 2**(1/16) coarser than specified.
