@@ -21,8 +21,8 @@ where the attention output is sensitive to them:
    recency_tokens) ** recency_exponent)`` times coarser. Later queries give recent tokens most of
    their attention, so their errors dominate the attention output (KIVI keeps its last tokens in
    full precision for the same reason); on SmolLM2 this saves about 1.7 bits per element at equal
-   attention-output error. The cap keeps layers that attend far back usable (unbounded, the
-   worst layer's error at 8K tokens was 5 times the mean). Blocks
+   attention-output error. The cap protects layers that attend far back (uncapped, at 8K tokens
+   the mean error was 2.4% and the worst layer's 12.7%, against 1.0% and 3.3%). Blocks
    whose sequence may still grow (``encode``, or ``encode_at`` without ``end``) code every token
    at the recent tokens' steps.
 5. Divide by the step and round: every element's error is at most ``step/2`` (before rounding to
