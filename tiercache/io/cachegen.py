@@ -15,16 +15,18 @@ where the attention output is sensitive to them:
    SmolLM2 it cuts the keys' share of attention-output error by a quarter at equal rate.
 3. Values: the step of each token is ``value_step`` times that token's RMS over the head's
    channels (equal relative error per token; small-norm tokens such as sinks get fine steps).
-4. Recency (saved contexts only): when the caller knows where the sequence ends (``encode_at``'s
-   ``end``: a context stored whole, to be continued by questions or generation), a token ``age``
-   tokens before the last one gets keys' and values' steps ``min(recency_max, max(1, age /
-   recency_tokens) ** recency_exponent)`` times coarser. Later queries give recent tokens most of
-   their attention, so their errors dominate the attention output (KIVI keeps its last tokens in
-   full precision for the same reason); on SmolLM2 this saves about 1.7 bits per element at equal
-   attention-output error. The cap protects layers that attend far back (uncapped, at 8K tokens
-   the mean error was 2.4% and the worst layer's 12.7%, against 1.0% and 3.3%). Blocks
-   whose sequence may still grow (``encode``, or ``encode_at`` without ``end``) code every token
-   at the recent tokens' steps.
+4. Recency: ``key_step`` and ``value_step`` are the steps of old tokens. When the caller knows
+   where the sequence ends (``encode_at``'s ``end``: a context saved whole, to be continued by
+   questions or generation), a token ``age`` tokens before the last one gets steps
+   ``min(recency_max, max(1, age / recency_tokens) ** recency_exponent) / recency_max`` times
+   those: down to ``1 / recency_max`` for the last ``recency_tokens`` tokens. Later queries give
+   recent tokens most of their attention, so their errors dominate the attention output (KIVI
+   keeps its last tokens in full precision for the same reason); on SmolLM2 this saves about 1.7
+   bits per element at equal attention-output error. The cap keeps old tokens usable for layers
+   that attend far back (uncapped, at 8K tokens the mean error was 2.4% and the worst layer's
+   12.7%, against 1.0% and 3.3%). Blocks of a sequence that may still grow (``encode``, or
+   ``encode_at`` without ``end``: the disk tier's evictions, which the device's recent window
+   keeps away from the end) are coded at the old tokens' steps.
 5. Divide by the step and round: every element's error is at most ``step/2`` (before rounding to
    the output dtype), and the entropy coder, not a fixed bit width, adapts the rate to each
    channel's spread. Symbols are rANS-coded per channel class with shared Laplace tables
@@ -34,9 +36,10 @@ Step factors are u8 codes in eighths of an octave: factor ``2**((code - 128) / 8
 
 Payload (little-endian): ``u16 n_raw``, raw keys ``[H, n_raw, D]`` and raw values (input dtype),
 then, if tokens remain, keys: ``f16 centers[H*D]``, ``f32 base_step[H]``, ``u8 step_codes[H*D]``,
-``u8 token_codes[T']`` (the recency factor of each coded token), ``u8 classes[H*D]``, ``u32 n_escapes``, ``u32 positions[n]``, ``i32 values[n]``, the class coder's
-stream; then values: the same without centers and with ``u8 step_codes[H*T']`` per token. Every
-field is checked on decode; anything inconsistent raises ``CorruptBlockError``.
+``u8 token_codes[T']`` (each coded token's recency factor), ``u8 classes[H*D]``, ``u32 n_escapes``,
+``u32 positions[n]``, ``i32 values[n]``, the class coder's stream; then values: the same without
+centers and token codes, and with ``u8 step_codes[H*T']`` per token. Every field is checked on
+decode; anything inconsistent raises ``CorruptBlockError``.
 """
 
 from __future__ import annotations
@@ -68,24 +71,24 @@ _MAX_BASE = 2.0**64
 class CacheGenCodec(Codec):
     """Variable-size lossy codec (see module docstring).
 
-    ``key_step`` / ``value_step``: quantization step of the most recent tokens, as a fraction of
-    the head's RMS (keys: of the deviation from the channel means, then weighted per channel) or of
-    each token's RMS (values); in [0.001, 64]. ``sink_tokens``: tokens at the start of a sequence
+    ``key_step`` / ``value_step``: quantization step of old tokens, as a fraction of the head's
+    RMS (keys: of the deviation from the channel means, then weighted per channel) or of each
+    token's RMS (values); in [0.001, 64]. ``sink_tokens``: tokens at the start of a sequence
     stored raw (0 to 1024). ``recency_tokens`` (1 to 2**20), ``recency_exponent`` (0 to 4, 0
-    turns it off) and ``recency_max`` (1 to 2**15): how much coarser older tokens of a saved
-    context are coded (module docstring).
+    turns it off: every token at the old tokens' steps) and ``recency_max`` (1 to 2**15): how much
+    finer the tokens near a saved context's end are coded (module docstring).
 
     Defaults, on SmolLM2's contexts saved whole: attention-output error under 1% (8-bit quality)
     at about 5.3 bits per element at 4K and 8K tokens; ``COMPACT``: under 3% at about 3.8 bits.
-    Without an ``end`` every token is coded at the recent tokens' steps (about 8 and 6 bits).
+    Blocks without an ``end`` cost about 5 bits per element (3.4 with ``COMPACT``).
     """
 
     name = "cachegen"
     lossless = False
     #: Parameters of the compact setting (attention-output error about 3% on SmolLM2).
-    COMPACT = {"key_step": 0.04, "value_step": 0.053}
+    COMPACT = {"key_step": 0.32, "value_step": 0.424}
 
-    def __init__(self, key_step: float = 0.014, value_step: float = 0.019, sink_tokens: int = 4,
+    def __init__(self, key_step: float = 0.112, value_step: float = 0.152, sink_tokens: int = 4,
                  recency_tokens: int = 64, recency_exponent: float = 0.75, recency_max: float = 8.0) -> None:
         for pname, value, lo, hi in (("key_step", key_step, 1e-3, 64), ("value_step", value_step, 1e-3, 64),
                                      ("recency_exponent", recency_exponent, 0, 4), ("recency_max", recency_max, 1, 2**15)):
@@ -108,12 +111,12 @@ class CacheGenCodec(Codec):
     # -- encode ---------------------------------------------------------------------------------
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Code every token at the recent tokens' steps (position unknown: no sink tokens raw)."""
+        """Code every token at the old tokens' steps (position unknown: no sink tokens raw)."""
         return self.encode_at(k, v, self.sink_tokens)
 
     def encode_at(self, k: torch.Tensor, v: torch.Tensor, position: int, end: int | None = None) -> torch.Tensor:
         """Code a block whose first token is at sequence position ``position`` (tokens); ``end``:
-        the length in tokens of the whole sequence when it is final (older tokens coded coarser)."""
+        the length in tokens of the whole sequence when it is final (tokens near it coded finer)."""
         if k.dim() != 3 or k.shape != v.shape or k.dtype != v.dtype or not k.dtype.is_floating_point:
             raise ShapeError(
                 f"cachegen codec: keys {tuple(k.shape)} {k.dtype} and values {tuple(v.shape)} "
@@ -134,7 +137,7 @@ class CacheGenCodec(Codec):
         return torch.frombuffer(bytearray(out.bytes()), dtype=torch.uint8).to(k.device)
 
     def _age_codes(self, position: int, tokens: int, end: int | None) -> torch.Tensor:
-        """u8 step-factor codes ``(tokens,)`` of the recency rule (128: factor 1)."""
+        """u8 step-factor codes ``(tokens,)`` of the recency rule (128: factor 1, old tokens)."""
         if end is None or self.recency_exponent == 0:
             return torch.full((tokens,), 128, dtype=torch.uint8)
         if isinstance(end, bool) or not isinstance(end, int) or end < position + tokens:
@@ -143,8 +146,8 @@ class CacheGenCodec(Codec):
                 f"position {position} + {tokens} tokens"
             )
         age = (end - 1 - position - torch.arange(tokens)).double()
-        log_factor = (torch.log2((age / self.recency_tokens).clamp_min(1)) * self.recency_exponent).clamp_max(
-            math.log2(self.recency_max))
+        cap = math.log2(self.recency_max)
+        log_factor = (torch.log2((age / self.recency_tokens).clamp_min(1)) * self.recency_exponent).clamp_max(cap) - cap
         return (torch.round(log_factor * _STEP_RES) + 128).clamp(0, 255).to(torch.uint8)
 
     def _encode_keys(self, x: torch.Tensor, age_codes: torch.Tensor, out: Writer) -> None:
