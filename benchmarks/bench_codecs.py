@@ -65,7 +65,7 @@ SETTINGS: list[tuple[str, str, dict, bool]] = [
     ("cachegen compact", "cachegen", dict(CacheGenCodec.COMPACT), True),
     ("  recency off, k.1 v.11 (old compact)", "cachegen",
      {"key_step": 0.1, "value_step": 0.11, "recency_exponent": 0}, True),
-    ("cachegen k.1 v.13", "cachegen", {"key_step": 0.1, "value_step": 0.13}, True),
+    ("cachegen k.8 v1.04", "cachegen", {"key_step": 0.8, "value_step": 1.04}, True),
     ("cachegen k.25 v.33, recency off", "cachegen",
      {"key_step": 0.25, "value_step": 0.33, "recency_exponent": 0}, True),
 ]
