@@ -138,6 +138,13 @@ def roundtrip_layer(
     return torch.cat(out_k, 1), torch.cat(out_v, 1), nbytes, t_enc, t_dec
 
 
+def whole_cache_through(
+    codec: Codec, layers: list[tuple[torch.Tensor, torch.Tensor]], block_tokens: int, saved: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's fp32 ``(k, v)`` passed through ``codec`` as fp16 (``roundtrip_layer``)."""
+    return [roundtrip_layer(codec, k.half(), v.half(), block_tokens, saved)[:2] for k, v in layers]
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -285,15 +292,13 @@ def main() -> None:
         row = Row(label, name, params, saved)
         measure_quality(row, codec, cap, args.block_tokens)
         for (layers, last), ref in zip(prompts, references):
-            decoded = [roundtrip_layer(codec, k.half(), v.half(), args.block_tokens, saved)[:2]
-                       for k, v in layers]
+            decoded = whole_cache_through(codec, layers, args.block_tokens, saved)
             key = _digest(decoded)
             if key not in generated:
                 generated[key] = divergence(greedy(model, _cache_from(decoded), last, n_new, ref), ref)
             row.tokens_to_divergence.append(generated[key])
         for layers, question, key in needles:
-            decoded = [roundtrip_layer(codec, k.half(), v.half(), args.block_tokens, saved)[:2]
-                       for k, v in layers]
+            decoded = whole_cache_through(codec, layers, args.block_tokens, saved)
             row.needle_found.append(answers_key(model, tokenizer, decoded, question, key))
         rows.append(row)
         _print_row(row, n_new)
