@@ -1,0 +1,190 @@
+"""What one decode step costs before any data moves, and what it costs on the CPU, against
+DynamicCache in the same run: aten ops (GPU kernel launches), host syncs, Python time, step time.
+Also the streaming append's throughput against a plain chunked prefill of the same tokens.
+
+Model: an 8-layer Llama shape (hidden 256, 8 query heads, 2 KV heads, random weights, fp32). For
+each context, the prompt is prefilled once into a DynamicCache; TieredCache imports that KV
+(the device holds ``--device-fraction`` of it, the host the rest) so both decode over the same
+cache. Per cache kind it reports, for one decode step:
+
+- ``ops`` / ``ops_per_layer``: aten ops dispatched (``tiercache.opcount.OpCounter``), views
+  included; ``syncs``: ops whose result the host must wait for (``.item()``, ``nonzero``, ...);
+- ``step_ms`` (median of ``--steps``) and ``speed_vs_dynamic`` (DynamicCache's step time over
+  this one's, same run);
+- ``python_ms``: wall time of the step outside aten ops (measured under a timing dispatch mode);
+  its slope against context length is printed at the end.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode_overhead.py [--contexts 4096,16384,65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from common import machine, print_table, write_results
+from tiercache import RetrievalConfig, TierConfig
+from tiercache.cache import TieredCache
+from tiercache.opcount import OpCounter
+from tiercache.stream import attention_implementation
+
+SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=4096)
+
+
+class OpTimer(TorchDispatchMode):
+    """Wall time spent inside aten ops while active (seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def build() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPE, max_position_embeddings=1 << 20, rope_theta=500000.0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def kv_bytes(model, tokens: int) -> int:
+    c = model.config
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
+
+
+def export(cache: DynamicCache) -> torch.Tensor:
+    """A DynamicCache's KV as ``(layers, 2, kv_heads, tokens, head_dim)`` (batch 1)."""
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+
+
+def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra_tokens: int) -> TieredCache:
+    tokens = kv.shape[3] + extra_tokens
+    total = kv_bytes(model, tokens)
+    cfg = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
+                     block_tokens=32, dtype=torch.float32, device="cpu",
+                     retrieval=RetrievalConfig(budget=budget))
+    cache = TieredCache(model, cfg)
+    cache.import_kv(kv)
+    return cache
+
+
+@torch.no_grad()
+def measure(model, cache, token: torch.Tensor, steps: int) -> dict:
+    """Ops, syncs, Python time and median wall time of decode steps on ``cache``."""
+    token = token.clone()
+
+    def step():
+        nonlocal token
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    step()  # warm-up: first-step allocations and lazy initialisation
+    with OpCounter() as counter:
+        step()
+    timer = OpTimer()
+    start = time.perf_counter()
+    with timer:
+        step()
+    python_s = time.perf_counter() - start - timer.seconds
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    layers = model.config.num_hidden_layers
+    return {"ops": counter.ops, "ops_per_layer": counter.ops / layers, "syncs": counter.syncs,
+            "sync_ops": dict(counter.sync_ops), "python_ms": 1e3 * python_s,
+            "step_ms": 1e3 * statistics.median(times)}
+
+
+@torch.no_grad()
+def append_throughput(model, tokens: int, chunk: int, device_fraction: float) -> list[dict]:
+    """Tokens/s of a streaming append (TieredCache, window prefill) against a plain chunked
+    prefill into a DynamicCache, same tokens, same chunks."""
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    rows = []
+    for kind in ("dynamic", "tiercache-stream"):
+        if kind == "dynamic":
+            cache = DynamicCache(config=model.config)
+        else:
+            total = kv_bytes(model, tokens)
+            cfg = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
+                             block_tokens=32, dtype=torch.float32, device="cpu")
+            cache = TieredCache(model, cfg, prefill="window")
+        start = time.perf_counter()
+        with attention_implementation(model, "tiercache" if kind != "dynamic" else "sdpa"):
+            for a in range(0, tokens, chunk):
+                model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True)
+        seconds = time.perf_counter() - start
+        rows.append({"kind": kind, "tokens": tokens, "chunk": chunk, "tokens_per_s": tokens / seconds})
+        if kind != "dynamic":
+            cache.close()
+    rows[1]["vs_chunked_prefill"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="4096,8192,16384,32768,65536")
+    ap.add_argument("--budgets", default="1.0,0.1,0.05")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device-fraction", type=float, default=0.25)
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--stream-tokens", type=int, default=4096)
+    ap.add_argument("--stream-chunk", type=int, default=128)
+    ap.add_argument("--out", default="bench_decode_overhead")
+    args = ap.parse_args()
+    model = build()
+    model.set_attn_implementation("sdpa")
+    rows = []
+    for context in [int(c) for c in args.contexts.split(",")]:
+        ids = torch.randint(0, model.config.vocab_size, (1, context))
+        dyn = DynamicCache(config=model.config)
+        with torch.no_grad():
+            for a in range(0, context, args.prefill_chunk):
+                out = model(ids[:, a : a + args.prefill_chunk], past_key_values=dyn, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        kv = export(dyn)
+        base = {"kind": "dynamic", "context": context, **measure(model, dyn, token, args.steps)}
+        rows.append(base)
+        print(base, flush=True)
+        del dyn
+        for budget in (float(b) for b in args.budgets.split(",")):
+            cache = tiered(model, kv, budget, args.device_fraction, args.steps + 8)
+            row = {"kind": f"tiercache-{budget:g}", "context": context,
+                   **measure(model, cache, token, args.steps)}
+            row["speed_vs_dynamic"] = base["step_ms"] / row["step_ms"]
+            rows.append(row)
+            print(row, flush=True)
+            cache.close()
+            model.set_attn_implementation("sdpa")
+    print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
+          f"device {args.device_fraction:.0%} of the KV")
+    print_table(rows, ["kind", "context", "ops", "ops_per_layer", "syncs", "python_ms", "step_ms",
+                       "speed_vs_dynamic"])
+    slopes = {}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        pts = [(r["context"], r["python_ms"]) for r in rows if r["kind"] == kind]
+        if len(pts) > 1:
+            xs, ys = zip(*pts)
+            mx, my = statistics.fmean(xs), statistics.fmean(ys)
+            slopes[kind] = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x in xs) * 1024
+    print("python time slope (ms per 1K tokens of context): "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in slopes.items()))
+    stream = append_throughput(model, args.stream_tokens, args.stream_chunk, args.device_fraction)
+    print_table(stream, ["kind", "tokens", "chunk", "tokens_per_s", "vs_chunked_prefill"])
+    write_results(args.out, rows, stream=stream, python_slope_ms_per_1k=slopes,
+                  device_fraction=args.device_fraction, shape=SHAPE)
+
+
+if __name__ == "__main__":
+    main()
