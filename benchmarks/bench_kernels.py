@@ -1,17 +1,20 @@
-"""How fast is block-sparse decode attention? (GPU only.)
+"""How fast are the decode step's kernels? (GPU only.)
 
-One decode step of a Llama-3-8B layer (32 query heads, 8 KV heads, head_dim 128, bf16, blocks of 64
-tokens) over a cache of 32K..1M tokens of which 5% or 10% of the blocks are selected per KV head.
-Timed on the same inputs:
+One decode step of a Llama-3-8B layer (32 query heads, 8 KV heads, head_dim 128, bf16, blocks of
+64 tokens) over a cache of 32K..1M tokens of which 5% or 10% of the blocks are read, all on the
+device. Timed on the same inputs:
 
-- ``triton``: ``block_sparse_attention(impl="triton")``: plan + split kernel + merge, reading the selected
-  blocks in place from the whole gathered cache;
-- ``torch``: the torch reference (``impl="torch"``), which gathers the selected blocks and upcasts them;
-- ``sdpa``: ``F.scaled_dot_product_attention`` over the same selected tokens already packed contiguous
-  per KV head (the gather is not timed): the dense lower bound for attending to that many tokens.
+- ``triton``: ``paged_attention(impl="triton")``: flash-decoding reading the blocks in place from
+  the device slab through their slots, plus the log-sum-exp merge of its splits;
+- ``torch``: the reference (``impl="torch"``), which gathers the blocks and upcasts them;
+- ``sdpa``: ``F.scaled_dot_product_attention`` over the same tokens already packed contiguous
+  (the gather is not timed): dense attention over that many tokens, the lower bound.
+- ``gather``: ``kernels.rows.gather_rows`` of the same blocks from pinned host memory into the
+  device (the copy a step pays for blocks that miss), against ``tensor.to("cuda")`` of the same
+  bytes packed contiguous.
 
-Reports microseconds per call, the ratios to SDPA, and the K/V bytes read per second by the Triton
-kernel; writes ``results/bench_kernels.json``.
+Reports microseconds per call, ratios, and bytes read per second; writes
+``results/bench_kernels.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from common import best_of, machine, print_table, write_results
-from tiercache.kernels.attention import block_sparse_attention, triton_available
+from tiercache.kernels.attention import paged_attention, triton_available
+from tiercache.kernels.rows import gather_rows
 
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS = 32, 8, 128, 64
 CONTEXTS = [32 << 10, 128 << 10, 512 << 10, 1 << 20]
@@ -31,41 +35,37 @@ SELECTED = [0.05, 0.10]
 
 
 def measure(context: int, share: float, dtype: torch.dtype, repeats: int) -> dict:
-    """Time the three implementations for one context length (tokens) and selected share of blocks."""
-    n_blocks = context // BLOCK_TOKENS
-    q = torch.randn(Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=dtype)
-    k = torch.randn(n_blocks, KV_HEADS, BLOCK_TOKENS, HEAD_DIM, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
-    lens = torch.full((n_blocks,), BLOCK_TOKENS, device="cuda", dtype=torch.int32)
-    # The same number of blocks per KV head, so the SDPA baseline gets rectangular tensors.
-    picked = max(1, round(share * n_blocks))
-    chosen = torch.rand(KV_HEADS, n_blocks, device="cuda").topk(picked, dim=1).indices.sort(dim=1).values
-    mask = torch.zeros(KV_HEADS, n_blocks, dtype=torch.bool, device="cuda").scatter_(1, chosen, True)
+    """Time the implementations for one context length (tokens) and share of blocks read."""
+    read = max(1, round(share * context / BLOCK_TOKENS))
+    slots = read + 1
+    q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=dtype)
+    slab = torch.randn(slots, BLOCK_TOKENS, 2, KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    order = torch.randperm(read, device="cuda")[None]
+    bias = torch.zeros(1, read, BLOCK_TOKENS, device="cuda", dtype=dtype)
     scale = HEAD_DIM ** -0.5
-
-    heads = torch.arange(KV_HEADS, device="cuda")[:, None]
-    dense_k = k[chosen, heads].reshape(1, KV_HEADS, -1, HEAD_DIM)
-    dense_v = v[chosen, heads].reshape(1, KV_HEADS, -1, HEAD_DIM)
-    dense_q = q.reshape(1, Q_HEADS, 1, HEAD_DIM)
-
-    def run_triton() -> None:
-        block_sparse_attention(q, k, v, mask, lens, scale, impl="triton")
-
-    def run_torch() -> None:
-        block_sparse_attention(q, k, v, mask, lens, scale, impl="torch")
-
-    def run_sdpa() -> None:
-        F.scaled_dot_product_attention(dense_q, dense_k, dense_v, scale=scale, enable_gqa=True)
-
+    kv = slab[order[0]]
+    dense_k = kv[:, :, 0].reshape(1, -1, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    dense_v = kv[:, :, 1].reshape(1, -1, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    host = slab.cpu().pin_memory()
+    packed = host[: read].contiguous().pin_memory()
+    rows = torch.arange(read, device="cuda")
+    runs = {
+        "triton": lambda: paged_attention(q, slab, order, bias, scale, impl="triton", lse=False),
+        "torch": lambda: paged_attention(q, slab, order, bias, scale, impl="torch", lse=False),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, dense_k, dense_v, scale=scale, enable_gqa=True),
+        "gather": lambda: gather_rows(host, rows),
+        "copy": lambda: packed.to("cuda", non_blocking=False),
+    }
     times = {}
-    for name, fn in (("triton", run_triton), ("torch", run_torch), ("sdpa", run_sdpa)):
+    for name, fn in runs.items():
         fn()  # compile / warm up
         times[name] = best_of(fn, repeats)
     kv_bytes = 2 * dense_k.numel() * dense_k.element_size()
-    return {"context": context, "selected": share, "selected_tokens": picked * BLOCK_TOKENS,
-            "triton_us": times["triton"] * 1e6, "torch_us": times["torch"] * 1e6,
-            "sdpa_us": times["sdpa"] * 1e6, "triton/sdpa": times["triton"] / times["sdpa"],
-            "torch/sdpa": times["torch"] / times["sdpa"], "triton_GB/s": kv_bytes / times["triton"] / 1e9}
+    return {"context": context, "read": share, "read_tokens": read * BLOCK_TOKENS,
+            **{f"{k}_us": v * 1e6 for k, v in times.items()},
+            "triton/sdpa": times["triton"] / times["sdpa"], "torch/sdpa": times["torch"] / times["sdpa"],
+            "triton_GB/s": kv_bytes / times["triton"] / 1e9, "gather/copy": times["gather"] / times["copy"],
+            "gather_GB/s": kv_bytes / times["gather"] / 1e9}
 
 
 def main() -> None:
@@ -74,15 +74,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     if not triton_available():
-        sys.exit(f"bench_kernels needs a CUDA device and Triton (device here: {machine()['device']}).\n"
-                 f"It would time one decode step of block-sparse attention ({Q_HEADS} query heads, "
-                 f"{KV_HEADS} KV heads, head_dim {HEAD_DIM}, blocks of {BLOCK_TOKENS} tokens) at contexts "
-                 f"{', '.join(f'{c >> 10}K' for c in CONTEXTS)} tokens with "
-                 f"{', '.join(f'{s:.0%}' for s in SELECTED)} of the blocks selected: the Triton kernel, "
-                 "the torch reference, and dense SDPA over the same selected tokens.")
+        sys.exit(f"bench_kernels needs a CUDA device and Triton (device here: {machine()['device']}). It times "
+                 f"one decode step of paged attention ({Q_HEADS} query heads, {KV_HEADS} KV heads, head_dim "
+                 f"{HEAD_DIM}, blocks of {BLOCK_TOKENS} tokens) at {', '.join(f'{c >> 10}K' for c in CONTEXTS)} "
+                 f"tokens reading {', '.join(f'{s:.0%}' for s in SELECTED)} of the blocks.")
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     rows = [measure(context, share, dtype, args.repeats) for context in CONTEXTS for share in SELECTED]
+    print(f"paged decode attention and host-to-device gathers on {machine()['device']}")
     print_table(rows)
     write_results("bench_kernels", rows, dtype=args.dtype, q_heads=Q_HEADS, kv_heads=KV_HEADS,
                   head_dim=HEAD_DIM, block_tokens=BLOCK_TOKENS)

@@ -96,12 +96,12 @@ def test_batch_of_two_matches_each_sequence_alone(smollm2):
     model.set_attn_implementation("sdpa")
 
 
-def test_sparse_decode_reads_only_its_budget(smollm2):
-    """A decode step moves the budget's storage blocks, not every block its heads' units touch."""
+def test_sparse_decode_reads_exactly_its_budget(smollm2):
+    """A decode step reads the budget's storage blocks, sink and window included, and no more."""
     model, tok = smollm2
     n = 2048
     ids = torch.tensor([text_tokens(tok, n, offset_tokens=20000)])
-    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64, unit_tokens=4, read_factor=1)
+    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64, unit_tokens=4)
     cache = TieredCache(model, dataclasses.replace(exact_config(model, n, 0.25), retrieval=retrieval))
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True)
@@ -109,9 +109,12 @@ def test_sparse_decode_reads_only_its_budget(smollm2):
         model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
     model.set_attn_implementation("sdpa")
     per_layer = (cache.manager.stats().lookups - before) / model.config.num_hidden_layers
-    # 204 tokens of 4-token units per head -> at most ceil(204 / 32) + 1 blocks of 32 tokens (the
-    # open block makes the window straddle one more); the heads' units alone span far more.
-    assert per_layer <= math.ceil(0.1 * n / BLOCK) + 1, per_layer
+    plan = cache.selector.plan(0, n + 1)
+    # 10% of 2049 tokens is 204: the open block (1 token) and 6 whole blocks of 32.
+    assert (plan.read, plan.sink, plan.window) == (7, 1, 2)
+    assert per_layer == plan.read
+    assert plan.read_tokens <= 0.1 * (n + 1) < plan.read_tokens + BLOCK
+    assert cache.attended_fraction == pytest.approx(plan.read_tokens / (n + 1))
     cache.close()
 
 
@@ -122,9 +125,10 @@ def test_errors(smollm2):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="model type 'gpt2'"):
         TieredCache(gpt2)
-    tiny = TierConfig(device_budget_bytes=kv_bytes(model, BLOCK) // 30 * 10, host_budget_bytes=1 << 24,
+    block = kv_bytes(model, BLOCK) // model.config.num_hidden_layers
+    tiny = TierConfig(device_budget_bytes=block * 30 * 2, host_budget_bytes=1 << 24,
                       block_tokens=BLOCK, dtype=torch.float32, device="cpu")
-    with pytest.raises(ConfigError, match="needs at least 61"):
+    with pytest.raises(ConfigError, match="holds 2 blocks .* per layer .* needs at least 3 per layer"):
         TieredCache(model, tiny)
     half = TierConfig(device_budget_bytes=1 << 24, host_budget_bytes=1 << 24, dtype=torch.float16, device="cpu")
     with pytest.raises(ConfigError, match="differs from the model"):

@@ -22,7 +22,6 @@ def test_defaults_pick_cpu_without_cuda():
         ({"host_budget_bytes": -1}, "host_budget_bytes"),
         ({"host_codec": "lzma9"}, "host_codec 'lzma9' is unknown"),
         ({"disk_codec": "nope"}, "disk_codec 'nope' is unknown"),
-        ({"policy": "fifo"}, "policy 'fifo' is unknown"),
         ({"dtype": "int8"}, "dtype 'int8' not supported"),
         ({"disk_budget_bytes": 100}, "needs a disk_path"),
         ({"block_tokens": 2.5}, "block_tokens must be an int"),

@@ -196,8 +196,8 @@ def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
     with StreamSession(session.model, session.tokenizer, config) as partial:
         partial.cache.import_kv(kv)
         calls = []
-        select = partial.cache.retriever.select
-        partial.cache.retriever.select = lambda seq, layer, q, n: calls.append(q.shape[2]) or select(seq, layer, q, n)
+        select = partial.cache.selector.select
+        partial.cache.selector.select = lambda plan, q, *rest: calls.append(q.shape[2]) or select(plan, q, *rest)
         question = question_text(FACTS[0])
         n_question = len(session.tokenizer(question, add_special_tokens=False)["input_ids"])
         answers = {}

@@ -2,22 +2,28 @@
 
 transformers calls ``Cache.update(key, value, layer_idx)`` and then the model's attention function
 with the query; ``update`` never sees the query, so the work happens in the attention function
-(registered with ``AttentionInterface`` as ``"tiercache"``): ``update`` only hands this step's new
-keys and values over, and the attention function
+(registered with ``AttentionInterface`` as ``"tiercache"``). ``update`` only hands this step's new
+keys and values over. The mask interface entry of ``"tiercache"`` passes the 2-D padding mask
+through unchanged, so the attention function knows which new tokens are padding.
 
-1. attends the query to the cached blocks: every block during a full prefill, or sink + window +
-   the blocks retrieval picks (per KV head) during decode, streaming the blocks through the device
-   pool in groups so the device never holds more than its budget;
-2. attends causally to the new keys and values themselves;
-3. merges both parts exactly by log-sum-exp;
-4. writes the new keys and values into the tiers: the open block of each sequence and layer is
-   pinned on the device, a block that fills is sealed (indexed for retrieval) and may then be
-   demoted. The first ``sink_tokens`` stay pinned.
+**A decode step** (one new token per row) is a tensor pipeline with no host sync while the blocks
+it reads are on the device or in host memory:
 
-The mask interface does not know ``"tiercache"``, so transformers builds no mask and causality is
-this module's job. Padding masks are not supported: a batch's sequences must have equal lengths.
+1. the new token's K/V are written into each row's open block, pinned in its device slot;
+2. ``Selector.select`` turns the query and the unit summaries into the blocks each row reads
+   (``(rows, read)``, sink + window + retrieved, ``read`` fixed by the plan);
+3. ``BlockTable.pids`` maps them to physical blocks and ``TierManager.resident`` to device slots,
+   copying the misses from host memory in one gather;
+4. ``paged_attention`` reads those slots in place.
+
+**A prefill** (several new tokens) attends the cached blocks (every block, sink + window, or the
+blocks its queries retrieve: ``prefill``) and, causally, its own tokens; both parts merge exactly
+by log-sum-exp. Its tokens are then written: full blocks go to host memory, the last partial
+block becomes the open block on the device. When the blocks to read do not fit the device slots
+at once, they are streamed through them in groups.
+
 Keys are cached after RoPE (transformers applies it before ``update``), so a subset of blocks needs
-no re-rotation.
+no re-rotation. The cache is for inference: nothing it stores carries gradients.
 """
 
 from __future__ import annotations
@@ -25,24 +31,28 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Iterable
 
+import numpy as np
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import Cache
+from transformers.masking_utils import prepare_padding_mask
 
-from .blocks import BlockKey
 from .config import TierConfig
 from .errors import ConfigError, ShapeError, UnsupportedModelError
-from .kernels.attention import block_sparse_attention, merge_attention
+from .kernels.attention import causal_attention, merge_attention, paged_attention
 from .manager import TierManager
-from .retrieval.retriever import Retriever
-from .retrieval.selector import storage_blocks
+from .retrieval.index import UnitIndex
+from .retrieval.selector import Selector
+from .retrieval.summaries import make_summary
+from .table import BlockTable
 
 ATTN_NAME = "tiercache"
 #: Model types whose attention modules follow the Llama layout (q/k/v projections, RoPE before the
 #: cache update, ``layer_idx`` and ``num_key_value_groups`` on the module).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-#: Queries attended to the new tokens per chunk: bounds the (q_heads, chunk, tokens) score tensor.
+#: Queries per causal attention call of a prefill: bounds the (queries x tokens) score tensor.
 _QUERY_CHUNK = 512
 PREFILL_MODES = ("full", "window", "retrieval")
 
@@ -55,13 +65,14 @@ class TieredCache(Cache):
     ``TieredCache(model, config)`` switches ``model`` to the ``"tiercache"`` attention function
     (which behaves like plain causal attention for any other cache) and builds a ``TierManager``
     for the model's KV geometry. Use it as ``past_key_values`` of ``model(...)`` or
-    ``model.generate(...)``.
+    ``model.generate(...)``. A batch's rows may be padded (left or right): padding tokens are
+    cached but never attended and never enter retrieval.
 
     ``prefill``: how a forward of several new tokens attends the tokens cached before it:
     ``"full"`` (every block: exact), ``"window"`` (sink + recent window only: constant cost per
     chunk, for streams) or ``"retrieval"`` (sink + window + the blocks the chunk's queries pick:
-    a question over a long stream). Decode steps (one new token) always use retrieval. The
-    attribute may be changed between forwards.
+    a question over a long stream). Decode steps (one new token) always read the retrieval
+    budget. The attribute may be changed between forwards.
     """
 
     def __init__(self, model, config: TierConfig | None = None, prefill: str = "full") -> None:
@@ -79,21 +90,29 @@ class TieredCache(Cache):
         if self.layout.dtype != model.dtype:
             raise ConfigError(f"config dtype {self.layout.dtype} differs from the model's {model.dtype}")
         self.prefill = prefill
-        #: After a ``"retrieval"`` prefill (a question), decode steps read the blocks that
-        #: prefill ranked (plus sink and the recent window) instead of selecting anew each step
-        #: (ReKV). The held selections are dropped by ``truncate``, ``reset`` and the next prefill.
+        #: After a ``"retrieval"`` prefill (a question), decode steps read the blocks that prefill
+        #: chose (plus sink and the recent window) instead of selecting anew each step (ReKV).
+        #: The held selections are dropped by ``truncate``, ``reset`` and the next prefill.
         self.hold_selection = False
-        self._held: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
-        self.manager = TierManager(self.config, self.layout)
+        self.manager = TierManager(self.config, self.layout, self.n_layers)
         bt = self.layout.block_tokens
-        #: Tokens per selection unit: retrieval indexes and picks units; storage moves blocks.
+        #: Tokens per selection unit: retrieval summarises and ranks units; storage moves blocks.
         self.unit = self.config.retrieval.unit_tokens or bt
-        self.retriever = Retriever(self.config.retrieval, self.n_layers, self.kv_heads, self.head_dim,
-                                   self.unit, self.config.device)
+        self.summary = make_summary(self.config.retrieval.summary)
+        self.selector = Selector(self.config.retrieval, bt, self.unit, self.summary, self.manager.device)
         self.sink_blocks = math.ceil(self.config.retrieval.sink_tokens / bt)
-        self._check_room()
-        self._lengths: list[list[int]] = []  # [seq][layer] tokens cached
+        self._check_room(1)
+        self.table: BlockTable | None = None
+        self.index: UnitIndex | None = None
+        self.lengths = [0] * self.n_layers
+        self._open: list[torch.Tensor | None] = [None] * self.n_layers  # open blocks' slots (rows,)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held: dict[int, torch.Tensor] = {}
+        self._step_blocks: dict[int, torch.Tensor] = {}
+        self._row_index = torch.zeros(0, 1, dtype=torch.int64)
+        self._padded = False
+        self._read_tokens = 0
+        self._cached_tokens = 0
         model.set_attn_implementation(ATTN_NAME)
 
     # ------------------------------------------------------------ Cache API
@@ -106,23 +125,26 @@ class TieredCache(Cache):
             raise ShapeError(f"layer {layer_idx}: keys {tuple(key_states.shape)} / values "
                              f"{tuple(value_states.shape)} do not match the cache's {self.kv_heads} KV heads "
                              f"x {self.head_dim} dims: was this cache built for another model?")
-        if not self._lengths:
-            self._lengths = [[0] * self.n_layers for _ in range(b)]
-        elif b != len(self._lengths):
-            raise ShapeError(f"batch of {b} sequences, but this cache holds {len(self._lengths)}")
+        if self.table is None:
+            self._start(b)
+        elif b != self.table.rows:
+            raise ShapeError(f"batch of {b} sequences, but this cache holds {self.table.rows}")
         self._pending[layer_idx] = (key_states, value_states)
         _active.cache = weakref.ref(self)
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens cached for layer ``layer_idx`` (of the first sequence): every token ever seen."""
-        return self._lengths[0][layer_idx] if self._lengths else 0
+        """Tokens cached for layer ``layer_idx`` (padding included): every token ever seen."""
+        return self.lengths[layer_idx]
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length(layer_idx) + query_length, 0
+
+    def __len__(self) -> int:
+        return self.n_layers
 
     @property
     def is_compileable(self) -> bool:
@@ -132,242 +154,307 @@ class TieredCache(Cache):
     def is_croppable(self) -> bool:
         return False
 
+    @property
+    def attended_fraction(self) -> float:
+        """Tokens decode steps read over tokens cached, summed over layers and steps (1.0 before
+        any decode step)."""
+        return self._read_tokens / self._cached_tokens if self._cached_tokens else 1.0
+
     def reset(self) -> None:
-        """Forget every cached token."""
-        for seq in range(len(self._lengths)):
-            self.manager.drop(seq)
-            self.retriever.drop(seq)
-        self._lengths = []
+        """Forget every cached token (and the batch size: the next forward may use another)."""
+        if self.table is not None:
+            self.manager.free(self.table.clear())
+        self.table = self.index = None
+        self.lengths = [0] * self.n_layers
+        self._open = [None] * self.n_layers
         self._pending.clear()
         self._held.clear()
 
     def close(self) -> None:
-        """Stop the manager's prefetch worker and close the tiers it built (the disk tier's
-        store releases its writer lock, so another process can open it)."""
+        """Close the tiers the manager built (the disk tier's store releases its writer lock, so
+        another process can open it)."""
         self.manager.close()
 
     def truncate(self, tokens: int) -> None:
-        """Forget every cached token past the first ``tokens`` of every sequence and layer (undo a
-        question asked of a stream). The block that becomes the last is reopened (pinned, unindexed)."""
+        """Forget every cached token past the first ``tokens`` of every row (undo a question asked
+        of a stream). The block that becomes the last is reopened: pinned, written in place."""
+        if self.table is None or tokens >= self.lengths[0]:
+            return
         bt = self.layout.block_tokens
-        keep_blocks = math.ceil(tokens / bt)
+        keep_open = self.lengths[0] % bt and self.lengths[0] // bt == tokens // bt
+        self.manager.free(self.table.cut(tokens))
+        self.index.cut(tokens // self.unit)
         self._held.clear()
-        for seq, lengths in enumerate(self._lengths):
-            for layer, n in enumerate(lengths):
-                if tokens >= n:
-                    continue
-                gone = [BlockKey(seq, layer, i) for i in range(keep_blocks, math.ceil(n / bt))]
-                self.manager.remove(gone)
-                unindex = list(range(tokens // self.unit, n // self.unit))
-                if unindex:
-                    self.retriever.index(seq, layer).remove(unindex)
-                if tokens % bt:
-                    last = BlockKey(seq, layer, keep_blocks - 1)
-                    k, v = self.manager.get([last])
-                    r = tokens % bt
-                    self.manager.put(last, k[0, :, :r].clone(), v[0, :, :r].clone(), pinned=True)
-                lengths[layer] = tokens
+        self.lengths = [tokens] * self.n_layers
+        if keep_open:  # the cut falls inside the open block: it stays open
+            return
+        block = tokens // bt
+        if not tokens % bt:
+            self._open = [None] * self.n_layers
+            return
+        pids = self._device_pids(block)
+        for layer in range(self.n_layers):
+            # Sink blocks are pinned already.
+            self._open[layer] = (self.manager.resident(layer, pids) if block < self.sink_blocks
+                                 else self.manager.pin(layer, pids))
 
     def export_kv(self, seq: int = 0) -> torch.Tensor:
-        """The whole cache of sequence ``seq`` as ``(layers, 2, kv_heads, tokens, head_dim)`` on the
-        CPU (blocks are read from whichever tier holds them, a device-budget's worth at a time)."""
-        lengths = self._lengths[seq] if self._lengths else [0]
-        n = lengths[0]
-        if any(x != n for x in lengths):
-            raise ShapeError(f"sequence {seq}: layers hold different numbers of tokens; finish the forward first")
-        bt = self.layout.block_tokens
+        """The whole cache of row ``seq`` as ``(layers, 2, kv_heads, tokens, head_dim)`` on the
+        CPU (blocks are read from whichever tier holds them)."""
+        n = self.lengths[0]
+        if any(x != n for x in self.lengths):
+            raise ShapeError(f"row {seq}: layers hold different numbers of tokens; finish the forward first")
         out = torch.empty((self.n_layers, 2, self.kv_heads, n, self.head_dim), dtype=self.layout.dtype)
-        group = max(1, self.manager.max_get_blocks() - 1)
+        if not n:
+            return out
+        pids = self.table.host_pids(slice(0, self.table.blocks))[seq]
         for layer in range(self.n_layers):
-            blocks = list(range(math.ceil(n / bt)))
-            for start in range(0, len(blocks), group):
-                chunk = blocks[start : start + group]
-                k, v = self.manager.get([BlockKey(seq, layer, i) for i in chunk])
-                a, b = chunk[0] * bt, min(n, (chunk[-1] + 1) * bt)
-                out[layer, 0, :, a:b] = k.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, : b - a].cpu()
-                out[layer, 1, :, a:b] = v.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)[:, : b - a].cpu()
+            kv = self.manager.read(layer, pids)                    # (blocks, bt, 2, H, D)
+            out[layer] = kv.permute(2, 3, 0, 1, 4).reshape(2, self.kv_heads, -1, self.head_dim)[:, :, :n].cpu()
         return out
 
-    def import_kv(self, kv: torch.Tensor, seq: int = 0) -> None:
-        """Fill an empty cache for sequence ``seq`` (of a batch of one) from ``(layers, 2,
-        kv_heads, tokens, head_dim)``, as ``export_kv`` or a saved context gives it, without any
-        prefill: blocks are written to the tiers and sealed blocks indexed."""
+    def import_kv(self, kv: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Fill an empty cache of one row, without any prefill: blocks are written to the tiers
+        and units summarised. ``kv``: ``(layers, 2, kv_heads, tokens, head_dim)`` as ``export_kv``
+        or a saved context gives it, or an iterable of each layer's ``(2, kv_heads, tokens,
+        head_dim)`` in order (so a context larger than host memory at once can stream in)."""
         expected = (self.n_layers, 2, self.kv_heads, self.head_dim)
-        if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != expected:
+        if isinstance(kv, torch.Tensor) and (kv.dim() != 5 or (*kv.shape[:3], kv.shape[4]) != expected):
             raise ShapeError(f"import_kv: shape {tuple(kv.shape)} does not match (layers={self.n_layers}, 2, "
                              f"kv_heads={self.kv_heads}, tokens, head_dim={self.head_dim}) of this model")
-        if self._lengths and any(self._lengths[seq]):
-            raise ShapeError(f"import_kv: sequence {seq} already holds tokens; import into an empty cache")
-        if not self._lengths:
-            self._lengths = [[0] * self.n_layers]
+        if any(self.lengths):
+            raise ShapeError("import_kv: the cache already holds tokens; import into an empty cache")
+        if self.table is None:
+            self._start(1)
         device = self.manager.device
-        for layer in range(self.n_layers):
-            self._append(seq, layer, kv[layer, 0].to(device), kv[layer, 1].to(device))
+        try:
+            with torch.no_grad():
+                for layer, part in enumerate(kv):
+                    if layer >= self.n_layers or part.dim() != 4 or part.shape[:2] != (2, self.kv_heads) \
+                            or part.shape[3] != self.head_dim or (layer and part.shape[2] != self.lengths[0]):
+                        raise ShapeError(f"import_kv: layer {layer} has shape {tuple(part.shape)}, expected (2, "
+                                         f"kv_heads={self.kv_heads}, {self.lengths[0] or 'tokens'}, "
+                                         f"head_dim={self.head_dim}) for one of {self.n_layers} layers")
+                    self._append(layer, part[0][None].to(device), part[1][None].to(device), None)
+            if len(set(self.lengths)) != 1:
+                raise ShapeError(f"import_kv: got {sum(1 for n in self.lengths if n)} layers, the model has "
+                                 f"{self.n_layers}")
+        except BaseException:
+            self.reset()  # nothing half-imported stays behind
+            raise
 
     # ------------------------------------------------------------ attention
 
-    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    @torch.no_grad()
+    def attend(self, layer: int, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention output ``(batch, q_len, q_heads, head_dim)`` of ``query`` ``(batch, q_heads,
         q_len, head_dim)`` over the cached tokens of ``layer`` and this step's new ones, which it
-        then caches."""
+        then caches. ``mask``: the 2-D padding mask ``(batch, tokens)`` (True: a real token), or
+        None."""
         keys, values = self._pending.pop(layer)
-        out = torch.empty_like(query)
-        for seq in range(query.shape[0]):
-            past = self._lengths[seq][layer]
-            q = query[seq]
-            if past:
-                parts = [self._attend_new(q, keys[seq], values[seq], scaling),
-                         *self._attend_cached(seq, layer, q, past, scaling)]
-                out[seq] = merge_attention([p[0] for p in parts], [p[1] for p in parts])[0]
-            else:
-                # Nothing cached yet: plain causal attention, no log-sum-exp needed for a merge.
-                out[seq] = _causal_attention(q[None], keys[seq][None], values[seq][None], None, scaling)[0].transpose(0, 1)
-            self._append(seq, layer, keys[seq], values[seq])
+        new = keys.shape[2]
+        valid = self._new_valid(mask, new)
+        past = self.lengths[layer]
+        if new == 1 and past:
+            self._append(layer, keys, values, valid)
+            out, _ = self._read(layer, query, self._decode_blocks(layer, query, past + 1, scaling), scaling, lse=False)
+        else:
+            parts = [self._read(layer, query, self._prefill_blocks(layer, query, past, scaling), scaling,
+                                limit=past)] if past else []
+            parts += self._attend_new(query, keys, values, valid, scaling)
+            out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+            self._append(layer, keys, values, valid)
         return out.transpose(1, 2)
 
-    def _attend_new(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
-        """Causal attention of ``q`` (q_heads, L, D) over the L new tokens; (out, lse)."""
-        n = k.shape[1]
-        bt = self.layout.block_tokens
-        nb = math.ceil(n / bt)
-        pad = nb * bt - n
-        kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(self.kv_heads, nb, bt, self.head_dim).transpose(0, 1)
-        vb = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(self.kv_heads, nb, bt, self.head_dim).transpose(0, 1)
-        lens = torch.full((nb,), bt, dtype=torch.long, device=k.device)
-        lens[-1] = bt - pad
-        outs, lses = [], []
-        for start in range(0, n, _QUERY_CHUNK):
-            stop = min(n, start + _QUERY_CHUNK)
-            blocks = math.ceil(stop / bt)  # keys a query chunk can see end with its last query
-            mask = torch.ones(self.kv_heads, blocks, dtype=torch.bool, device=k.device)
-            o, lse = block_sparse_attention(q[:, start:stop], kb[:blocks], vb[:blocks], mask, lens[:blocks],
-                                            scaling, causal_from=start)
-            outs.append(o)
-            lses.append(lse)
-        return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    def _new_valid(self, mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
+        """Which of the ``new`` tokens are real (not padding), from the 2-D mask; None: all."""
+        if mask is None:
+            return None
+        if mask.dim() != 2 or mask.shape[0] != self.table.rows or mask.shape[1] < new:
+            raise ShapeError(f"tiercache attention takes a 2-D padding mask (batch={self.table.rows}, tokens), got "
+                             f"{tuple(mask.shape)}: custom 4-D masks are not supported")
+        return mask[:, -new:].to(torch.bool)
 
-    def _attend_cached(self, seq: int, layer: int, q: torch.Tensor, past: int, scaling: float):
-        """Partial attentions (out, lse) of ``q`` over the ``past`` cached tokens of (seq, layer)."""
-        bt, unit = self.layout.block_tokens, self.unit
-        per_block = bt // unit
-        n_units = math.ceil(past / unit)
-        decode = q.shape[1] == 1
-        mode = "retrieval" if decode else self.prefill
-        if not decode:
-            self._held.pop((seq, layer), None)
-        held = self._held.get((seq, layer)) if decode else None
-        full = mode == "full" or layer in self.config.retrieval.full_attention_layers
-        selected = torch.zeros(self.kv_heads, math.ceil(past / bt) * per_block, dtype=torch.bool, device=q.device)
-        if full or mode == "window":
-            units = (torch.arange(n_units, device=q.device).expand(self.kv_heads, n_units) if full
-                     else self._window_units(n_units, q.device))
-            selected.scatter_(1, units, True)
-            blocks = (units // per_block).unique().tolist()
+    def _decode_blocks(self, layer: int, query: torch.Tensor, n_tokens: int, scaling: float) -> torch.Tensor:
+        """The blocks ``(rows, read)`` a decode step of ``layer`` reads at ``n_tokens`` tokens."""
+        plan = self.selector.plan(layer, n_tokens)
+        held = self._held.get(layer)
+        source = self._source_layer(layer)
+        if held is not None:
+            blocks = self.selector.with_held(plan, held)
+        elif source is not None and source in self._step_blocks and not plan.full:
+            blocks = self._step_blocks[source]
         else:
-            if held is not None:
-                # The question's picks, with sink + window of the grown context (question, answer).
-                ranked, k = held
-            else:
-                # Every query position of the chunk scores the units, like extra query heads.
-                sel = self.retriever.select(seq, layer, q.unsqueeze(0), past)
-                ranked, k = sel.ranked, sel.k
-                if not decode and self.hold_selection:
-                    self._held[(seq, layer)] = (ranked, k)
-            chosen = self._blocks_to_read(ranked, k, past)
-            selected.view(self.kv_heads, -1, per_block)[:, chosen] = True
-            blocks = chosen.tolist()
-        if mode == "retrieval":
-            self.manager.record_selection(BlockKey(seq, layer, i) for i in blocks)
-            self._prefetch_next_layer(seq, layer)
-        # Stream the blocks through the device in groups that fit beside the pinned ones.
-        group = max(1, self.manager.max_get_blocks() - 1)
-        parts = []
-        for start in range(0, len(blocks), group):
-            chunk = blocks[start : start + group]
-            keys = [BlockKey(seq, layer, i) for i in chunk]
-            k, v = self.manager.get(keys)
-            # Split each block into its units: the kernel masks whole (sub-)blocks per head.
-            k, v = (x.view(len(chunk), self.kv_heads, per_block, unit, self.head_dim).transpose(1, 2)
-                    .reshape(-1, self.kv_heads, unit, self.head_dim) for x in (k, v))
-            offsets = torch.arange(per_block, device=q.device) * unit
-            block_len = torch.tensor(self.manager.tokens(keys), dtype=torch.long, device=q.device)
-            lens = (block_len[:, None] - offsets).clamp(0, unit).reshape(-1)
-            ids = (torch.tensor(chunk, device=q.device)[:, None] * per_block + torch.arange(per_block, device=q.device))
-            parts.append(block_sparse_attention(q, k, v, selected[:, ids.reshape(-1)], lens, scaling))
-        return parts
+            blocks = self.selector.select(plan, query, self.index.data[layer], self._unit_bias(), scaling)
+        self._step_blocks[layer] = blocks
+        rows = self.table.rows
+        self._read_tokens += rows * (plan.read_tokens if held is None else
+                                     min(n_tokens, blocks.shape[1] * self.layout.block_tokens))
+        self._cached_tokens += rows * n_tokens
+        return blocks
 
-    def _prefetch_next_layer(self, seq: int, layer: int) -> None:
-        """Start moving the predictor's guess for the next layer to the device while this layer
-        computes."""
-        guess = self.retriever.prefetch(seq, layer + 1) if layer + 1 < self.n_layers else None
-        if guess is not None:
-            blocks = self._blocks_to_read(guess.ranked, guess.k, self._lengths[seq][layer + 1]).tolist()
-            self.manager.prefetch(BlockKey(seq, layer + 1, i) for i in blocks)
+    def _prefill_blocks(self, layer: int, query: torch.Tensor, past: int, scaling: float) -> torch.Tensor:
+        """The cached blocks a prefill of ``layer`` reads over ``past`` cached tokens."""
+        plan = self.selector.plan(layer, past)
+        rows = self.table.rows
+        self._held.pop(layer, None)
+        if self.prefill == "window":
+            return self.selector.window_blocks(past, rows)
+        if self.prefill == "full" or plan.full:
+            return self.selector.all_blocks(plan, rows)
+        blocks = self.selector.select(plan, query, self.index.data[layer], self._unit_bias(), scaling)
+        if self.hold_selection:
+            self._held[layer] = blocks
+        return blocks
 
-    def _blocks_to_read(self, ranked: torch.Tensor, k: int, past: int) -> torch.Tensor:
-        """Storage blocks (ascending) a retrieval step over ``past`` cached tokens reads, for the
-        heads' ``ranked`` units and ``k`` units per head: sink and window blocks, then the voted
-        ones, ``read_factor`` times the budget in all."""
-        per_block = self.layout.block_tokens // self.unit
-        forced = (self._window_units(math.ceil(past / self.unit), ranked.device)[0] // per_block).unique()
-        reads = math.ceil(self.config.retrieval.read_factor * k / per_block)
-        return storage_blocks(ranked, per_block, math.ceil(past / self.layout.block_tokens), forced, reads)
+    def _unit_bias(self) -> torch.Tensor | None:
+        return self.index.bias if self._padded else None
 
-    def _window_units(self, n_units: int, device: torch.device) -> torch.Tensor:
-        """Sink and recent-window unit indices, the same for every KV head."""
-        cfg = self.config.retrieval
-        sink = math.ceil(cfg.sink_tokens / self.unit)
-        window = math.ceil(cfg.window_tokens / self.unit) or 1
-        idx = sorted(set(range(min(sink, n_units))) | set(range(max(0, n_units - window), n_units)))
-        return torch.tensor(idx, device=device).expand(self.kv_heads, len(idx))
-
-    def _append(self, seq: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write new keys and values ``(kv_heads, n, head_dim)`` into the blocks of (seq, layer)."""
+    def _read(self, layer: int, query: torch.Tensor, blocks: torch.Tensor, scaling: float, lse: bool = True,
+              limit: int | None = None):
+        """``(out, lse)`` of ``query`` over ``blocks`` ``(rows, n)`` of ``layer``, streamed through
+        the device slots in groups when they do not fit at once (``lse``: False skips it when
+        there is a single group). ``limit``: read only tokens before it (a prefill reads the past
+        while the first layer has already grown the table for its new tokens)."""
+        rows, n = blocks.shape
         bt = self.layout.block_tokens
-        n = start = self._lengths[seq][layer]
-        pos, total = 0, k.shape[1]
-        while pos < total:
-            index, offset = divmod(n, bt)
-            take = min(bt - offset, total - pos)
-            key = BlockKey(seq, layer, index)
-            kk, vv = k[:, pos : pos + take].to(self.layout.dtype), v[:, pos : pos + take].to(self.layout.dtype)
-            sealed = offset + take == bt
-            sink = index < self.sink_blocks
-            if offset == 0:
-                self.manager.put(key, kk, vv, pinned=sink or not sealed)
-            else:
-                self.manager.append(key, kk, vv)
-            if sealed and offset and not sink:
-                self.manager.unpin([key])
-            n += take
-            pos += take
-        self._lengths[seq][layer] = n
-        self._seal_units(seq, layer, start, k)
+        pids = self.table.pids.gather(1, blocks)
+        bias = self.table.bias.view(rows, -1, bt)[self._row_index, blocks]
+        if limit is not None and limit < self.table.tokens:
+            position = blocks[:, :, None] * bt + torch.arange(bt, device=blocks.device)
+            bias = bias.masked_fill(position >= limit, float("-inf"))
+        slab = self.manager.layer_slab(layer)
+        group = max(1, self.manager.free_slots(layer) // rows)
+        if n <= group:
+            slots = self.manager.resident(layer, pids.view(-1)).view(rows, n)
+            return paged_attention(query, slab, slots, bias, scaling, lse=lse)
+        parts = []
+        for a in range(0, n, group):
+            slots = self.manager.resident(layer, pids[:, a : a + group].reshape(-1)).view(rows, -1)
+            parts.append(paged_attention(query, slab, slots, bias[:, a : a + group], scaling))
+        return merge_attention([p[0] for p in parts], [p[1] for p in parts])
 
-    def _seal_units(self, seq: int, layer: int, before: int, new_keys: torch.Tensor) -> None:
-        """Index the selection units completed by appending ``new_keys`` after ``before`` tokens."""
-        first, last = before // self.unit, self._lengths[seq][layer] // self.unit
-        if first == last:
-            return
-        keys = new_keys[:, : last * self.unit - before].to(self.layout.dtype)
-        carry = before - first * self.unit  # tokens of the first unit cached by an earlier append
-        if carry:
-            bt = self.layout.block_tokens
-            block, offset = divmod(first * self.unit, bt)
-            cached = self.manager.get([BlockKey(seq, layer, block)])[0][0, :, offset : offset + carry]
-            keys = torch.cat([cached, keys], dim=1)
-        self.retriever.seal(seq, layer, first, keys)
+    def _attend_new(self, query, keys, values, valid, scaling) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Causal attention of the new tokens over themselves, in chunks of queries; one
+        ``(out, lse)`` covering every query."""
+        rows, _, n, _ = query.shape
+        if valid is None:
+            valid = torch.ones(rows, n, dtype=torch.bool, device=query.device)
+        outs, lses = [], []
+        for a in range(0, n, _QUERY_CHUNK):
+            b = min(n, a + _QUERY_CHUNK)
+            o, l = causal_attention(query[:, :, a:b], keys[:, :, :b], values[:, :, :b], valid[:, :b], scaling)
+            outs.append(o)
+            lses.append(l)
+        return [(torch.cat(outs, dim=2), torch.cat(lses, dim=2)) if len(outs) > 1 else (outs[0], lses[0])]
 
-    def _check_room(self) -> None:
-        """The device must hold, per sequence and layer, the sink blocks and an open block, plus
-        room to stream at least one more block."""
-        need = self.n_layers * (self.sink_blocks + 1) + 1
-        if self.manager.pool.num_slots < need:
+    # ------------------------------------------------------------ writing
+
+    def _append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """Write new keys and values ``(rows, kv_heads, n, head_dim)`` of ``layer`` into its blocks
+        (``valid`` ``(rows, n)``: which are real tokens; None: all) and summarise the units they
+        complete."""
+        rows, _, n, _ = keys.shape
+        bt, unit = self.layout.block_tokens, self.unit
+        pos, end = self.lengths[layer], self.lengths[layer] + n
+        if self.table.tokens < end:  # the first layer to get here grows the rows
+            self.table.extend(end, valid)
+            self.manager.reserve(self.table.pid_capacity)
+            if n > 1 and valid is not None and not self._padded:
+                # A sync, in prefill only. Retrieval masks padding once some prompt had it; a
+                # decode token of padding is still never attended, only summarised.
+                self._padded = bool((~valid).any())
+        # (rows, n, 2, kv_heads, head_dim): the slab's token-major layout.
+        kv = torch.stack((keys, values), dim=1).permute(0, 3, 1, 2, 4)
+        if kv.dtype != self.layout.dtype:
+            kv = kv.to(self.layout.dtype)
+        slab = self.manager.layer_slab(layer)
+        block, offset = divmod(pos, bt)
+        # Keys of the units this append completes, with the tokens of the first one cached before.
+        unit_start = pos // unit * unit
+        done = end // unit - pos // unit
+        unit_keys = None
+        if done:
+            unit_keys = kv[:, : unit_start + done * unit - pos, 0]
+            if unit_start < pos:
+                carried = slab[self._open[layer], offset - (pos - unit_start) : offset, 0]
+                unit_keys = torch.cat([carried, unit_keys], dim=1)
+        written = 0
+        if offset:  # fill the open block
+            written = min(n, bt - offset)
+            slab[self._open[layer], offset : offset + written] = kv[:, :written]
+            if offset + written == bt:
+                self._seal_open(layer, block)
+            block += 1
+        full = (n - written) // bt
+        if full:
+            self._store(layer, block, kv[:, written : written + full * bt].reshape(rows, full, bt, *kv.shape[2:]))
+            written += full * bt
+            block += full
+        if written < n:  # the last, partial block becomes the open block
+            slots = self.manager.open(layer, self._device_pids(block))
+            slab[slots, : n - written] = kv[:, written:]
+            self._open[layer] = slots
+        self.lengths[layer] = end
+        if done:
+            self.index.seal(layer, pos // unit, unit_keys.transpose(1, 2),
+                            self.table.valid(unit_start, unit_start + done * unit) if self._padded else None)
+
+    def _seal_open(self, layer: int, block: int) -> None:
+        """The open block ``block`` of ``layer`` is full: write it through to host memory and let
+        it leave the device (unless it is a sink block)."""
+        slots = self._open[layer]
+        self.manager.seal(layer, self.table.host_pids(block), self.manager.layer_slab(layer)[slots])
+        if block >= self.sink_blocks and not self.manager.keeps_sealed_blocks_pinned():
+            self.manager.unpin(layer, slots)
+        self._open[layer] = None
+
+    def _store(self, layer: int, block: int, kv: torch.Tensor) -> None:
+        """Write full blocks ``block, block + 1, ...`` of every row (``kv`` ``(rows, n, block_tokens,
+        2, kv_heads, head_dim)``) to host memory; sink blocks (every block, without a host tier)
+        also go to pinned device slots."""
+        rows, n = kv.shape[:2]
+        pids = self.table.host_pids(slice(block, block + n))
+        self.manager.seal(layer, pids.reshape(-1), kv.reshape(rows * n, *kv.shape[2:]))
+        pinned = n if self.manager.keeps_sealed_blocks_pinned() else max(0, min(n, self.sink_blocks - block))
+        if pinned:
+            slots = self.manager.open(layer, torch.from_numpy(pids[:, :pinned].reshape(-1)).to(self.manager.device))
+            self.manager.layer_slab(layer)[slots] = kv[:, :pinned].reshape(rows * pinned, *kv.shape[2:])
+
+    # ------------------------------------------------------------ helpers
+
+    def _start(self, rows: int) -> None:
+        """Size the block table and the unit index for a batch of ``rows`` rows."""
+        self._check_room(rows)
+        device = self.manager.device
+        self.table = BlockTable(rows, self.layout.block_tokens, device, self.layout.dtype)
+        # Summaries in the KV dtype: in fp32 they would be half the size of a bf16 cache's keys.
+        self.index = UnitIndex(self.summary, self.n_layers, rows, self.kv_heads, self.head_dim, self.unit, device,
+                               self.layout.dtype)
+        self._row_index = torch.arange(rows, device=device)[:, None]
+        self._padded = False
+
+    def _device_pids(self, block: int) -> torch.Tensor:
+        return torch.from_numpy(self.table.host_pids(block).copy()).to(self.manager.device)
+
+    def _source_layer(self, layer: int) -> int | None:
+        """The selecting layer whose blocks ``layer`` reads (TidalDecode), or None."""
+        chosen = self.config.retrieval.selection_layers
+        if chosen is None or layer in chosen:
+            return None
+        below = [s for s in chosen if s < layer]
+        return max(below) if below else None
+
+    def _check_room(self, rows: int) -> None:
+        """Per layer, the device must hold each row's sink blocks and open block, plus one block
+        per row to stream the rest through."""
+        need = rows * (self.sink_blocks + 2)
+        if self.manager.slots < need:
             raise ConfigError(
-                f"device_budget_bytes={self.config.device_budget_bytes} holds {self.manager.pool.num_slots} "
-                f"blocks of {self.layout.nbytes} bytes; this model needs at least {need} "
-                f"({self.n_layers} layers x ({self.sink_blocks} sink + 1 open block) + 1) per sequence, i.e. "
-                f"{need * self.layout.nbytes} bytes"
+                f"device_budget_bytes={self.config.device_budget_bytes} holds {self.manager.slots} blocks of "
+                f"{self.layout.nbytes} bytes per layer ({self.n_layers} layers); a batch of {rows} needs at least "
+                f"{need} per layer ({rows} x ({self.sink_blocks} sink + 1 open + 1 streamed)), i.e. "
+                f"{need * self.n_layers * self.layout.nbytes} bytes"
             )
 
 
@@ -382,7 +469,7 @@ def default_config(model, context_tokens: int = 8192, device_fraction: float = 0
     total = per_token * context_tokens
     probe = TierConfig(device_budget_bytes=1, host_budget_bytes=0, dtype=model.dtype)
     block = probe.layout(kv_heads, head_dim).nbytes
-    minimum = block * (mcfg.num_hidden_layers * (math.ceil(probe.retrieval.sink_tokens / probe.block_tokens) + 1) + 8)
+    minimum = block * mcfg.num_hidden_layers * (math.ceil(probe.retrieval.sink_tokens / probe.block_tokens) + 8)
     return TierConfig(device_budget_bytes=max(int(total * device_fraction), minimum), host_budget_bytes=total,
                       dtype=model.dtype)
 
@@ -406,24 +493,33 @@ def _check_model(model):
     return mcfg
 
 
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    """The ``"tiercache"`` entry of transformers' mask interface: the 2-D padding mask ``(batch,
+    kv_length)`` as given (True: a real token), or None; causality is the attention's job."""
+    return prepare_padding_mask(attention_mask, kv_length, kv_offset)
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The ``"tiercache"`` attention function: TieredCache's sparse attention when the cache that
-    just received this layer's keys is a TieredCache, plain causal attention otherwise."""
+    """The ``"tiercache"`` attention function: TieredCache's attention when the cache that just
+    received this layer's keys is a TieredCache, plain causal attention otherwise."""
     ref = getattr(_active, "cache", None)
     cache = ref() if ref is not None else None
     scaling = module.scaling if scaling is None else scaling
     if cache is not None and module.layer_idx in cache._pending and cache._pending[module.layer_idx][0] is key:
-        return cache.attend(module.layer_idx, query, scaling), None
+        return cache.attend(module.layer_idx, query, attention_mask, scaling), None
     return _causal_attention(query, key, value, attention_mask, scaling), None
 
 
 def _causal_attention(query, key, value, attention_mask, scaling):
-    """Causal SDPA with the queries aligned to the last keys (they follow any cached ones)."""
+    """Causal SDPA with the queries aligned to the last keys (they follow any cached ones), and
+    the 2-D padding mask if given."""
     q_len, k_len = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    else:
-        mask = attention_mask
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        # A padding query sees no real key; letting it see itself keeps its row free of NaN.
+        own = mask & ~torch.ones_like(mask).tril(k_len - q_len - 1)
+        mask = (mask & attention_mask[:, None, None, -k_len:].to(torch.bool)) | own
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
@@ -431,3 +527,4 @@ def _causal_attention(query, key, value, attention_mask, scaling):
 
 
 AttentionInterface.register(ATTN_NAME, _attention)
+AttentionMaskInterface.register(ATTN_NAME, _padding_mask)

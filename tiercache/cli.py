@@ -7,7 +7,6 @@ import argparse
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,14 +146,14 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
     m = session.cache.manager
     stats = m.stats()
     print(f"{'tier':<8} {'budget MiB':>10} {'peak MiB':>9} {'now MiB':>8} {'blocks now':>10} {'reads (asks)':>12}")
-    placed = Counter(m.meta(k).tier.value for k in m.keys())
+    placed = m.block_counts()
     for tier in TierName:
-        if tier is not TierName.DEVICE and not any(t.name is tier for t in m.lower):
+        if not m.capacity_bytes(tier):
             continue
         asks = stats.hits[tier.value] - before.hits[tier.value]
         print(f"{tier.value:<8} {m.capacity_bytes(tier) / 2**20:>10.1f} {stats.peak_bytes[tier.value] / 2**20:>9.1f} "
               f"{m.used_bytes(tier) / 2**20:>8.1f} {placed[tier.value]:>10} {asks:>12}")
-    disk = next((t for t in m.lower if t.name is TierName.DISK), None)
+    disk = m.disk
     if disk is not None and placed[TierName.DISK.value]:
         raw = placed[TierName.DISK.value] * m.layout.nbytes
         print(f"disk codec {session.config.disk_codec}: {raw / 2**20:.1f} MiB of raw KV in "
@@ -162,7 +161,7 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
     lookups = stats.lookups - before.lookups
     hits = stats.hits["device"] - before.hits["device"]
     print(f"retrieval while asking: {lookups} block reads, device hit rate {hits / max(1, lookups):.2f}, "
-          f"prefetched {stats.prefetched - before.prefetched} blocks")
+          f"{stats.disk_waits - before.disk_waits} waits for the disk")
     print(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} questions "
           f"(up to {new_tokens} new tokens each)")
 

@@ -10,13 +10,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from .blocks import BlockLayout
 from .errors import ConfigError
 from .io.codec import CODECS
 
-POLICIES = ("lru", "score")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -27,58 +27,43 @@ def default_device() -> torch.device:
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    """What the decode-time selector reads for each layer and step (see ``tiercache.retrieval``).
+    """What the decode step reads for each layer (see ``tiercache.retrieval.selector``).
 
-    ``sink_tokens`` and ``window_tokens`` are always attended (rounded up to whole blocks);
-    ``budget`` is the total tokens attended per step, sink and window included: a float in (0, 1]
-    is a fraction of the context, an int >= 1 a number of tokens. ``layer_budgets`` overrides it
-    for some layers ({layer: budget}). ``summary`` and ``index`` name the block summary and index
-    backend (``tiercache.retrieval.make_summary`` / ``make_index``); ``gqa_aggregate`` combines the
-    scores of query heads sharing a KV head: ``"max"``, ``"sum"`` or ``"softmax"``.
-    ``full_attention_layers`` attend every block. ``selection_layers``, when set, are the only
-    layers that score blocks; every other layer reuses the selection of the nearest selecting
-    layer below it at the same step (TidalDecode). ``prefetch`` is the predictor's guess of a
-    layer's next selection: ``"previous"`` (that layer's selection at the previous step),
-    ``"next_layer"`` (the layer below's query scored on this layer's index) or ``"none"``.
-    ``unit_tokens`` is the selection unit: retrieval summarises and picks runs of this many tokens
-    inside the storage blocks (``TierConfig.block_tokens``, a multiple of it), so I/O moves large
-    blocks while the attention reads fine-grained units; ``None`` selects whole storage blocks.
-    ``read_factor`` bounds the I/O of a decode step: it reads at most ``read_factor`` times the
-    budget in storage blocks (sink and window included), the blocks the heads' ranked units vote
-    for (``tiercache.retrieval.selector.storage_blocks``), and every head attends every token of
-    them. Per-head units alone scatter over many blocks: at a 10% budget, 4-token units touch over
-    half of the 16-token blocks of a layer in one step.
+    - ``budget``: tokens whose K/V one step reads per layer, sink, window and retrieved blocks
+      together: a float in (0, 1] is a fraction of the cached tokens, an int >= 1 a number of
+      tokens. It is rounded down to whole storage blocks (``TierConfig.block_tokens``); when sink
+      and window would exceed it (short contexts), the window shrinks, down to the open block.
+      ``layer_budgets`` overrides it for some layers ({layer: budget}).
+    - ``sink_tokens`` / ``window_tokens``: the first and the most recent tokens, always read
+      (rounded up to whole blocks).
+    - ``summary``: how units are summarised for scoring (``tiercache.retrieval.make_summary``);
+      ``unit_tokens``: tokens per unit (a divisor of the block size; ``None``: whole blocks). The
+      heads' best units vote for the storage blocks that are read.
+    - ``gqa_aggregate``: how the scores of query heads sharing a KV head combine: ``"max"``,
+      ``"sum"`` or ``"softmax"``.
+    - ``full_attention_layers``: layers that read every block.
+    - ``selection_layers``: when set, the only layers that score units; every other layer reads
+      the blocks of the nearest selecting layer below it at the same step (TidalDecode).
 
     Defaults follow benchmarks/bench_retrieval.py on SmolLM2 (4K and 8K tokens): the Quest bound
-    beats mean keys and landmarks, and the "softmax" aggregate beats "max" and "sum" at every budget
-    and block size measured. The selection unit is the caller's block: at a 10% budget, recall of
-    attention mass reaches 0.90 only with blocks of <= 4 tokens (0.905 / 0.919 at 4K / 8K tokens) or
-    single tokens (0.950 / 0.963); blocks of 8 reach 0.885 / 0.894, blocks of 16 0.853 / 0.865.
-    Those are per-head selections; what decode reads, the 4-token units voted into 16-token blocks
-    at ``read_factor`` 1 (I/O equal to the budget), reaches 0.866 / 0.877. ``read_factor`` 2 is
-    the default because the needle test at 2K found 8/10 keys at 1 and 10/10 at 2.
+    (``minmax``) beats mean keys and landmarks, and the ``softmax`` aggregate beats ``max`` and
+    ``sum``; 4-token units voted into storage blocks beat selecting the blocks directly.
     """
 
     sink_tokens: int = 32
     window_tokens: int = 128
     budget: float | int = 0.1
     summary: str = "minmax"
-    index: str = "exact"
     gqa_aggregate: str = "softmax"
     full_attention_layers: tuple[int, ...] = ()
     layer_budgets: dict[int, float | int] = field(default_factory=dict)
     selection_layers: tuple[int, ...] | None = None
-    prefetch: str = "previous"
     unit_tokens: int | None = 4
-    read_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.unit_tokens is not None and (isinstance(self.unit_tokens, bool) or not isinstance(self.unit_tokens, int)
                                              or self.unit_tokens < 1):
             raise ConfigError(f"unit_tokens must be a positive int or None, got {self.unit_tokens!r}")
-        if isinstance(self.read_factor, bool) or not isinstance(self.read_factor, (int, float)) \
-                or not self.read_factor >= 1:
-            raise ConfigError(f"read_factor must be a number >= 1, got {self.read_factor!r}")
         if self.sink_tokens < 0 or self.window_tokens < 0:
             raise ConfigError(
                 f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"
@@ -100,15 +85,9 @@ class RetrievalConfig:
                 raise ConfigError(f"{name} must be layer indices >= 0, got {layers}")
         if any(not isinstance(i, int) or i < 0 for i in self.layer_budgets):
             raise ConfigError(f"layer_budgets keys must be layer indices >= 0: {list(self.layer_budgets)}")
-        if self.prefetch not in ("previous", "next_layer", "none"):
-            raise ConfigError(f"prefetch must be 'previous', 'next_layer' or 'none', got {self.prefetch!r}")
         from .retrieval.summaries import make_summary  # late: the retrieval package imports this module
 
         make_summary(self.summary)
-        if self.index != "exact" and not self.index.startswith(("faiss:", "faiss-gpu:")):
-            raise ConfigError(
-                f"index must be 'exact', 'faiss:<factory>' or 'faiss-gpu:<factory>', got {self.index!r}"
-            )
 
 
 @dataclass(frozen=True)
@@ -116,14 +95,15 @@ class TierConfig:
     """Budgets, block size, encodings and places of the three tiers.
 
     - ``device_budget_bytes``: raw bytes of KV the compute device may hold (at least one block).
-    - ``host_budget_bytes``: bytes of host memory for the warm tier, in ``host_codec``'s encoding.
+    - ``host_budget_bytes``: bytes of host memory for the warm tier, in ``host_codec``'s encoding. A
+      ceiling, not a reservation: memory is taken as blocks arrive. A budget above the machine's
+      available memory is refused.
     - ``disk_budget_bytes``: bytes on disk for the cold tier; 0 disables the disk tier.
     - ``block_tokens``: tokens per block.
     - ``dtype``: KV dtype on the device (``None``: the model's).
     - ``host_codec`` / ``disk_codec``: registered codec names (see ``tiercache.io.codec.CODECS``),
       with their parameters in ``host_codec_params`` / ``disk_codec_params``.
     - ``disk_path``: directory of the disk tier (created if missing; must be writable).
-    - ``policy``: ``"lru"`` or ``"score"`` (blocks retrieval keeps choosing stay hot).
     - ``device``: compute device; ``None`` picks CUDA when available, else the CPU.
     """
 
@@ -137,7 +117,6 @@ class TierConfig:
     disk_codec: str = "raw"
     disk_codec_params: dict = field(default_factory=dict)
     disk_path: str | os.PathLike | None = None
-    policy: str = "lru"
     device: str | torch.device | None = None
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
@@ -155,6 +134,13 @@ class TierConfig:
                 f"host_budget_bytes ({self.host_budget_bytes}) and disk_budget_bytes "
                 f"({self.disk_budget_bytes}) must be >= 0"
             )
+        available = psutil.virtual_memory().available
+        if self.host_budget_bytes > available:
+            raise ConfigError(
+                f"host_budget_bytes={self.host_budget_bytes} ({self.host_budget_bytes / 2**30:.1f} GiB) is more than "
+                f"this machine's available memory, {available} bytes ({available / 2**30:.1f} GiB); lower it, "
+                "and let the disk tier (disk_budget_bytes, disk_path) take the rest"
+            )
         if isinstance(self.dtype, str):
             if self.dtype not in _DTYPES:
                 raise ConfigError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
@@ -168,8 +154,6 @@ class TierConfig:
         unit = self.retrieval.unit_tokens
         if unit is not None and self.block_tokens % unit:
             raise ConfigError(f"block_tokens ({self.block_tokens}) must be a multiple of retrieval.unit_tokens ({unit})")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy {self.policy!r} is unknown; use one of {POLICIES}")
         try:
             object.__setattr__(self, "device", torch.device(self.device) if self.device else default_device())
         except RuntimeError as exc:

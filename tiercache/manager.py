@@ -1,331 +1,387 @@
-"""``TierManager``: the block table and the movement of blocks between tiers.
+"""``TierManager``: every layer's blocks, by physical id (pid), in the device slab, host memory
+and on disk.
 
-Tiers form a chain, fastest first: the device pool (level 0), then the backing tiers (host, then
-disk when configured). A block lives in exactly one tier. ``get`` and ``promote`` bring blocks to
-the device; making room demotes the policy's victims one level down, cascading when the level
-below is full. A request that cannot be placed raises ``CapacityError`` *before* anything moves,
-so no stored block is ever lost to a full tier.
+Under the decode step's tensor pipeline (``residency.Residency``), this is the Python
+bookkeeping of the slower tiers:
 
-Thread safety: one re-entrant lock guards the table, the pools and the tiers. ``prefetch`` runs
-promotions on a worker thread (on its own CUDA stream when the device is a GPU, synchronised
-before the lock is released, so a reader never sees a half-copied slot); ``get`` waits only for
-the prefetches of the blocks it asked for.
+- **Write-through.** A block is written to host memory when it is sealed (full), so a device
+  copy is always clean and evicting it writes nothing. Open blocks (being appended to) and sink
+  blocks are pinned on the device.
+- **Host to disk.** When host memory is full, its oldest rows go to the disk tier (the
+  ``DiskStore`` records of ``tiercache.io.disk``, keyed ``BlockKey(0, layer, pid)``); a block
+  read back keeps its disk copy, so demoting it again writes nothing.
+- **Disk misses.** A step whose layer has blocks held only on disk checks its pids first (one
+  host sync) and reads those blocks into host memory before the tensor pipeline runs. This is
+  the one case where a step waits; ``TierStats.disk_waits`` counts it. With no block of the layer
+  on disk only, nothing is checked and nothing waits.
+
+Units: budgets and sizes in bytes, blocks of ``layout.block_tokens`` tokens, slots per layer.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
-from .blocks import BlockKey, BlockLayout, BlockMeta, TierName
+from .blocks import BlockKey, BlockLayout, TierName
 from .config import TierConfig
-from .errors import BlockNotFoundError, CapacityError, PinnedBlockError, ShapeError, TiercacheError
+from .errors import CapacityError, ConfigError
 from .io.codec import make_codec
-from .policy import Policy, make_policy
-from .pools import DevicePool
+from .pools import DeviceSlab
+from .residency import PINNED, Residency
 from .tiers import BackingTier, HostTier
 
 
 @dataclass
 class TierStats:
-    """Counters since the manager was created. Blocks are counted in blocks, sizes in bytes of the
-    encoding of the tier they were written to, times in seconds.
+    """Counters since the manager was created, in blocks unless named otherwise.
 
-    Invariants: ``lookups == sum(hits.values())``; ``device_misses == lookups - hits["device"]``.
-    ``moved_bytes`` is keyed ``"src->dst"`` (e.g. ``"host->device"``).
+    - ``lookups``: block reads of decode and prefill steps; ``hits[tier]``: where each was found
+      (``lookups == sum(hits.values())``).
+    - ``moved_bytes["src->dst"]``: bytes copied between tiers, in the destination's encoding.
+    - ``disk_waits`` / ``wait_seconds``: steps that waited for the disk, and how long (s).
+    - ``peak_bytes[tier]``: the most bytes the tier held.
     """
 
     lookups: int = 0
     hits: dict[str, int] = field(default_factory=lambda: {t.value: 0 for t in TierName})
-    puts: int = 0
-    promotions: int = 0
     demotions: int = 0
-    prefetch_requested: int = 0
-    prefetched: int = 0
-    prefetch_failed: int = 0
-    moved_bytes: Counter = field(default_factory=Counter)
+    moved_bytes: dict[str, int] = field(default_factory=dict)
+    disk_waits: int = 0
     wait_seconds: float = 0.0
     peak_bytes: dict[str, int] = field(default_factory=lambda: {t.value: 0 for t in TierName})
 
     @property
     def device_misses(self) -> int:
-        """Blocks that ``get`` had to bring to the device (not resident when asked for)."""
+        """Block reads that had to copy their block to the device."""
         return self.lookups - self.hits[TierName.DEVICE.value]
 
     def copy(self) -> "TierStats":
-        return replace(self, hits=dict(self.hits), moved_bytes=Counter(self.moved_bytes),
+        return replace(self, hits=dict(self.hits), moved_bytes=dict(self.moved_bytes),
                        peak_bytes=dict(self.peak_bytes))
 
 
-def default_lower_tiers(config: TierConfig, layout: BlockLayout) -> list[BackingTier]:
-    """The backing tiers a config asks for: host (if its budget holds a block), then disk."""
-    tiers: list[BackingTier] = []
-    if config.host_budget_bytes > 0:
-        host = HostTier(layout, config.host_budget_bytes, make_codec(config.host_codec, **config.host_codec_params))
-        if host.pool.num_slots > 0:
-            tiers.append(host)
-    if config.disk_budget_bytes > 0:
-        from .io.disk import DiskTier
-
-        tiers.append(DiskTier.from_config(config, layout))
-    return tiers
-
-
 class TierManager:
-    """Places blocks of ``layout`` in the device pool and the backing tiers within their budgets.
+    """The tiers of one model's KV: ``layers`` layers of ``layout`` blocks, placed within
+    ``config``'s budgets. ``slots``: device slots per layer (default: the device budget split
+    evenly over the layers)."""
 
-    ``lower_tiers`` overrides the backing tiers built from ``config`` (for tests and custom tiers).
-    """
-
-    def __init__(self, config: TierConfig, layout: BlockLayout,
-                 lower_tiers: Sequence[BackingTier] | None = None) -> None:
+    def __init__(self, config: TierConfig, layout: BlockLayout, layers: int, slots: int | None = None) -> None:
         config.check_budgets(layout)
+        if layout.block_tokens != config.block_tokens:
+            raise ConfigError(f"layout has blocks of {layout.block_tokens} tokens, the config "
+                              f"{config.block_tokens}: build the layout with config.layout(...)")
         self.config = config
         self.layout = layout
+        self.layers = layers
         self.device = torch.device(config.device)
-        self.pool = DevicePool(layout, config.device_budget_bytes, self.device)
-        self.lower: list[BackingTier] = list(default_lower_tiers(config, layout) if lower_tiers is None else lower_tiers)
-        #: Tiers this manager built from ``config`` (closed by ``close``); tiers passed in as
-        #: ``lower_tiers`` belong to the caller.
-        self._owned: list[BackingTier] = list(self.lower) if lower_tiers is None else []
-        self._levels: list[TierName] = [TierName.DEVICE] + [t.name for t in self.lower]
-        self._policies: list[Policy] = [make_policy(config.policy)] + [make_policy("lru") for _ in self.lower]
-        self._table: dict[BlockKey, BlockMeta] = {}
-        self._seqs: dict[int, set[BlockKey]] = {}
-        self._lock = threading.RLock()
-        self._pending: dict[BlockKey, Future] = {}
-        self._executor: ThreadPoolExecutor | None = None
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        slots = config.device_budget_bytes // (layers * layout.nbytes) if slots is None else slots
+        if slots < 1:
+            raise ConfigError(
+                f"device_budget_bytes={config.device_budget_bytes} is less than one block per layer: "
+                f"{layers} layers x {layout.nbytes} bytes = {layers * layout.nbytes} bytes"
+            )
+        self.slab = DeviceSlab(layout, layers, slots, self.device)
+        self.host: HostTier | None = None
+        if config.host_budget_bytes > 0:
+            host = HostTier(layout, config.host_budget_bytes, make_codec(config.host_codec, **config.host_codec_params))
+            self.host = host if host.slab.rows else None
+        self.residency = Residency(self.slab, layers, self.host.slab.scratch if self.host else 0)
+        self.disk: BackingTier | None = None
+        if config.disk_budget_bytes > 0:
+            from .io.disk import DiskTier
+
+            self.disk = DiskTier.from_config(config, layout)
+        rows = self.host.slab.rows if self.host else 0
+        self._row_layer = np.full(rows, -1, dtype=np.int64)
+        self._row_pid = np.full(rows, -1, dtype=np.int64)
+        self._row_stamp = np.zeros(rows, dtype=np.int64)
+        self._stamp = 0
+        # Host copies of residency.host_row, and which blocks the disk holds: (layers, pids).
+        self._rows = np.full((layers, 0), -1, dtype=np.int64)
+        self._on_disk = np.zeros((layers, 0), dtype=bool)
+        self._disk_only = [0] * layers  # blocks of each layer held on disk and not in host memory
+        self._pinned = [0] * layers
+        self._lookups = 0
         self._stats = TierStats()
 
-    # ----------------------------------------------------------------- queries
+    # ------------------------------------------------------------------ sizes
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._table
+    @property
+    def slots(self) -> int:
+        """Device slots per layer."""
+        return self.slab.slots
 
-    def __len__(self) -> int:
-        return len(self._table)
+    def pinned(self, layer: int) -> int:
+        """Device slots of ``layer`` pinned now (open and sink blocks)."""
+        return self._pinned[layer]
 
-    def meta(self, key: BlockKey) -> BlockMeta:
-        """A copy of the table entry of ``key``; ``BlockNotFoundError`` if unknown."""
-        with self._lock:
-            return replace(self._entry(key))
+    def free_slots(self, layer: int) -> int:
+        """Device slots of ``layer`` that one ``resident`` call may use."""
+        return self.slab.slots - self._pinned[layer]
 
-    def keys(self, seq: int | None = None) -> list[BlockKey]:
-        """All block keys, or those of sequence ``seq``, sorted."""
-        with self._lock:
-            return sorted(self._table if seq is None else self._seqs.get(seq, ()))
+    def reserve(self, pid_capacity: int) -> None:
+        """Make room for pids below ``pid_capacity``."""
+        self.residency.grow(pid_capacity)
+        cap = self.residency.pid_capacity
+        if cap > self._rows.shape[1]:
+            grow = cap - self._rows.shape[1]
+            self._rows = np.pad(self._rows, ((0, 0), (0, grow)), constant_values=-1)
+            self._on_disk = np.pad(self._on_disk, ((0, 0), (0, grow)))
+
+    def layer_slab(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s slots ``(slots + 1, block_tokens, 2, kv_heads, head_dim)`` (a view)."""
+        return self.residency.layer_kv[layer]
+
+    # ------------------------------------------------------------------ the step's reads
+
+    def resident(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """Device slots ``(n,)`` holding ``pids`` ``(n,)`` (distinct, ``n <= free_slots(layer)``)
+        of ``layer``. No host sync unless the layer has blocks held only on disk."""
+        if self._disk_only[layer]:
+            self._load_from_disk(layer, pids)
+        self._lookups += pids.numel()
+        return self.residency.resident(layer, pids, self._read_rows)
+
+    def _read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.host is None:  # every block is pinned on the device: nothing can miss
+            return self.slab.kv[0, : rows.numel()]
+        return self.host.read(rows)
+
+    # ------------------------------------------------------------------ the write path
+
+    def open(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """Pinned device slots ``(n,)`` for new blocks ``pids`` of ``layer`` (open or sink
+        blocks); the caller writes their data."""
+        n = pids.numel()
+        if n > self.free_slots(layer):
+            raise CapacityError(
+                f"layer {layer}: {n} more blocks to pin on the device, {self.free_slots(layer)} slots free of "
+                f"{self.slots} ({self._pinned[layer]} pinned); raise device_budget_bytes"
+            )
+        self._pinned[layer] += n
+        return self.residency.claim(layer, pids, pin=True)
+
+    def pin(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """Bring ``pids`` of ``layer`` to the device and pin them there; returns their slots."""
+        if pids.numel() > self.free_slots(layer):
+            raise CapacityError(f"layer {layer}: cannot pin {pids.numel()} more blocks, "
+                                f"{self.free_slots(layer)} device slots free")
+        slots = self.resident(layer, pids)
+        self.residency.pin(layer, slots)
+        self._pinned[layer] += pids.numel()
+        return slots
+
+    def unpin(self, layer: int, slots: torch.Tensor) -> None:
+        """Make pinned ``slots`` of ``layer`` evictable again."""
+        self.residency.unpin(layer, slots)
+        self._pinned[layer] -= slots.numel()
+
+    def seal(self, layer: int, pids: np.ndarray, kv: torch.Tensor) -> None:
+        """Write sealed blocks ``pids`` of ``layer`` (``kv`` ``(n, block_tokens, 2, kv_heads,
+        head_dim)``, the slab's layout) through to host memory, moving the oldest host blocks to
+        disk if it is full.
+        Without a host tier the blocks must stay pinned on the device (the caller keeps them)."""
+        if self.host is None or not len(pids):
+            return
+        self._drop_stale(layer, pids)
+        # More blocks than host rows (a long prefill beside a small host budget) pass through in
+        # chunks, the earlier ones moving on to disk.
+        step = self.host.slab.rows
+        for a in range(0, len(pids), step):
+            rows = self._host_rows(len(pids[a : a + step]))
+            self.host.write(rows, kv[a : a + step])
+            self._place(layer, pids[a : a + step], rows)
+        self._add_moved("device->host", len(pids) * self.host.row_nbytes)
+        self._note(TierName.HOST, self.host.used_bytes)
+
+    def keeps_sealed_blocks_pinned(self) -> bool:
+        """True when there is no host tier: sealed blocks cannot leave the device."""
+        return self.host is None
+
+    def _place(self, layer: int, pids, rows: np.ndarray) -> None:
+        """Record that host ``rows`` now hold blocks ``pids`` of ``layer``."""
+        self._row_layer[rows], self._row_pid[rows] = layer, pids
+        self._row_stamp[rows] = self._stamp
+        self._stamp += 1
+        self._rows[layer, pids] = rows
+        self.residency.host_row[layer, torch.as_tensor(pids, device=self.device)] = (
+            torch.from_numpy(rows).to(self.device))
+
+    def _drop_stale(self, layer: int, pids: np.ndarray) -> None:
+        """A block sealed again (reopened after a cut) replaces its host, disk and unpinned
+        device copies."""
+        self._forget(np.full(len(pids), layer), pids)
+        self.residency.drop_stale(layer, torch.from_numpy(np.asarray(pids)).to(self.device))
+
+    def _forget(self, layers: np.ndarray, pids: np.ndarray) -> None:
+        """Free the host rows and disk records of blocks (``layers[i]``, ``pids[i]``)."""
+        rows = self._rows[layers, pids]
+        held = rows >= 0
+        if held.any():
+            self.host.slab.free(rows[held])
+            self._row_layer[rows[held]] = -1
+            self._rows[layers[held], pids[held]] = -1
+        disk = self._on_disk[layers, pids]
+        for layer, pid, in_host in zip(layers[disk].tolist(), pids[disk].tolist(), held[disk].tolist()):
+            self.disk.remove(BlockKey(0, layer, pid))
+            self._disk_only[layer] -= not in_host
+        self._on_disk[layers[disk], pids[disk]] = False
+
+    def _host_rows(self, n: int, protect: frozenset[tuple[int, int]] = frozenset()) -> np.ndarray:
+        """``n`` free host rows, demoting the oldest blocks (not in ``protect``) to disk if needed."""
+        short = n - self.host.slab.num_free
+        if short > 0:
+            if self.disk is None:
+                raise CapacityError(
+                    f"host tier is full ({self.host.capacity_bytes} bytes) and there is no disk tier to take "
+                    f"{short} more blocks; raise host_budget_bytes or set disk_budget_bytes and disk_path"
+                )
+            used = np.flatnonzero(self._row_layer >= 0)
+            order = used[np.argsort(self._row_stamp[used], kind="stable")]
+            victims = [r for r in order.tolist()
+                       if (int(self._row_layer[r]), int(self._row_pid[r])) not in protect][:short]
+            if len(victims) < short:
+                raise CapacityError(f"host tier: {short} blocks must stay in host memory for this step, "
+                                    f"only {len(victims)} can move to disk; raise host_budget_bytes")
+            self._demote(np.array(victims, dtype=np.int64))
+        return self.host.slab.alloc(n)
+
+    def _demote(self, rows: np.ndarray) -> None:
+        """Move host ``rows`` to the disk tier (blocks already there are not written again)."""
+        layers, pids = self._row_layer[rows], self._row_pid[rows]
+        new = np.flatnonzero(~self._on_disk[layers, pids])
+        if len(new):
+            kv = self.host.read(torch.from_numpy(rows[new])).permute(0, 2, 3, 1, 4)
+            keys = [BlockKey(0, int(layers[i]), int(pids[i])) for i in new]
+            sizes = self.disk.write_many(keys, kv, [self.layout.block_tokens] * len(new))
+            self._add_moved("host->disk", sum(sizes))
+            self._note(TierName.DISK, self.disk.used_bytes)
+        self._on_disk[layers, pids] = True
+        self._rows[layers, pids] = -1
+        for layer in layers.tolist():
+            self._disk_only[layer] += 1
+        self.residency.host_row[torch.from_numpy(layers).to(self.device),
+                                torch.from_numpy(pids).to(self.device)] = self.host.slab.scratch
+        self._row_layer[rows] = -1
+        self.host.slab.free(rows)
+        self._stats.demotions += len(rows)
+
+    def _load_from_disk(self, layer: int, pids: torch.Tensor) -> None:
+        """Read the blocks of ``pids`` held only on disk into host memory (a sync and a wait)."""
+        start = time.perf_counter()
+        wanted = np.unique(pids.cpu().numpy())
+        need = wanted[self._on_disk[layer, wanted] & (self._rows[layer, wanted] < 0)]
+        if len(need):
+            on_device = self.residency.device_slot[layer, torch.from_numpy(need).to(self.device)] >= 0
+            need = need[~on_device.cpu().numpy()]
+        if not len(need):
+            return
+        kv = self.disk.read_many([BlockKey(0, layer, int(p)) for p in need],
+                                 [self.layout.block_tokens] * len(need), self.device).permute(0, 3, 1, 2, 4)
+        rows = self._host_rows(len(need), protect=frozenset((layer, int(p)) for p in wanted))
+        self.host.write(rows, kv)
+        self._place(layer, need, rows)
+        self._disk_only[layer] -= len(need)
+        self._stats.hits[TierName.DISK.value] += len(need)
+        self._add_moved("disk->host", len(need) * self.host.row_nbytes)
+        self._stats.disk_waits += 1
+        self._stats.wait_seconds += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ whole blocks
+
+    def read(self, layer: int, pids: np.ndarray) -> torch.Tensor:
+        """Blocks ``pids`` of ``layer`` as ``(n, block_tokens, 2, kv_heads, head_dim)`` on the
+        device, from whichever tier holds each (for export and reopening; not a step's path)."""
+        lay = self.layout
+        out = torch.empty((len(pids), lay.block_tokens, 2, lay.kv_heads, lay.head_dim), dtype=lay.dtype,
+                          device=self.device)
+        index = torch.from_numpy(np.asarray(pids, dtype=np.int64)).to(self.device)
+        slots = self.residency.device_slot[layer, index].cpu().numpy()
+        rows = self._rows[layer, pids]
+        on_device = np.flatnonzero(slots >= 0)
+        host = np.flatnonzero((slots < 0) & (rows >= 0)).tolist()
+        disk = np.flatnonzero((slots < 0) & (rows < 0)).tolist()
+        if len(on_device):
+            out[on_device.tolist()] = self.slab.kv[layer, torch.from_numpy(slots[on_device]).to(self.device)]
+        if host:
+            out[host] = self.host.read(torch.from_numpy(rows[host]).to(self.device))
+        if disk:
+            keys = [BlockKey(0, layer, int(pids[i])) for i in disk]
+            kv = self.disk.read_many(keys, [lay.block_tokens] * len(disk), self.device)
+            out[disk] = kv.permute(0, 3, 1, 2, 4)
+        return out
+
+    def free(self, pids: np.ndarray) -> None:
+        """Delete blocks ``pids`` of every layer from every tier."""
+        if not len(pids):
+            return
+        self._note_device()
+        pids = np.asarray(pids, dtype=np.int64)
+        index = torch.from_numpy(pids).to(self.device)
+        slots = self.residency.device_slot[:, index]
+        pinned = (self.residency.clock.gather(1, slots.clamp(min=0)) == PINNED) & (slots >= 0)
+        for layer, n in enumerate(pinned.sum(1).tolist()):
+            self._pinned[layer] -= n
+        self.residency.forget(index)
+        layers = np.repeat(np.arange(self.layers), len(pids))
+        self._forget(layers, np.tile(pids, self.layers))
+
+    # ------------------------------------------------------------------ statistics
 
     def used_bytes(self, tier: TierName) -> int:
-        """Bytes held now by ``tier`` (raw bytes of occupied slots on the device)."""
-        with self._lock:
-            if tier is TierName.DEVICE:
-                return (self.pool.num_slots - self.pool.num_free) * self.pool.slot_nbytes
-            return self._lower_tier(tier).used_bytes
+        """Bytes ``tier`` holds now (raw bytes of occupied slots on the device)."""
+        if tier is TierName.DEVICE:
+            return int((self.residency.slot_pid >= 0).sum()) * self.layout.nbytes
+        if tier is TierName.HOST:
+            return self.host.used_bytes if self.host else 0
+        return self.disk.used_bytes if self.disk else 0
+
+    def block_counts(self) -> dict[str, int]:
+        """Blocks each tier holds now (a block may be in several: device copies are clean, and a
+        block read back from disk keeps its disk copy)."""
+        return {TierName.DEVICE.value: int((self.residency.slot_pid[:, : self.slots] >= 0).sum()),
+                TierName.HOST.value: self.host.slab.used_rows if self.host else 0,
+                TierName.DISK.value: int(self._on_disk.sum())}
 
     def capacity_bytes(self, tier: TierName) -> int:
-        """Bytes ``tier`` may hold: its budget rounded down to whole slots."""
+        """Bytes ``tier`` may hold: its budget rounded down to whole blocks."""
         if tier is TierName.DEVICE:
-            return self.pool.num_slots * self.pool.slot_nbytes
-        return self._lower_tier(tier).capacity_bytes
-
-    def max_get_blocks(self) -> int:
-        """Most blocks one ``get`` can return: device slots not held by pinned blocks."""
-        with self._lock:
-            return self.pool.num_free + len(self._policies[0])
+            return self.slab.capacity_bytes
+        if tier is TierName.HOST:
+            return self.host.capacity_bytes if self.host else 0
+        return self.disk.capacity_bytes if self.disk else 0
 
     def stats(self) -> TierStats:
-        """A snapshot of the counters."""
-        with self._lock:
-            return self._stats.copy()
+        """A snapshot of the counters (reads the device counters: one sync)."""
+        s = self._stats.copy()
+        s.lookups = self._lookups
+        misses = int(self.residency.device_misses)
+        s.hits[TierName.DEVICE.value] = self._lookups - misses
+        s.hits[TierName.HOST.value] = misses - s.hits[TierName.DISK.value]
+        if self.host is not None:
+            s.moved_bytes["host->device"] = misses * self.layout.nbytes
+        self._note_device()
+        s.peak_bytes = dict(self._stats.peak_bytes)
+        return s
 
-    # ----------------------------------------------------------------- writes
+    def _note_device(self) -> None:
+        self._note(TierName.DEVICE, self.used_bytes(TierName.DEVICE))
 
-    def put(self, key: BlockKey, k: torch.Tensor, v: torch.Tensor, pinned: bool = False) -> None:
-        """Write block ``key`` (keys and values ``(kv_heads, tokens, head_dim)``, ``tokens <=
-        block_tokens``) to the device tier, replacing any earlier content of the key."""
-        tokens = self.layout.check(k, v, what=f"put {key}")
-        with self._lock:
-            meta = self._table.get(key)
-            if meta is None or meta.tier is not TierName.DEVICE:
-                level = self._level(meta.tier) if meta else None
-                self._check_room(1, leaving={level: 1} if meta else None)
-                if meta:  # the old content is replaced: drop it from its lower tier
-                    self._release(level, key)
-                slot = self._alloc_device(1, exclude=())[0]
-                meta = BlockMeta(key, tokens, TierName.DEVICE, slot, pinned, self.pool.slot_nbytes)
-                self._table[key] = meta
-                self._seqs.setdefault(key.seq, set()).add(key)
-            meta.tokens, meta.pinned = tokens, pinned
-            self.pool.slab[meta.slot, 0, :, :tokens] = k
-            self.pool.slab[meta.slot, 1, :, :tokens] = v
-            self._track_device(key, pinned)
-            self._stats.puts += 1
-            self._note_peak(TierName.DEVICE)
+    def _note(self, tier: TierName, used: int) -> None:
+        if used > self._stats.peak_bytes[tier.value]:
+            self._stats.peak_bytes[tier.value] = used
 
-    def append(self, key: BlockKey, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Append tokens (``(kv_heads, t, head_dim)``) to block ``key`` in place; return its new
-        number of tokens. The block must be on the device (open blocks are pinned there) and have
-        room for ``t`` more tokens."""
-        with self._lock:
-            meta = self._entry(key)
-            if meta.tier is not TierName.DEVICE:
-                raise PinnedBlockError(f"append to {key}: the block is in the {meta.tier.value} tier; "
-                                       "open blocks must stay pinned on the device")
-            t = self.layout.check(k, v, what=f"append to {key}")
-            end = meta.tokens + t
-            if end > self.layout.block_tokens:
-                raise ShapeError(f"append to {key}: {meta.tokens} + {t} tokens exceed the block's "
-                                 f"{self.layout.block_tokens}")
-            self.pool.slab[meta.slot, 0, :, meta.tokens:end] = k
-            self.pool.slab[meta.slot, 1, :, meta.tokens:end] = v
-            meta.tokens = end
-            return end
-
-    def pin(self, keys: Iterable[BlockKey]) -> None:
-        """Pin blocks to the device (bringing them there first): they are never evicted."""
-        keys = list(keys)
-        self._wait_for(keys)
-        with self._lock:
-            self._promote(keys)
-            for key in keys:
-                self._entry(key).pinned = True
-                self._policies[0].remove(key)
-
-    def unpin(self, keys: Iterable[BlockKey]) -> None:
-        """Make pinned blocks evictable again."""
-        with self._lock:
-            for key in keys:
-                meta = self._entry(key)
-                if meta.pinned:
-                    meta.pinned = False
-                    self._policies[0].insert(key)
-
-    def drop(self, seq: int) -> int:
-        """Delete every block of sequence ``seq`` from every tier; return how many were dropped."""
-        with self._lock:
-            keys = self._seqs.pop(seq, set())
-            for key in keys:
-                meta = self._table.pop(key)
-                level = self._level(meta.tier)
-                self._policies[level].remove(key)
-                if level == 0:
-                    self.pool.free(meta.slot)
-                else:
-                    self._lower_tier(meta.tier).remove(key)
-            return len(keys)
-
-    def remove(self, keys: Iterable[BlockKey]) -> None:
-        """Delete blocks from whichever tier holds them."""
-        keys = list(keys)
-        self._wait_for(keys)
-        with self._lock:
-            for key in keys:
-                meta = self._entry(key)
-                self._release(self._level(meta.tier), key)
-                del self._table[key]
-                self._seqs[key.seq].discard(key)
-
-    def record_selection(self, keys: Iterable[BlockKey]) -> None:
-        """Tell the device policy which blocks retrieval chose this step (the score policy keeps
-        them hot)."""
-        with self._lock:
-            self._policies[0].record_selection(keys)
-
-    # ----------------------------------------------------------------- movement
-
-    def get(self, keys: Sequence[BlockKey]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of ``keys``, each ``(n, kv_heads, block_tokens, head_dim)`` on the
-        device, gathered in order (positions past a block's ``tokens`` are unspecified).
-
-        Blocks not on the device are brought there, evicting by policy; waits only for the
-        prefetches of these keys.
-        """
-        keys = list(keys)
-        start = time.perf_counter()
-        self._wait_for(keys)
-        with self._lock:
-            sources = [self._entry(key).tier.value for key in keys]
-            self._promote(keys)
-            self._stats.lookups += len(keys)
-            for tier in sources:
-                self._stats.hits[tier] += 1
-            slots = torch.tensor([self._table[key].slot for key in keys], dtype=torch.long, device=self.device)
-            kv = self.pool.slab.index_select(0, slots)
-            for key in keys:
-                self._policies[0].touch(key)
-            self._stats.wait_seconds += time.perf_counter() - start
-        return kv[:, 0], kv[:, 1]
-
-    def tokens(self, keys: Sequence[BlockKey]) -> list[int]:
-        """Number of valid tokens of each block."""
-        with self._lock:
-            return [self._entry(key).tokens for key in keys]
-
-    def promote(self, keys: Iterable[BlockKey]) -> None:
-        """Bring blocks to the device now (synchronously)."""
-        keys = list(keys)
-        self._wait_for(keys)
-        with self._lock:
-            self._promote(keys)
-
-    def prefetch(self, keys: Iterable[BlockKey]) -> Future:
-        """Start bringing blocks to the device in the background; return a future that completes
-        when they are there. Unknown keys raise ``BlockNotFoundError`` now; a prefetch that cannot
-        find room gives up quietly (counted in ``stats().prefetch_failed``): ``get`` then fetches
-        what it needs itself."""
-        with self._lock:
-            todo = [k for k in dict.fromkeys(keys) if self._entry(k).tier is not TierName.DEVICE
-                    and k not in self._pending]
-            self._stats.prefetch_requested += len(todo)
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="tiercache-prefetch")
-            future = self._executor.submit(self._prefetch_task, todo)
-            for key in todo:
-                self._pending[key] = future
-        return future
-
-    def demote(self, keys: Iterable[BlockKey]) -> None:
-        """Move blocks one tier down (device to host, host to disk), making room below as needed."""
-        keys = list(dict.fromkeys(keys))
-        self._wait_for(keys)
-        with self._lock:
-            by_level: dict[int, list[BlockKey]] = {}
-            for key in keys:
-                meta = self._entry(key)
-                if meta.pinned:
-                    raise PinnedBlockError(f"{key} is pinned to the device; unpin it before demoting")
-                if self._level(meta.tier) == len(self._levels) - 1:
-                    raise CapacityError(f"{key} is in the lowest tier ({meta.tier.value}); nothing is below it")
-                by_level.setdefault(self._level(meta.tier), []).append(key)
-            for level in sorted(by_level, reverse=True):  # bottom first, so upper moves find room
-                self._check_room(len(by_level[level]), start=level + 1, exclude=set(keys))
-                self._demote(level, by_level[level], exclude=set(keys))
-
-    def evict(self, n: int = 1) -> list[BlockKey]:
-        """Demote ``n`` device blocks chosen by the policy; return their keys."""
-        with self._lock:
-            victims = self._policies[0].victims(n)
-            self._check_room(n, start=1)
-            self._demote(0, victims, exclude=set(victims))
-            return victims
+    def _add_moved(self, what: str, nbytes: int) -> None:
+        self._stats.moved_bytes[what] = self._stats.moved_bytes.get(what, 0) + nbytes
 
     def close(self) -> None:
-        """Wait for running prefetches, stop the worker thread and close every tier this manager
-        built (the disk tier's store checkpoints and releases its writer lock). Idempotent."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-        owned, self._owned = self._owned, []
-        for tier in owned:
-            close = getattr(tier, "close", None)
+        """Close the disk tier (its store checkpoints and releases its writer lock). Idempotent."""
+        if self.disk is not None:
+            close = getattr(self.disk, "close", None)
             if close is not None:
                 close()
 
@@ -334,149 +390,3 @@ class TierManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ----------------------------------------------------------------- internals
-
-    def _entry(self, key: BlockKey) -> BlockMeta:
-        meta = self._table.get(key)
-        if meta is None:
-            raise BlockNotFoundError(f"{key} is not stored in any tier")
-        return meta
-
-    def _level(self, tier: TierName) -> int:
-        return self._levels.index(tier)
-
-    def _lower_tier(self, tier: TierName) -> BackingTier:
-        level = self._levels.index(tier) if tier in self._levels else 0
-        if level == 0:
-            raise TiercacheError(f"tier {tier.value!r} is not configured below the device")
-        return self.lower[level - 1]
-
-    def _free_blocks(self, level: int) -> int:
-        return self.pool.num_free if level == 0 else self.lower[level - 1].free_blocks()
-
-    def _check_room(self, n: int, start: int = 0, leaving: dict[int, int] | None = None,
-                    exclude: set[BlockKey] = frozenset()) -> None:
-        """Raise ``CapacityError`` unless ``n`` blocks can be placed at level ``start`` by cascading
-        demotions, given ``leaving[level]`` blocks that leave that level first. Moves nothing."""
-        if start == len(self._levels):
-            raise CapacityError(f"{self._levels[-1].value} is the lowest tier; there is nothing below it")
-        leaving = leaving or {}
-        need = n - self._free_blocks(start) - leaving.get(start, 0)
-        level = start
-        while need > 0:
-            policy = self._policies[level]
-            evictable = len(policy) - leaving.get(level, 0) - sum(1 for k in exclude if k in policy)
-            name = self._levels[level].value
-            if evictable < need:
-                raise CapacityError(
-                    f"{name} tier is full: {need} more blocks needed, only {evictable} can be evicted "
-                    f"(the rest are pinned or in use); raise device_budget_bytes"
-                )
-            if level + 1 == len(self._levels):
-                raise CapacityError(
-                    f"{name} tier is full and there is no tier below it to take {need} blocks; "
-                    f"raise host_budget_bytes or disk_budget_bytes"
-                )
-            level += 1
-            need = need - self._free_blocks(level) - leaving.get(level, 0)
-
-    def _alloc_device(self, n: int, exclude: Iterable[BlockKey]) -> list[int]:
-        deficit = n - self.pool.num_free
-        if deficit > 0:
-            exclude = set(exclude)
-            self._demote(0, self._policies[0].victims(deficit, exclude), exclude)
-        return [self.pool.alloc() for _ in range(n)]
-
-    def _read(self, level: int, keys: list[BlockKey], device: torch.device) -> torch.Tensor:
-        """Blocks ``keys`` of ``level`` as ``(n, 2, kv_heads, block_tokens, head_dim)`` on ``device``."""
-        if level == 0:
-            slots = torch.tensor([self._table[k].slot for k in keys], dtype=torch.long, device=self.device)
-            return self.pool.slab.index_select(0, slots)
-        return self.lower[level - 1].read_many(keys, [self._table[k].tokens for k in keys], device)
-
-    def _release(self, level: int, key: BlockKey) -> None:
-        self._policies[level].remove(key)
-        if level == 0:
-            self.pool.free(self._table[key].slot)
-        else:
-            self.lower[level - 1].remove(key)
-
-    def _demote(self, level: int, keys: list[BlockKey], exclude: set[BlockKey]) -> None:
-        """Move ``keys`` from ``level`` to ``level + 1``, first demoting victims there if full."""
-        target = self.lower[level]
-        deficit = len(keys) - target.free_blocks()
-        if deficit > 0:
-            self._demote(level + 1, self._policies[level + 1].victims(deficit, exclude), exclude)
-        kv = self._read(level, keys, self.device if level == 0 else torch.device("cpu"))
-        sizes = target.write_many(keys, kv, [self._table[k].tokens for k in keys])
-        for key, size in zip(keys, sizes):
-            self._release(level, key)
-            meta = self._table[key]
-            meta.tier, meta.slot, meta.stored_nbytes = target.name, -1, size
-            self._policies[level + 1].insert(key)
-        self._stats.demotions += len(keys)
-        self._stats.moved_bytes[f"{self._levels[level].value}->{target.name.value}"] += sum(sizes)
-        self._note_peak(target.name)
-
-    def _promote(self, keys: Sequence[BlockKey]) -> int:
-        """Make ``keys`` resident on the device; return how many had to move."""
-        by_level: dict[int, list[BlockKey]] = {}
-        for key in dict.fromkeys(keys):
-            level = self._level(self._entry(key).tier)
-            if level:
-                by_level.setdefault(level, []).append(key)
-        missing = [k for level in sorted(by_level) for k in by_level[level]]
-        if not missing:
-            return 0
-        resident = {k for k in keys if self._table[k].tier is TierName.DEVICE}
-        self._check_room(len(missing), leaving={lvl: len(ks) for lvl, ks in by_level.items()}, exclude=resident)
-        # Read everything first and only then free the source slots, so the demotions that make
-        # room on the device can reuse them.
-        loaded = {lvl: self._read(lvl, ks, self.device) for lvl, ks in by_level.items()}
-        for level, ks in by_level.items():
-            for key in ks:
-                self._release(level, key)
-        slots = self._alloc_device(len(missing), exclude=resident)
-        parts = [loaded[lvl] for lvl in sorted(by_level)]
-        self.pool.slab.index_copy_(0, torch.tensor(slots, dtype=torch.long, device=self.device),
-                                   parts[0] if len(parts) == 1 else torch.cat(parts))
-        for key, slot in zip(missing, slots):
-            meta = self._table[key]
-            source = meta.tier
-            self._stats.moved_bytes[f"{source.value}->device"] += meta.stored_nbytes
-            meta.tier, meta.slot, meta.stored_nbytes = TierName.DEVICE, slot, self.pool.slot_nbytes
-            self._track_device(key, meta.pinned)
-        self._stats.promotions += len(missing)
-        self._note_peak(TierName.DEVICE)
-        return len(missing)
-
-    def _track_device(self, key: BlockKey, pinned: bool) -> None:
-        if pinned:
-            self._policies[0].remove(key)
-        else:
-            self._policies[0].insert(key)
-
-    def _note_peak(self, tier: TierName) -> None:
-        used = self.used_bytes(tier)
-        if used > self._stats.peak_bytes[tier.value]:
-            self._stats.peak_bytes[tier.value] = used
-
-    def _wait_for(self, keys: Iterable[BlockKey]) -> None:
-        for future in {self._pending[k] for k in keys if k in self._pending}:
-            future.result()
-
-    def _prefetch_task(self, keys: list[BlockKey]) -> None:
-        stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
-        with self._lock, stream_ctx:
-            try:
-                live = [k for k in keys if k in self._table]
-                self._stats.prefetched += self._promote(live)
-            except CapacityError:
-                self._stats.prefetch_failed += len(keys)
-            finally:
-                if self._stream is not None:
-                    # Done before the lock is released: no reader can see a slot mid-copy.
-                    self._stream.synchronize()
-                for key in keys:
-                    self._pending.pop(key, None)

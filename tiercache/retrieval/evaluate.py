@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .selector import Selection
-
 _NAME = "tiercache_capture"
 
 
@@ -106,12 +104,11 @@ def attention_probs(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -
     return torch.softmax(logits * scaling, dim=-1).reshape(-1, tokens)
 
 
-def mass_recall(probs: torch.Tensor, selection: Selection, block_tokens: int) -> torch.Tensor:
+def mass_recall(probs: torch.Tensor, blocks: torch.Tensor, block_tokens: int) -> torch.Tensor:
     """Recall of attention mass per query head: the share of ``probs`` ``(q_heads, tokens)``
-    (``attention_probs``) that falls in the tokens of ``selection``'s blocks of ``block_tokens``
-    tokens. Returns ``(q_heads,)`` in [0, 1]."""
-    q_heads, tokens = probs.shape
-    kv_heads = selection.indices.shape[0]
-    token_mask = selection.mask().repeat_interleave(block_tokens, dim=1)[:, :tokens]
-    inside = probs.reshape(kv_heads, q_heads // kv_heads, tokens) * token_mask.unsqueeze(1)
-    return inside.sum(-1).reshape(-1)
+    (``attention_probs``) that falls in the tokens of ``blocks`` (block indices, every head reads
+    them all) of ``block_tokens`` tokens. Returns ``(q_heads,)`` in [0, 1]."""
+    tokens = probs.shape[1]
+    inside = torch.zeros(-(-tokens // block_tokens), dtype=torch.bool, device=probs.device)
+    inside[blocks] = True
+    return (probs * inside.repeat_interleave(block_tokens)[:tokens]).sum(-1)

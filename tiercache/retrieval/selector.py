@@ -1,9 +1,20 @@
-"""The per-step selector: which blocks of a layer one decode step attends.
+"""Which blocks one layer reads at one step: a plan in host integers, then a tensor pipeline.
 
-A selection is the attention sinks (the first blocks) + the recent window (the last blocks, the
-open one included) + the top-scoring blocks in between, all counted in one token budget.
-Units: ``n_tokens`` is the layer's context length in tokens; blocks hold ``block_tokens`` tokens
-(the last one may be partial); every index returned is a block index within the layer.
+**The budget is what is read.** ``RetrievalConfig.budget`` (a fraction of the cached tokens, or a
+token count) is the number of tokens whose K/V a step reads per layer, sink, window and
+retrieved blocks together, rounded down to whole storage blocks. When sink + window would take
+more than the budget (short contexts), the window shrinks first, down to the open block.
+
+**Selection** (``Selector.select``), for every row at once, with shapes fixed by the plan and no
+host sync:
+
+1. every query head (and, for a multi-token query, every position) scores the layer's units
+   from their summaries, masked to units that hold a valid token and lie outside sink and window;
+2. the scores of the query heads sharing a KV head are combined (``gqa_aggregate``);
+3. each KV head ranks its best units, and the unit of rank ``r`` votes ``1 / (r + 1)`` for its
+   storage block: a block holds every head, so a step reads the blocks the heads want most;
+4. sink and window blocks are forced in, later blocks win ties, and the top ``read`` blocks come
+   out ascending: ``(rows, read)`` block indices.
 """
 
 from __future__ import annotations
@@ -14,161 +25,165 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RetrievalConfig
-from ..errors import ShapeError
-from .index import Index
+from ..errors import ConfigError, ShapeError
+from .summaries import Summary
 
-
-@dataclass(frozen=True)
-class Selection:
-    """Blocks one layer attends at one step, per KV head.
-
-    - ``indices``: ``(kv_heads, k)`` int64 block indices, ascending; the same ``k`` for every head.
-    - ``retrieved``: ``(kv_heads, k_top)`` the part chosen by score (not sink or window), ascending.
-    - ``n_blocks``: blocks in the layer's context (sealed and open); every index is below it.
-    - ``ranked``: ``(kv_heads, k_top)`` the index's picks, best score first, -1 where it found
-      fewer (the recent blocks that ``retrieved`` got instead are not in it).
-    """
-
-    indices: torch.Tensor
-    retrieved: torch.Tensor
-    n_blocks: int
-    ranked: torch.Tensor
-
-    @property
-    def k(self) -> int:
-        """Blocks selected per KV head."""
-        return self.indices.shape[1]
-
-    def mask(self) -> torch.Tensor:
-        """Boolean ``(kv_heads, n_blocks)``: True where the block is selected."""
-        out = torch.zeros(self.indices.shape[0], self.n_blocks, dtype=torch.bool, device=self.indices.device)
-        return out.scatter_(1, self.indices, True)
+AGGREGATES = ("max", "sum", "softmax")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Budget arithmetic of one (layer, context length), in blocks."""
+    """What one layer reads at a context of ``n_tokens`` tokens, in blocks and units."""
 
+    n_tokens: int
+    block_tokens: int
     n_blocks: int
-    sink: int
-    window: int
-    top: int  # blocks chosen by score
-    full: bool  # attend every block
+    n_units: int  # complete units: the ones that have summaries
+    read: int  # blocks read, sink and window included
+    sink: int  # first blocks, always read
+    window: int  # last blocks (the open one included), always read
+    top: int  # units each KV head ranks for the vote
+    full: bool  # every block is read
 
     @property
-    def eligible(self) -> tuple[int, int]:
-        """Range of block indices that compete for the ``top`` slots."""
-        return (self.sink, self.n_blocks - self.window)
+    def read_tokens(self) -> int:
+        """Tokens read: whole blocks, but the last (open) one only as far as it is filled."""
+        return (self.read - 1) * self.block_tokens + self.n_tokens - (self.n_blocks - 1) * self.block_tokens
+
+
+def aggregate(scores: torch.Tensor, how: str, scaling: float) -> torch.Tensor:
+    """Combine the scores of query heads sharing a KV head: ``(..., group, n)`` -> ``(..., n)``.
+
+    ``"max"``: the best logit; ``"sum"``: the summed logits; ``"softmax"``: each query head's
+    softmax over the ``n`` units (``scaling``: the attention's softmax scale), summed, i.e. the
+    group's estimated attention share, so one head with large logits cannot outvote the others.
+    """
+    if how == "max":
+        return scores.amax(dim=-2)
+    if how == "sum":
+        return scores.sum(dim=-2)
+    if how == "softmax":
+        scores = scores.float()
+        return torch.softmax(scores if scaling == 1.0 else scores * scaling, dim=-1).sum(dim=-2)
+    raise ConfigError(f"unknown GQA aggregate {how!r}; use one of {AGGREGATES}")
 
 
 class Selector:
-    """Stateless selection for a model whose layers use ``config``.
+    """Plans and selections for a model whose layers use ``config``: storage blocks of
+    ``block_tokens`` tokens, units of ``unit_tokens``, ``summary`` summaries, working on ``device``."""
 
-    ``scaling`` is the attention's softmax scale (``head_dim ** -0.5`` for Llama-family models);
-    only the ``"softmax"`` GQA aggregate uses it.
-    """
-
-    def __init__(self, config: RetrievalConfig, block_tokens: int, scaling: float) -> None:
+    def __init__(self, config: RetrievalConfig, block_tokens: int, unit_tokens: int, summary: Summary,
+                 device: torch.device) -> None:
+        if block_tokens % unit_tokens:
+            raise ConfigError(f"block_tokens ({block_tokens}) must be a multiple of unit_tokens ({unit_tokens})")
         self.config = config
         self.block_tokens = block_tokens
-        self.scaling = scaling
+        self.unit_tokens = unit_tokens
+        self.summary = summary
+        self.device = device
+        self._ar = torch.zeros(0, dtype=torch.int64, device=device)
+        self._bases: dict[tuple, tuple[torch.Tensor, torch.Tensor | int]] = {}
+        self._reserve(256)
 
     def plan(self, layer: int, n_tokens: int) -> Plan:
-        """Blocks of sink, window and top-k for ``layer`` at a context of ``n_tokens`` tokens.
-
-        The budget (``config.layer_budgets.get(layer, config.budget)``; a fraction of ``n_tokens``
-        or a token count) is rounded down to whole blocks. Sink and window are never cut: a budget
-        below them attends just them.
-        """
+        """The read plan of ``layer`` at a context of ``n_tokens`` tokens (module docstring)."""
         if n_tokens < 1:
-            raise ShapeError(f"layer {layer}: context must hold >= 1 token, got {n_tokens}")
-        bt, cfg = self.block_tokens, self.config
-        n_blocks = math.ceil(n_tokens / bt)
+            raise ShapeError(f"layer {layer}: a read plan needs a context of >= 1 token, got {n_tokens}")
+        cfg, bt = self.config, self.block_tokens
+        n_blocks = -(-n_tokens // bt)
         budget = cfg.layer_budgets.get(layer, cfg.budget)
         budget_tokens = budget if isinstance(budget, int) else math.floor(budget * n_tokens)
-        sink, window = math.ceil(cfg.sink_tokens / bt), math.ceil(cfg.window_tokens / bt)
-        full = layer in cfg.full_attention_layers or budget_tokens >= n_tokens or sink + window >= n_blocks
-        if full:
-            return Plan(n_blocks, n_blocks, 0, 0, True)
-        return Plan(n_blocks, sink, window, max(0, budget_tokens // bt - sink - window), False)
+        # The last block is always read, filled or not: count it by its tokens.
+        last = n_tokens - (n_blocks - 1) * bt
+        read = 1 + max(0, budget_tokens - last) // bt
+        n_units = n_tokens // self.unit_tokens
+        if layer in cfg.full_attention_layers or read >= n_blocks:
+            return Plan(n_tokens, bt, n_blocks, n_units, n_blocks, n_blocks, 0, 0, True)
+        sink = min(-(-cfg.sink_tokens // bt), read - 1)
+        window = max(1, -(-cfg.window_tokens // bt))
+        if sink + window > read:
+            window = max(1, read - sink)
+        per_block = bt // self.unit_tokens
+        eligible = max(0, min(n_units, (n_blocks - window) * per_block) - sink * per_block)
+        top = min((read - sink - window) * per_block, eligible)
+        return Plan(n_tokens, bt, n_blocks, n_units, read, sink, window, top, False)
 
-    def select(self, index: Index, queries: torch.Tensor, layer: int, n_tokens: int) -> Selection:
-        """Select blocks of ``layer`` for ``queries`` at a context of ``n_tokens`` tokens.
+    # ------------------------------------------------------------------ tensor pipelines
 
-        ``queries``: post-RoPE, ``(q_heads, head_dim)`` or ``(1, q_heads, q_len, head_dim)`` (all
-        ``q_len`` positions are scored together, like extra query heads). ``index`` must hold the
-        layer's sealed blocks.
-        """
-        grouped = group_queries(queries, index.kv_heads, index.head_dim)
-        plan = self.plan(layer, n_tokens)
-        kv_heads, device = grouped.shape[0], grouped.device
-        # One spare column receives the index's -1 pads, and is dropped.
-        mask = torch.zeros(kv_heads, plan.n_blocks + 1, dtype=torch.bool, device=device)
-        mask[:, : plan.sink] = True
-        mask[:, plan.n_blocks - plan.window : plan.n_blocks] = True
-        top = torch.empty(kv_heads, 0, dtype=torch.int64, device=device)
+    def select(self, plan: Plan, queries: torch.Tensor, summaries: torch.Tensor, unit_bias: torch.Tensor | None,
+               scaling: float) -> torch.Tensor:
+        """Blocks ``(rows, plan.read)`` (ascending) each row reads for ``queries`` ``(rows,
+        q_heads, q_len, head_dim)``, given the layer's ``summaries`` ``(rows, kv_heads, >=
+        n_units, ...)``, the attention's softmax scale ``scaling``, and ``unit_bias`` ``(rows, >=
+        n_units)`` (0, or -inf for a unit of padding only; None when there is no padding)."""
+        if plan.full:
+            return self.all_blocks(plan, queries.shape[0])
+        rows, kv_heads, head_dim = queries.shape[0], summaries.shape[1], queries.shape[-1]
+        votes, weight, offsets = self._base_votes(plan, rows, kv_heads)
         if plan.top:
-            top = index.search(grouped, plan.top, self.config.gqa_aggregate, self.scaling, plan.eligible)
-        top = top.to(device)
-        mask.scatter_(1, torch.where(top >= 0, top, plan.n_blocks), True)
-        mask = mask[:, :-1]
-        _fill_recent(mask, plan, (top < 0).sum(dim=1))
-        indices = mask.nonzero()[:, 1].reshape(kv_heads, -1)
-        retrieved = indices[:, plan.sink : indices.shape[1] - plan.window]
-        return Selection(indices, retrieved, plan.n_blocks, top)
+            # Only units outside sink and window compete: score just those.
+            per_block = self.block_tokens // self.unit_tokens
+            lo = plan.sink * per_block
+            hi = min(plan.n_units, (plan.n_blocks - plan.window) * per_block)
+            units = summaries[:, :, lo:hi]
+            grouped = queries.reshape(rows * kv_heads, -1, head_dim)
+            scores = self.summary.score(grouped, units.reshape(rows * kv_heads, hi - lo, *units.shape[3:]), scaling)
+            scores = scores.view(rows, kv_heads, -1, hi - lo)
+            if unit_bias is not None:
+                scores = scores + unit_bias[:, None, None, lo:hi]
+            share = aggregate(scores, self.config.gqa_aggregate, 1.0)
+            best, unit = share.topk(plan.top, dim=-1)
+            if unit_bias is not None:
+                # Units of padding (or fewer eligible ones than top) vote nothing: NaN (an
+                # all-masked softmax) compares False too.
+                weight = weight * (best > (0.0 if self.config.gqa_aggregate == "softmax" else float("-inf"))).view(-1)
+            votes.view(-1).index_add_(0, (unit // per_block + offsets).view(-1), weight)
+        return votes.topk(plan.read, dim=-1).indices.sort(dim=-1).values
 
+    def window_blocks(self, n_tokens: int, rows: int) -> torch.Tensor:
+        """The sink and recent-window blocks of a context of ``n_tokens`` tokens, whatever the
+        budget (a stream's window prefill), ``(rows, blocks)`` ascending."""
+        bt, cfg = self.block_tokens, self.config
+        n_blocks = -(-n_tokens // bt)
+        sink = min(n_blocks, -(-cfg.sink_tokens // bt))
+        window = min(n_blocks - sink, max(1, -(-cfg.window_tokens // bt)))
+        blocks = list(range(sink)) + list(range(n_blocks - window, n_blocks))
+        return torch.tensor(blocks, dtype=torch.int64, device=self.device).expand(rows, -1)
 
-def storage_blocks(ranked: torch.Tensor, per_block: int, n_blocks: int, forced: torch.Tensor,
-                   budget_blocks: int) -> torch.Tensor:
-    """The ``budget_blocks`` storage blocks one step reads, ascending, for the units each KV head
-    ranked best first (``ranked`` ``(kv_heads, r)``, -1 pads; ``per_block`` units per block) in a
-    layer of ``n_blocks`` blocks. ``forced`` (sink and window blocks) are always read, and never
-    fewer than they.
+    def all_blocks(self, plan: Plan, rows: int) -> torch.Tensor:
+        """Every block, ``(rows, n_blocks)``."""
+        self._reserve(plan.n_blocks)
+        return self._ar[: plan.n_blocks].expand(rows, -1)
 
-    A block holds every KV head, so what a step moves between tiers is the union of the heads'
-    blocks; scattered per-head units touch many blocks (at a 10% budget of 4-token units in
-    16-token blocks, over half of them). This keeps the I/O at the budget: each head's unit of rank
-    ``r`` votes ``1 / (r + 1)`` for its block, so every head's best picks come first and a block
-    wanted by several heads beats one wanted by one; later blocks win ties. Every token of a block
-    read is then attended, by every head: it is on the device already.
-    """
-    heads, r = ranked.shape
-    weight = (1.0 / torch.arange(1, r + 1, dtype=torch.float64, device=ranked.device)).expand(heads, r)
-    valid = ranked >= 0
-    votes = torch.zeros(n_blocks, dtype=torch.float64, device=ranked.device)
-    votes.index_add_(0, (ranked[valid] // per_block), weight[valid])
-    votes += torch.arange(n_blocks, dtype=torch.float64, device=votes.device) / (4 * n_blocks * max(r, 1))
-    votes[forced] = float("inf")
-    return votes.topk(min(n_blocks, max(budget_blocks, forced.numel()))).indices.sort().values
+    def with_held(self, plan: Plan, held: torch.Tensor) -> torch.Tensor:
+        """The blocks ``held`` ``(rows, k)`` (a question's selection) plus ``plan``'s sink and
+        window, ``(rows, k + sink + window)`` ascending (fewer if they overlap)."""
+        votes, _, _ = self._base_votes(plan, held.shape[0], 1)
+        votes.scatter_(1, held, 1.0)
+        return votes.topk(min(plan.n_blocks, held.shape[1] + plan.sink + plan.window), dim=-1).indices.sort(-1).values
 
+    def _base_votes(self, plan: Plan, rows: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """For one plan shape, built once: a fresh ``(rows, n_blocks)`` vote table (+inf for sink
+        and window blocks, and a tie-break below any real vote that prefers later blocks); the
+        rank weights ``1 / (r + 1)`` of every head's ranked units, flat; and what turns a row's
+        unit rank into a flat vote index (its row's offset plus the sink)."""
+        key = (rows, kv_heads, plan.n_blocks, plan.sink, plan.window, plan.top)
+        cached = self._bases.get(key)
+        if cached is None:
+            nb = plan.n_blocks
+            base = torch.arange(nb, dtype=torch.float32, device=self.device) / (4 * nb * max(plan.top, 1))
+            base[: plan.sink] = float("inf")
+            base[nb - plan.window :] = float("inf")
+            weight = (1.0 / torch.arange(1, plan.top + 1, device=self.device)).repeat(rows * kv_heads)
+            offsets = plan.sink if rows == 1 else (
+                torch.arange(rows, device=self.device) * nb + plan.sink).view(rows, 1, 1)
+            if len(self._bases) > 8:
+                self._bases.clear()
+            cached = self._bases[key] = (base, weight, offsets)
+        base, weight, offsets = cached
+        return base.repeat(rows, 1), weight, offsets
 
-def _fill_recent(mask: torch.Tensor, plan: Plan, missing: torch.Tensor) -> None:
-    """Give each head's unfilled top-k slots (an index that found fewer than k eligible blocks) to
-    its most recent unselected eligible blocks, so every head selects the same number."""
-    lo, hi = plan.eligible
-    for head in torch.nonzero(missing).flatten().tolist():
-        free = torch.nonzero(~mask[head, lo:hi]).flatten() + lo
-        mask[head, free[free.numel() - int(missing[head]) :]] = True
-
-
-def group_queries(queries: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """Queries as ``(kv_heads, group, head_dim)``: query head ``i`` reads KV head
-    ``i // (q_heads // kv_heads)`` (transformers' ``repeat_kv`` order)."""
-    if not isinstance(queries, torch.Tensor):
-        raise ShapeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
-    shape = tuple(queries.shape)
-    if queries.dim() == 4:
-        if shape[0] != 1:
-            raise ShapeError(f"queries {shape}: select one sequence at a time (batch 1), not {shape[0]}")
-        queries = queries[0]  # (q_heads, q_len, d)
-    elif queries.dim() == 2:
-        queries = queries.unsqueeze(1)
-    else:
-        raise ShapeError(f"queries must be (q_heads, head_dim) or (1, q_heads, q_len, head_dim), got {shape}")
-    q_heads = queries.shape[0]
-    if queries.shape[-1] != head_dim or q_heads % kv_heads:
-        raise ShapeError(
-            f"queries {shape}: need head_dim {head_dim} and a number of query heads divisible by "
-            f"kv_heads={kv_heads}"
-        )
-    return queries.reshape(kv_heads, -1, head_dim)
+    def _reserve(self, n: int) -> None:
+        """A constant index vector of at least ``n`` entries."""
+        if n > self._ar.numel():
+            self._ar = torch.arange(max(n, 2 * self._ar.numel(), 256), dtype=torch.int64, device=self.device)
