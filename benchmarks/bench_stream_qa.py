@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import torch
-from transformers import DynamicCache
 
 from common import print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
@@ -32,21 +31,8 @@ from tiercache.cli import QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
 from tiercache.cache import ATTN_NAME
-from tiercache.stream import StreamSession, attention_implementation, greedy_answer, question_ids
-
-
-@torch.no_grad()
-def full_attention_answers(model, tok, ids: list[int], questions: list[str], new_tokens: int) -> list[str]:
-    """Each question answered with SDPA over the whole text: one prefill, cropped back after each
-    question."""
-    cache = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
-        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        out = []
-        for q in questions:
-            out.append(greedy_answer(model, tok, cache, question_ids(tok, q), new_tokens))
-            cache.crop(len(ids) - cache.get_seq_length())  # negative: tokens to remove
-    return out
+from tiercache.stream import (StreamSession, attention_implementation, full_attention_answers, greedy_answer,
+                              question_ids)
 
 
 def ask(session: StreamSession, question: str, new_tokens: int, decode: str) -> str:
@@ -101,7 +87,7 @@ def main() -> None:
                           first=0.05, last=0.6)
         questions = [question_text(f) for f in facts]
         start = time.perf_counter()
-        full = full_attention_answers(model, tok, ids, questions, args.new_tokens)
+        full = full_attention_answers(model, tok, questions, input_ids=ids, max_new_tokens=args.new_tokens)
         print(f"stream {stream}: {len(ids)} tokens, {len(facts)} facts; full attention "
               f"{sum(f.answer in a for f, a in zip(facts, full))}/{len(facts)} in {time.perf_counter() - start:.0f} s",
               flush=True)
