@@ -22,7 +22,7 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from common import machine, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cache import TieredCache
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--kinds", default="dynamic,offloaded,quantized,tiercache-5%,tiercache-10%")
-    args = ap.parse_args()
+    args = parse_args(ap)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(args.shape, device, dtype)

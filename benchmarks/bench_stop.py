@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from common import print_table, write_results
+from common import parse_args, print_table, write_results
 from tiercache.cli import FACTS, QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
@@ -33,9 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="most tokens per answer (default 32)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     model, tok = load_default_model()
     streams = [(plant_facts(tok, text_tokens(tok, 1500, offset_tokens=1000)), FACTS)]
     streams += [(plant_facts(tok, text_tokens(tok, 4096, offset_tokens=1000 + 12000 * i), QA_FACTS[i::2],
@@ -57,8 +53,7 @@ def main() -> None:
         print(f"{name}: {ok}/{len(lengths)} in {seconds:.0f} s", flush=True)
     print_table(rows)
     print_table(answers)
-    write_results("bench_stop", rows, max_new_tokens=args.max_new_tokens, threads=args.threads,
-                  answers=answers)
+    write_results("bench_stop", rows, max_new_tokens=args.max_new_tokens, answers=answers)
 
 
 if __name__ == "__main__":

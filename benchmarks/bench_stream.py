@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from common import print_table, write_results
+from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.25,
                         help="retrieval budget, fraction of the stream per question step (default 0.25)")
     parser.add_argument("--new-tokens", type=int, default=6, help="most tokens per answer (default 6)")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     model, tok = load_default_model()
     ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))

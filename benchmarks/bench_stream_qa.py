@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from common import print_table, write_results
+from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cli import QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
@@ -74,8 +74,7 @@ def main() -> None:
     parser.add_argument("--decode", nargs="+", default=["keep", "retrieve"], choices=["keep", "retrieve", "fullq"],
                         help="answer decode steps: keep the question's selection, or retrieve at every step; "
                              "fullq: the question read with full attention (diagnosis)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_args(parser)
 
     model, tok = load_default_model()
     variants = [(1.0, args.decode[0])] + [(b, d) for b in args.budgets if b < 1.0 for d in args.decode]
