@@ -100,12 +100,17 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
 
 
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers model config."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
 def _kv_bytes_per_token(model) -> int:
     """Bytes of K and V per token over all layers, in the model's dtype."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return 2 * c.num_hidden_layers * kv_heads * head_dim * model.dtype.itemsize
+    layers, kv_heads, head_dim = _kv_shape(model.config)
+    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 # ---------------------------------------------------------------------- demo
@@ -176,8 +181,12 @@ def _demo_store(path: Path | None) -> Path:
 
 def _holds_store(path: Path) -> bool:
     """Whether ``path`` holds a tiercache disk store or saved stream."""
-    return any((p / "manifest.json").exists() or any(p.glob("seg-*")) for p in (path, path / "saved")) \
-        or (path / "stream.json").exists()
+    return bool(_store_dirs(path)) or (path / "stream.json").exists()
+
+
+def _store_dirs(path: Path) -> list[Path]:
+    """The disk stores in ``path``: itself and a saved stream's ``saved/``."""
+    return [p for p in (path, path / "saved") if (p / "manifest.json").exists() or any(p.glob("seg-*"))]
 
 
 #: Column widths of the demo's answer table (characters); answers wrap within them.
@@ -261,7 +270,7 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"  {key[:16]}  {info['tokens']:>7} tokens  prefill {info['prefill_seconds']:.2f} s  "
                   f"{info['raw_bytes'] / 2**20:.1f} MiB raw -> {info['stored_bytes'] / 2**20:.1f} MiB "
                   f"({info['codec']}, {info['raw_bytes'] / max(1, info['stored_bytes']):.2f}x)")
-    stores = [p for p in (path, path / "saved") if (p / "manifest.json").exists() or any(p.glob("seg-*"))]
+    stores = _store_dirs(path)
     if not stores:
         raise StoreError(f"{path} holds no tiercache disk store")
     for p in stores:
@@ -281,17 +290,19 @@ class _Geometry:
 
 def _geometry(path: str) -> _Geometry:
     """The KV geometry of the checkpoint in directory ``path``, from its config alone."""
+    from types import SimpleNamespace
+
     from transformers import AutoConfig
 
     from .errors import ConfigError
+    from .stream import model_id
 
     try:
-        c = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--model {path}: no transformers config could be read: {exc}") from exc
-    return _Geometry(Path(str(path).rstrip("/")).name, c.num_hidden_layers,
-                     getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                     getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    # The id stores and streams record: the one a model loaded from ``path`` gets.
+    return _Geometry(model_id(SimpleNamespace(config=config)), *_kv_shape(config))
 
 
 def _inspect_store(path: Path, model: _Geometry | None) -> None:
