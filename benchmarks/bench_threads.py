@@ -43,7 +43,8 @@ def timed(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     return prefill, time.perf_counter() - start
 
 
-def measure(model, prompt: torch.Tensor, threads: list[int], new_tokens: int, repeats: int) -> dict[int, list]:
+def measure(model, prompt: torch.Tensor, threads: list[int], new_tokens: int,
+            repeats: int) -> dict[int, list]:
     """(prefill s, generate s) per thread count, ``repeats`` times each, interleaved."""
     times: dict[int, list] = {t: [] for t in threads}
     for _ in range(repeats):
@@ -85,11 +86,12 @@ def main() -> None:
             prefill = statistics.median(p for p, _ in times[t])
             generate = statistics.median(g for _, g in times[t])
             rows.append({"busy processes": busy, "threads": t, "prefill tok/s": args.prompt / prefill,
-                         "generate s": generate, "decode tok/s": args.new_tokens / max(1e-9, generate - prefill),
+                         "generate s": generate,
+                         "decode tok/s": args.new_tokens / max(1e-9, generate - prefill),
                          f"generate speed vs {threads[0]} thread(s)": base / generate})
         print_table(rows[-len(threads):])
-    print(f"load average before: {load_before[0]:.2f}; prompt {args.prompt} tokens, {args.new_tokens} new tokens, "
-          f"median of {args.repeats}")
+    print(f"load average before: {load_before[0]:.2f}; prompt {args.prompt} tokens, {args.new_tokens} new "
+          f"tokens, median of {args.repeats}")
     print_table(rows)
     write_results("bench_threads", rows, prompt_tokens=args.prompt, new_tokens=args.new_tokens,
                   repeats=args.repeats, load_average_before=load_before)
