@@ -26,7 +26,7 @@ import psutil
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from common import machine, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig, TierName
 from tiercache.cache import TieredCache
 
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--device-fraction", type=float, default=0.25)
     ap.add_argument("--kinds", default="dynamic,offloaded,quantized,tiercache-5%,tiercache-10%")
     ap.add_argument("--out", default="bench_decode")
-    args = ap.parse_args()
+    args = parse_args(ap)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(args.shape, device, dtype)

@@ -27,7 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from common import machine, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cache import TieredCache
 from tiercache.opcount import OpCounter
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--stream-tokens", type=int, default=4096)
     ap.add_argument("--stream-chunk", type=int, default=128)
     ap.add_argument("--out", default="bench_decode_overhead")
-    args = ap.parse_args()
+    args = parse_args(ap)
     model = build()
     model.set_attn_implementation("sdpa")
     rows = []

@@ -25,7 +25,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import best_of, machine, print_table, write_results
+from common import best_of, machine, parse_args, print_table, write_results
 from tiercache.kernels.attention import paged_attention, triton_available
 from tiercache.kernels.rows import gather_rows
 
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--repeats", type=int, default=20)
-    args = ap.parse_args()
+    args = parse_args(ap)
     if not triton_available():
         sys.exit(f"bench_kernels needs a CUDA device and Triton (device here: {machine()['device']}). It times "
                  f"one decode step of paged attention ({Q_HEADS} query heads, {KV_HEADS} KV heads, head_dim "

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import machine, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cache import TieredCache
 from tiercache.corpus import text_tokens
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="recent-window tokens (default: RetrievalConfig's)")
     ap.add_argument("--agree-tokens", type=int, default=128)
     ap.add_argument("--agree-prompt", type=int, default=4096)
-    args = ap.parse_args()
+    args = parse_args(ap)
     model, tok = load_default_model()
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:

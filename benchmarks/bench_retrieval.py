@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from common import machine, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache.config import RetrievalConfig
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
@@ -119,9 +119,8 @@ def main() -> None:
     ap.add_argument("--only", help="run only the variants whose name contains one of these '|'-separated texts")
     ap.add_argument("--contexts", default=None, help="comma-separated token counts (default 4096,8192)")
     ap.add_argument("--out", default="bench_retrieval")
-    args = ap.parse_args()
+    args = parse_args(ap)
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model, tokenizer = load_default_model()
     contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else ([2048] if args.quick else [4096, 8192])
     vs = variants("default" if args.quick else args.only)

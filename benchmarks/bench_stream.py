@@ -20,12 +20,12 @@ import time
 import torch
 from transformers import DynamicCache
 
-from common import print_table, write_results
+from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
-from tiercache.stream import StreamSession, attention_implementation, full_attention_answer
+from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
 
 
 def theil_sen_slope(ys: list[float]) -> float:
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.25,
                         help="retrieval budget, fraction of the stream per question step (default 0.25)")
     parser.add_argument("--new-tokens", type=int, default=6, help="most tokens per answer (default 6)")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     model, tok = load_default_model()
     ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))
@@ -90,9 +90,10 @@ def main() -> None:
         with StreamSession(model, tok, config, chunk_tokens=args.chunk) as session:
             stream_s = timed_chunks(lambda x: session.append(x), ids, args.chunk)
             stats = session.cache.manager.stats()
-            answers = [(f, session.ask(question_text(f), max_new_tokens=args.new_tokens),
-                        full_attention_answer(model, tok, question_text(f), input_ids=ids,
-                                              max_new_tokens=args.new_tokens)) for f in FACTS]
+            got = [session.ask(question_text(f), max_new_tokens=args.new_tokens) for f in FACTS]
+    ref = full_attention_answers(model, tok, [question_text(f) for f in FACTS], input_ids=ids,
+                                 max_new_tokens=args.new_tokens)
+    answers = list(zip(FACTS, got, ref))
 
     rows = [{"attention": "tiercache stream (window)", **growth(stream_s)},
             {"attention": "full (DynamicCache, sdpa)", **growth(dense_s)}]

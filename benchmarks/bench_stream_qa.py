@@ -24,29 +24,15 @@ import tempfile
 import time
 
 import torch
-from transformers import DynamicCache
 
-from common import print_table, write_results
+from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cli import QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
 from tiercache.cache import ATTN_NAME
-from tiercache.stream import StreamSession, attention_implementation, greedy_answer, question_ids
-
-
-@torch.no_grad()
-def full_attention_answers(model, tok, ids: list[int], questions: list[str], new_tokens: int) -> list[str]:
-    """Each question answered with SDPA over the whole text: one prefill, cropped back after each
-    question."""
-    cache = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
-        model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        out = []
-        for q in questions:
-            out.append(greedy_answer(model, tok, cache, question_ids(tok, q), new_tokens))
-            cache.crop(len(ids) - cache.get_seq_length())  # negative: tokens to remove
-    return out
+from tiercache.stream import (StreamSession, attention_implementation, full_attention_answers, greedy_answer,
+                              question_ids)
 
 
 def ask(session: StreamSession, question: str, new_tokens: int, decode: str) -> str:
@@ -88,8 +74,7 @@ def main() -> None:
     parser.add_argument("--decode", nargs="+", default=["keep", "retrieve"], choices=["keep", "retrieve", "fullq"],
                         help="answer decode steps: keep the question's selection, or retrieve at every step; "
                              "fullq: the question read with full attention (diagnosis)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_args(parser)
 
     model, tok = load_default_model()
     variants = [(1.0, args.decode[0])] + [(b, d) for b in args.budgets if b < 1.0 for d in args.decode]
@@ -101,7 +86,7 @@ def main() -> None:
                           first=0.05, last=0.6)
         questions = [question_text(f) for f in facts]
         start = time.perf_counter()
-        full = full_attention_answers(model, tok, ids, questions, args.new_tokens)
+        full = full_attention_answers(model, tok, questions, input_ids=ids, max_new_tokens=args.new_tokens)
         print(f"stream {stream}: {len(ids)} tokens, {len(facts)} facts; full attention "
               f"{sum(f.answer in a for f, a in zip(facts, full))}/{len(facts)} in {time.perf_counter() - start:.0f} s",
               flush=True)

@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 import torch
 
-from common import best_of, machine, print_table, write_results
+from common import best_of, machine, parse_args, print_table, write_results
 from tiercache import BlockLayout, TierConfig
 from tiercache.manager import TierManager
 
@@ -63,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=256, help="blocks moved per operation")
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    args = parse_args(ap)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float16
     rows = [measure(name, h, d, args.blocks, args.repeats, dtype) for name, (h, d) in SHAPES.items()]
     print(f"block movement vs one plain copy of the same bytes on {machine()['device']}")

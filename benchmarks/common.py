@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -10,15 +11,32 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+#: Torch intra-op threads of a benchmark unless ``--threads`` says otherwise. One: on the shared
+#: 2-core machine, SmolLM2's ``generate`` with 2 threads took 1.9x as long as with 1 at load
+#: average 2.6, and 5.3x as long beside one busy process (bench_threads.py).
+DEFAULT_THREADS = 1
 
 
 def machine() -> dict:
-    """Where the figures were taken: device name, CPU count, torch version."""
+    """Where the figures were taken: device name, CPU count, torch version and threads."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     import os
 
     return {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """``parser.parse_args()`` with a ``--threads`` option (torch intra-op threads, default
+    ``DEFAULT_THREADS``), applied before the benchmark starts."""
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help=f"torch intra-op threads (default {DEFAULT_THREADS}; see bench_threads.py)")
+    args = parser.parse_args()
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:

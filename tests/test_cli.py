@@ -1,9 +1,10 @@
-"""The ``tiercache`` command: --help everywhere, inspect, batch on a tiny jobs file, a short demo,
-errors as exit code 2."""
+"""The ``tiercache`` command: --help and --version, inspect, batch on a tiny jobs file, a short
+demo, any checkpoint on disk through --model (a tiny random Llama), errors as exit code 2."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -19,7 +20,21 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit:
         main([*command, "--help"])
     assert exit.value.code == 0
-    assert "usage: tiercache" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: tiercache" in out
+    if command in (["demo"], ["batch"]):
+        for option in ("--model PATH_OR_DIR", "--device", "--dtype", "--threads", "--max-new-tokens",
+                       "--stop"):
+            assert option in out
+
+
+def test_version(capsys):
+    import tiercache
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith(f"tiercache {tiercache.__version__} (torch ")
 
 
 def test_inspect_a_small_store(tmp_path, capsys):
@@ -51,16 +66,19 @@ def test_batch_on_a_tiny_jobs_file(smollm2, tmp_path, capsys):
     jobs.write_text(json.dumps({"document": document, "questions": [question_text(FACTS[0])]}) + "\nnot json\n")
     out = tmp_path / "answers.jsonl"
     args = ["batch", str(jobs), "--out", str(out), "--store", str(tmp_path / "store"), "--codec", "zstd",
-            "--max-new-tokens", "6"]
+            "--max-new-tokens", "10"]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert f"{jobs}:2: skipped: bad JSON" in captured.err
     # The progress bar (stderr) shows answer tokens/s and the stored-context and device hit rates.
     assert "answering" in captured.err and "tok/s=" in captured.err and "ctx hit=0/1" in captured.err
-    assert "dev hit=" in captured.err
+    # The bar's device hit rate is the run's, as the summary gives it (not 0 until a document ends).
+    bar_rate = re.findall(r"dev hit=([0-9.]+)", captured.err)[-1]
+    assert f"device hit rate {bar_rate};" in captured.out and float(bar_rate) > 0, captured.err[-300:]
     assert "answered 1 questions" in captured.out and "prefill time saved" in captured.out
     [record] = [json.loads(x) for x in out.read_text().splitlines()]
-    assert record["line"] == 1 and FACTS[0].answer in record["answer"]
+    assert record["line"] == 1
+    assert record["answer"] == f"{FACTS[0].answer}.", "the answer ends with its sentence"
     args.append("--quiet")
     assert main(args) == 0  # a rerun answers nothing again
     assert "answered 0 questions (1 already answered before)" in capsys.readouterr().out
@@ -69,9 +87,95 @@ def test_batch_on_a_tiny_jobs_file(smollm2, tmp_path, capsys):
 
 
 @pytest.mark.model
-def test_demo_quick(smollm2, capsys):
-    assert main(["demo", "--tokens", "300", "--new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
+def test_demo_quick(smollm2, tmp_path, capsys):
+    store = tmp_path / "demo"
+    assert main(["demo", "--tokens", "300", "--max-new-tokens", "4", "--store", str(store)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "accuracy: tiercache" in out and "full attention" in out
     for word in ("device", "host", "disk codec cachegen", "device hit rate", "tokens/s"):
         assert word in out
+    assert "legend: ok = the answer contains the expected word, -- = it does not" in out
+    # Progress bars (stderr) for appending, asking and the reference.
+    for bar in ("appending: 100%", "asking tiercache: 100%", "full attention: 100%"):
+        assert bar in captured.err
+    # Cells wrap instead of being cut: every question appears whole, split over lines at spaces.
+    table = out[out.index("question") : out.index("accuracy:")]
+    words = " ".join(line[:34].strip() for line in table.splitlines()[1:])
+    assert all(fact.question in words for fact in FACTS), table
+    assert f"tiercache inspect {store}" in out
+    assert main(["inspect", str(store)]) == 0
+    assert "stream session: model SmolLM2-135M-Instruct, " in capsys.readouterr().out
+
+
+def test_demo_store_must_not_hold_other_files(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--store", str(tmp_path)]) == 2
+    assert "is not empty and holds no tiercache store" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(smollm2, tmp_path_factory):
+    """A randomly initialised 2-layer Llama saved with SmolLM2's tokenizer: any checkpoint on disk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = smollm2
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.model
+def test_any_checkpoint_on_disk_runs_demo_batch_and_inspect(tiny_llama, tmp_path, capsys):
+    store = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_llama), "--tokens", "200", "--max-new-tokens", "3",
+                 "--store", str(store), "--dtype", "float32", "--device", "cpu", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert f"loading {tiny_llama} on cpu as float32, 1 torch thread(s)" in captured.err
+    assert "accuracy: tiercache" in captured.out
+    assert main(["inspect", str(store), "--model", str(tiny_llama)]) == 0
+    out = capsys.readouterr().out
+    assert f"stream session: model {tiny_llama.name}" in out and f"reopens with {tiny_llama.name}: yes" in out
+    assert f"loads into {tiny_llama.name}: yes" in out
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"document": "The vault code is 58203. " * 8,
+                                "questions": ["The vault code is"]}))
+    out = tmp_path / "answers.jsonl"
+    assert main(["batch", str(jobs), "--out", str(out), "--store", str(tmp_path / "contexts"), "--codec",
+                 "zstd", "--model", str(tiny_llama), "--max-new-tokens", "3", "--stop", "", "--quiet"]) == 0
+    assert "answered 1 questions" in capsys.readouterr().out
+    [record] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert record["question"] == "The vault code is" and isinstance(record["answer"], str)
+
+
+@pytest.mark.model
+def test_inspect_says_when_a_context_does_not_fit_a_model(tiny_llama, smollm2, tmp_path, capsys):
+    from tiercache.models import default_model_dir
+
+    with DiskStore(tmp_path, 64 << 20, sync=False) as store:
+        save_kv_context(store, "ctx", torch.randn(2, 2, 2, 40, 16), make_codec("zstd"))
+    assert main(["inspect", str(tmp_path), "--model", str(tiny_llama)]) == 0
+    assert f"loads into {tiny_llama.name}: yes" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path), "--model", str(default_model_dir())]) == 0
+    assert ("loads into SmolLM2-135M-Instruct: no: it holds 2 layers x 2 KV heads x 16 dims, the model has "
+            "30 x 3 x 64") in capsys.readouterr().out
+
+
+def test_bad_model_device_and_options_are_clear_errors(tmp_path, capsys, monkeypatch):
+    assert main(["demo", "--model", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["batch", "jobs.jsonl", "--out", str(tmp_path / "a"), "--model", str(tmp_path)]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--device", "cuda", "--store", str(tmp_path / "s")]) == 2
+    assert "device 'cuda' is not available" in capsys.readouterr().err
+    for argv in (["demo", "--threads", "0"], ["batch", "j", "--out", "o", "--max-new-tokens", "0"],
+                 ["demo", "--dtype", "int8"]):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2

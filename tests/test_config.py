@@ -13,6 +13,24 @@ def test_defaults_pick_cpu_without_cuda():
     assert cfg.device == (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
 
 
+def test_a_device_this_machine_lacks_is_a_config_error(monkeypatch):
+    """Not torch's AssertionError at the first allocation: the setting, the reason, the way out."""
+    base = {"device_budget_bytes": 1 << 20, "host_budget_bytes": 1 << 20}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device 'cuda' is not available: .*use device='cpu'"):
+        TierConfig(**base, device="cuda")
+    with pytest.raises(ConfigError, match="'cuda:1' is not available"):
+        TierConfig(**base, device=torch.device("cuda", 1))
+    with pytest.raises(ConfigError, match="'gpu0' is not a torch device"):
+        TierConfig(**base, device="gpu0")
+    assert TierConfig(**base, device="cpu").device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="'cuda:2' does not exist: this machine has 2 cuda"):
+        TierConfig(**base, device="cuda:2")
+    assert TierConfig(**base, device="cuda:1").device == torch.device("cuda", 1)
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [

@@ -17,7 +17,7 @@ import torch
 from tiercache import ConfigError, RetrievalConfig, ShapeError, StoreError, TierConfig
 from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
-from tiercache.stream import StreamSession, full_attention_answer
+from tiercache.stream import StreamSession, full_attention_answers
 
 pytestmark = pytest.mark.model
 
@@ -72,14 +72,18 @@ def test_facts_planted_early_are_answered_later(stream):
     session, ids, _ = stream
     model, tok = session.model, session.tokenizer
     tokens = session.tokens
-    got = [session.ask(question_text(f), max_new_tokens=6) for f in FACTS]
-    ref = [full_attention_answer(model, tok, question_text(f), input_ids=ids, max_new_tokens=6) for f in FACTS]
+    # Room for more than the fact: the model would run on ("71432. Remember it."); answers stop
+    # at the end of their first sentence.
+    got = [session.ask(question_text(f), max_new_tokens=12) for f in FACTS]
+    ref = full_attention_answers(model, tok, [question_text(f) for f in FACTS], input_ids=ids,
+                                 max_new_tokens=6)
     ours = sum(f.answer in a for f, a in zip(FACTS, got))
     full = sum(f.answer in a for f, a in zip(FACTS, ref))
     print(f"\nQA accuracy over {len(ids)} streamed tokens: tiercache {ours}/{len(FACTS)}, "
           f"full attention {full}/{len(FACTS)}; answers {got} vs {ref}")
     assert full == len(FACTS), f"the reference itself misses: {ref}"
     assert ours == len(FACTS), f"answers {got}, full attention {ref}"
+    assert got == [f"{f.answer}." for f in FACTS], "each answer is its first sentence"
     assert session.tokens == tokens, "asking must leave the stream as it was"
 
 
@@ -160,7 +164,20 @@ def test_bad_inputs_raise_clear_errors(smollm2, tmp_path):
                 session.append(**kwargs)
         with pytest.raises(ShapeError, match="question"):
             session.ask("  ")
+        with pytest.raises(ShapeError, match="context is empty"):
+            session.ask(question_text(FACTS[0]))
+        with pytest.raises(ShapeError, match="not text.*tokenize it first"):
+            session.append("hello world")
+        with pytest.raises(ShapeError, match="integer token ids"):
+            session.append(["hello", "world"])
+        with pytest.raises(ShapeError, match="padded"):
+            session.append(tok(["hello world", "hi"], padding=True))
+        with pytest.raises(ShapeError, match="without 'input_ids'"):
+            session.append({"ids": [1, 2]})
         assert session.tokens == 0
+        # What a tokenizer returns is accepted as it is.
+        assert session.append(tok("hello world", add_special_tokens=False)) == 2
+        assert session.append(tok("hello world", add_special_tokens=False, return_tensors="pt")) == 4
     with pytest.raises(ConfigError, match="chunk_tokens"):
         StreamSession(model, tok, config, chunk_tokens=0)
     no_disk = TierConfig(device_budget_bytes=config.device_budget_bytes, host_budget_bytes=0, dtype=torch.float32)

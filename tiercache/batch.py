@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from .errors import BlockNotFoundError, ConfigError, ShapeError, StoreError, Tie
 from .io.codec import make_codec
 from .io.contexts import content_key, load_kv_context, save_kv_context
 from .io.store import DiskStore
+from .stopping import DEFAULT_STOP
 from .stream import ask_cache, attention_implementation, model_id, write_json_atomic
 
 #: The sidecar of a context store: per context key, what encoding it measured.
@@ -58,10 +59,12 @@ def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
     """A ``TieredCache`` holding ``ids`` prefilled with full attention, ``_PREFILL_CHUNK``
     tokens per forward (exact; the device never holds more than ``config``'s budget)."""
     cache = TieredCache(model, config, prefill="full")
+    device = next(model.parameters()).device
     try:
         with attention_implementation(model, ATTN_NAME), torch.no_grad():
             for a in range(0, len(ids), _PREFILL_CHUNK):
-                model(torch.tensor([ids[a : a + _PREFILL_CHUNK]]), past_key_values=cache, use_cache=True)
+                model(torch.tensor([ids[a : a + _PREFILL_CHUNK]], device=device), past_key_values=cache,
+                      use_cache=True)
     except BaseException:
         cache.close()
         raise
@@ -166,6 +169,8 @@ class ContextStore:
         if self.config is not None:
             return self.config
         config = default_config(self.model, context_tokens=tokens + _ROOM_TOKENS)
+        # The tiers' device is the model's (default_config would pick CUDA whenever present).
+        config = dataclasses.replace(config, device=next(self.model.parameters()).device)
         return dataclasses.replace(config, retrieval=self.retrieval) if self.retrieval else config
 
     def _read_sidecar(self) -> dict[str, ContextInfo]:
@@ -295,12 +300,13 @@ def _answered(out: Path) -> set[tuple[int, str]]:
 
 
 def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: ContextStore, *,
-              max_new_tokens: int = 32, progress: bool = True,
-              on_answer: Callable[[dict], None] | None = None) -> BatchReport:
+              max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
+              progress: bool = True, on_answer: Callable[[dict], None] | None = None) -> BatchReport:
     """Answer every question of ``jobs_path`` into ``out_path`` (JSON lines ``{"line",
     "question", "answer", "context"}``), skipping those answered by an earlier run. Each
     document is encoded once into ``store``; its questions are answered from the loaded KV, one
-    after the other (the cache is truncated back after each). ``on_answer`` sees each record
+    after the other (the cache is truncated back after each); answers end as
+    ``stream.greedy_answer`` says (``max_new_tokens``, ``stop``). ``on_answer`` sees each record
     after it is durably written. Bad lines go to stderr and ``BatchReport.bad_lines``."""
     from tqdm import tqdm
 
@@ -326,12 +332,12 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
                 continue
             try:
                 for question in questions:
-                    record = _answer(store, cache, job, key, question, max_new_tokens, report)
+                    record = _answer(store, cache, job, key, question, max_new_tokens, stop, report)
                     sink.write(json.dumps(record) + "\n")
                     sink.flush()
                     os.fsync(sink.fileno())
+                    bar.set_postfix(_postfix(store, report, cache), refresh=False)
                     bar.update(1)
-                    bar.set_postfix(_postfix(store, report), refresh=False)
                     if on_answer is not None:
                         on_answer(record)
             finally:
@@ -364,9 +370,9 @@ def _prepare(store: ContextStore, job: Job, report: BatchReport) -> tuple[str, T
 
 
 def _answer(store: ContextStore, cache: TieredCache, job: Job, key: str, question: str, max_new_tokens: int,
-            report: BatchReport) -> dict:
+            stop: str | Sequence[str] | None, report: BatchReport) -> dict:
     start = time.perf_counter()
-    answer = ask_cache(store.model, store.tokenizer, cache, question, max_new_tokens)
+    answer = ask_cache(store.model, store.tokenizer, cache, question, max_new_tokens, stop)
     report.answer_seconds += time.perf_counter() - start
     report.answer_tokens += len(store.tokenizer(answer, add_special_tokens=False)["input_ids"])
     report.answered += 1
@@ -376,11 +382,14 @@ def _answer(store: ContextStore, cache: TieredCache, job: Job, key: str, questio
     return {"line": job.line, "question": question, "answer": answer, "context": key}
 
 
-def _postfix(store: ContextStore, report: BatchReport) -> dict[str, str]:
-    """tqdm's postfix: answer tokens/s, stored-context hit rate, device hit rate of block reads."""
+def _postfix(store: ContextStore, report: BatchReport, cache: TieredCache) -> dict[str, str]:
+    """tqdm's postfix: answer tokens/s, stored-context hit rate, device hit rate of block reads
+    so far (the report counts documents done; ``cache`` is the one being answered from)."""
     contexts = report.encoded + report.reused
+    stats = cache.manager.stats()
+    lookups = report.block_lookups + stats.lookups
     return {
         "tok/s": f"{report.answer_tokens / report.answer_seconds:.1f}" if report.answer_seconds else "-",
         "ctx hit": f"{report.reused}/{contexts}",
-        "dev hit": f"{report.device_hit_rate:.2f}",
+        "dev hit": f"{(report.device_hits + stats.hits['device']) / lookups:.2f}" if lookups else "-",
     }

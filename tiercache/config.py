@@ -17,12 +17,39 @@ from .blocks import BlockLayout
 from .errors import ConfigError
 from .io.codec import CODECS
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: KV and model dtypes by name (the names the CLI and saved configs use).
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def default_device() -> torch.device:
     """The compute device: the current CUDA device when there is one, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` this process can use (``None``: ``default_device()``).
+    ``ConfigError`` if it is not a device name, or names an accelerator this torch build or
+    machine does not have (rather than torch's error at the first allocation)."""
+    if device is None or device == "":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device: {exc}") from exc
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        why = (f"this torch ({torch.__version__}) was built without CUDA" if dev.type == "cuda"
+               and torch.version.cuda is None else f"no {dev.type} device is visible to this process")
+        raise ConfigError(f"device {str(dev)!r} is not available: {why}; use device='cpu' (or None to pick "
+                          "CUDA when present, else the CPU)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"device {str(dev)!r} does not exist: this machine has {count} {dev.type} "
+                          "device(s)")
+    return dev
 
 
 @dataclass(frozen=True)
@@ -104,7 +131,8 @@ class TierConfig:
     - ``host_codec`` / ``disk_codec``: registered codec names (see ``tiercache.io.codec.CODECS``),
       with their parameters in ``host_codec_params`` / ``disk_codec_params``.
     - ``disk_path``: directory of the disk tier (created if missing; must be writable).
-    - ``device``: compute device; ``None`` picks CUDA when available, else the CPU.
+    - ``device``: compute device; ``None`` picks CUDA when available, else the CPU. A device this
+      machine lacks is a ``ConfigError``.
     """
 
     device_budget_bytes: int
@@ -142,10 +170,10 @@ class TierConfig:
                 "and let the disk tier (disk_budget_bytes, disk_path) take the rest"
             )
         if isinstance(self.dtype, str):
-            if self.dtype not in _DTYPES:
-                raise ConfigError(f"dtype {self.dtype!r} not supported; use one of {sorted(_DTYPES)}")
-            object.__setattr__(self, "dtype", _DTYPES[self.dtype])
-        elif self.dtype is not None and self.dtype not in _DTYPES.values():
+            if self.dtype not in DTYPES:
+                raise ConfigError(f"dtype {self.dtype!r} not supported; use one of {sorted(DTYPES)}")
+            object.__setattr__(self, "dtype", DTYPES[self.dtype])
+        elif self.dtype is not None and self.dtype not in DTYPES.values():
             raise ConfigError(f"dtype {self.dtype} not supported; use float16, bfloat16 or float32")
         for tier in ("host", "disk"):
             codec = getattr(self, f"{tier}_codec")
@@ -154,10 +182,7 @@ class TierConfig:
         unit = self.retrieval.unit_tokens
         if unit is not None and self.block_tokens % unit:
             raise ConfigError(f"block_tokens ({self.block_tokens}) must be a multiple of retrieval.unit_tokens ({unit})")
-        try:
-            object.__setattr__(self, "device", torch.device(self.device) if self.device else default_device())
-        except RuntimeError as exc:
-            raise ConfigError(f"device {self.device!r} is not a torch device: {exc}") from exc
+        object.__setattr__(self, "device", resolve_device(self.device))
         if self.disk_budget_bytes > 0 and self.disk_path is None:
             raise ConfigError("disk_budget_bytes > 0 needs a disk_path")
         if self.disk_path is not None:

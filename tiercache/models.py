@@ -39,38 +39,84 @@ def _gguf_dir() -> Path:
 
 
 def default_model_dir() -> Path:
-    """Path of the safetensors checkpoint of the default model, converting the GGUF on first use."""
+    """Path of the safetensors checkpoint of the default model, converting the GGUF on first use
+    (about a minute on 2 CPU cores, with a progress bar on stderr)."""
     target = cache_home() / DEFAULT_MODEL_ID
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
+    from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src = _gguf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src, gguf_file=_GGUF_NAME)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():  # another process converted it meanwhile
-        import shutil
+    with tqdm(total=4, desc=f"converting {DEFAULT_MODEL_ID} (once) to {target}", unit="step") as bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+        bar.update()
+        bar.set_postfix_str("weights")
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
+        bar.update()
+        bar.set_postfix_str("config")
+        config = AutoConfig.from_pretrained(src, gguf_file=_GGUF_NAME)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        bar.update()
+        bar.set_postfix_str("saving")
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process converted it meanwhile
+            import shutil
 
-        shutil.rmtree(tmp)
-    else:
-        tmp.replace(target)
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(target)
+        bar.update()
     return target
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = "cpu", attn_implementation: str = "sdpa"):
+    """Load a transformers causal LM checkpoint and its tokenizer from the directory ``path``
+    (what ``save_pretrained`` of a model and of its tokenizer wrote; nothing is fetched from a
+    hub), or the default model when ``path`` is None; returns ``(model, tokenizer)`` in eval
+    mode on ``device`` (``None``: CUDA when present, else the CPU). ``ConfigError`` if the
+    directory does not hold a loadable checkpoint and tokenizer; whether tiercache supports the
+    architecture is checked when a cache is built (``UnsupportedModelError``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .config import resolve_device
+
+    dev = resolve_device(device)
+    path = Path(path) if path is not None else default_model_dir()
+    if not path.is_dir():
+        raise ConfigError(f"model {str(path)!r} is not a directory (a checkpoint saved with save_pretrained, "
+                          "with its tokenizer beside it)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {str(path)!r} holds no config.json: not a checkpoint saved with "
+                          "save_pretrained")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"model {str(path)!r}: no tokenizer could be loaded (save it beside the weights "
+                          f"with tokenizer.save_pretrained): {_brief(exc)}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model {str(path)!r} is not a loadable transformers causal LM checkpoint: "
+                          f"{_brief(exc)}") from exc
+    model.to(dev).eval()
+    return model, tokenizer
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """Load SmolLM2-135M-Instruct and its tokenizer on the CPU; returns ``(model, tokenizer)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return load_model(None, dtype=dtype, device="cpu", attn_implementation=attn_implementation)
 
-    path = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    model.eval()
-    return model, tokenizer
+
+def _brief(exc: BaseException) -> str:
+    """``exc``'s message on one line, at most 300 characters (transformers' can run to pages)."""
+    text = " ".join(str(exc).split())
+    return (text[:297] + "...") if len(text) > 300 else text or type(exc).__name__

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from .io.codec import make_codec
 from .io.contexts import load_kv_context, save_kv_context
 from .io.segments import fsync_dir
 from .io.store import DiskStore
+from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids
 
 MANIFEST_NAME = "stream.json"
 SAVED_DIR = "saved"
@@ -63,29 +64,31 @@ def attention_implementation(model, name: str) -> Iterator[None]:
 
 @torch.no_grad()
 def greedy_answer(model, tokenizer, cache, question_ids: Sequence[int], max_new_tokens: int = 32,
-                  stop: str | None = "\n") -> str:
-    """Feed ``question_ids`` after what ``cache`` holds and decode greedily up to
-    ``max_new_tokens`` tokens; the answer ends at the end-of-sequence token or at the first
-    ``stop`` string after some non-blank text. Leaves the question and answer in ``cache``."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+                  stop: str | Sequence[str] | None = DEFAULT_STOP) -> str:
+    """Feed ``question_ids`` after what ``cache`` holds and decode greedily, as ``generate``
+    does: the answer ends at an end-of-sequence or end-of-turn token (``stopping.stop_token_ids``),
+    with the first of the ``stop`` strings after its leading whitespace (kept, as ``generate``
+    keeps it; default ``stopping.DEFAULT_STOP``: the first line or sentence; ``None``: none), or
+    after ``max_new_tokens`` tokens. Returns the answer stripped of surrounding whitespace;
+    leaves the question and answer in ``cache``."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    stops = stop_strings(stop)
+    end_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
     out = model(torch.tensor([list(question_ids)], device=device), past_key_values=cache, use_cache=True)
     generated: list[int] = []
-    text = ""
     for step in range(max_new_tokens):
         token = int(out.logits[0, -1].argmax())
-        if token == eos:
+        if token in end_ids:
             break
         generated.append(token)
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if stop and stop in text.lstrip():
-            break
+        answer = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stops)
+        if answer is not None:
+            return answer
         if step + 1 < max_new_tokens:
             out = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-    text = text.strip()
-    return text.split(stop)[0].strip() if stop else text
+    return tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
 def question_ids(tokenizer, question: str) -> list[int]:
@@ -96,15 +99,19 @@ def question_ids(tokenizer, question: str) -> list[int]:
 
 
 def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_tokens: int = 32,
-              stop: str | None = "\n", hold: bool = False) -> str:
+              stop: str | Sequence[str] | None = DEFAULT_STOP, hold: bool = False) -> str:
     """Answer ``question`` over the context ``cache`` holds and truncate the question and answer
     away again. The question is prefilled with ``prefill="retrieval"``: all its query positions
     score the units of the whole context together and each layer attends sink + window + the top
     units. With ``hold`` (ReKV) the answer's decode steps attend that same selection (plus sink and
     the recent window, which holds the question and answer); without, every decode step selects
-    anew from its own query. See ``greedy_answer`` for ``max_new_tokens`` and ``stop``."""
+    anew from its own query. See ``greedy_answer`` for ``max_new_tokens`` and ``stop``.
+    ``ShapeError`` if the cache holds no context yet."""
     ids = question_ids(tokenizer, question)
     tokens = cache.get_seq_length()
+    if tokens == 0:
+        raise ShapeError("nothing to answer from: the context is empty (append to the stream, or load a "
+                         "stored context, before asking)")
     mode, held = cache.prefill, cache.hold_selection
     cache.prefill, cache.hold_selection = "retrieval", hold
     try:
@@ -116,25 +123,37 @@ def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_token
 
 
 @torch.no_grad()
-def full_attention_answer(model, tokenizer, question: str, *, input_ids: Sequence[int] | None = None,
-                          inputs_embeds: torch.Tensor | None = None, max_new_tokens: int = 32,
-                          stop: str | None = "\n") -> str:
-    """The reference: ``question`` answered with plain SDPA attention over the whole context
-    (``input_ids``, or ``inputs_embeds`` of shape ``(tokens, hidden)``) in a ``DynamicCache``."""
+def full_attention_answers(model, tokenizer, questions: Sequence[str], *,
+                           input_ids: Sequence[int] | None = None, inputs_embeds: torch.Tensor | None = None,
+                           max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
+                           progress: bool = False) -> list[str]:
+    """The reference: each of ``questions`` answered with plain SDPA attention over the whole
+    context (``input_ids``, or ``inputs_embeds`` of shape ``(tokens, hidden)``) in a
+    ``DynamicCache``, prefilled once and cropped back to the context after each answer.
+    ``progress``: a progress bar on stderr (the first step includes the prefill). See
+    ``greedy_answer`` for ``max_new_tokens`` and ``stop``."""
+    from tqdm import tqdm
     from transformers import DynamicCache
 
     if (input_ids is None) == (inputs_embeds is None):
-        raise ShapeError("full_attention_answer takes exactly one of input_ids and inputs_embeds")
-    ids = question_ids(tokenizer, question)
+        raise ShapeError("full_attention_answers takes exactly one of input_ids and inputs_embeds")
+    ids = [question_ids(tokenizer, q) for q in questions]
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
+    answers = []
+    with attention_implementation(model, "sdpa"), tqdm(total=len(ids), desc="full attention", unit="q",
+                                                         disable=not progress) as bar:
         if input_ids is not None:
             model(torch.tensor([list(input_ids)], device=device), past_key_values=cache, use_cache=True)
         else:
             model(inputs_embeds=inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]).to(device, model.dtype),
                   past_key_values=cache, use_cache=True)
-        return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
+        context = cache.get_seq_length()
+        for q in ids:
+            answers.append(greedy_answer(model, tokenizer, cache, q, max_new_tokens, stop))
+            cache.crop(context - cache.get_seq_length())  # transformers 5 crops by a negative count
+            bar.update(1)
+    return answers
 
 
 class StreamSession:
@@ -168,7 +187,10 @@ class StreamSession:
                inputs_embeds: torch.Tensor | None = None) -> int:
         """Append token ids ``(tokens,)`` / ``(1, tokens)``, or embeddings already projected to
         the model's hidden size ``(tokens, hidden)`` / ``(1, tokens, hidden)``, to the stream;
-        returns the stream's length in tokens. Exactly one of the two."""
+        returns the stream's length in tokens. Exactly one of the two. ``input_ids`` may also be
+        what a tokenizer returns (a ``BatchEncoding`` or any mapping with ``"input_ids"``; an
+        ``attention_mask`` in it must be all ones). Text is refused with a ``ShapeError``: tokenize
+        it first, so that the choice of special tokens stays the caller's."""
         ids, embeds = self._check_input(input_ids, inputs_embeds)
         n = (ids if ids is not None else embeds).shape[1]
         with attention_implementation(self.model, ATTN_NAME), torch.no_grad():
@@ -180,10 +202,14 @@ class StreamSession:
                                use_cache=True)
         return self.tokens
 
-    def ask(self, question: str, max_new_tokens: int = 32, stop: str | None = "\n", hold: bool = False) -> str:
+    def ask(self, question: str, max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
+            hold: bool = False) -> str:
         """Answer ``question`` (text appended after the stream verbatim: end it with a cue such as
         "Answer:") from blocks retrieved over the whole stream; the stream is left as it was.
-        ``hold``: the answer's decode steps keep the question's selection (see ``ask_cache``)."""
+        The answer ends as ``greedy_answer`` says: at an end-of-sequence or end-of-turn token, the
+        first ``stop`` string (default: the first line or sentence) or ``max_new_tokens`` tokens.
+        ``hold``: the answer's decode steps keep the question's selection (see ``ask_cache``).
+        ``ShapeError`` on an empty stream."""
         return ask_cache(self.model, self.tokenizer, self.cache, question, max_new_tokens, stop, hold)
 
     def save(self) -> int:
@@ -259,13 +285,35 @@ class StreamSession:
             raise StoreError(f"{file} is not a version-{_VERSION} {_FORMAT} manifest (missing {sorted(missing)})")
         return doc
 
+    @staticmethod
+    def _ids_of_encoding(encoding: Mapping) -> torch.Tensor | Sequence[int]:
+        """The ``input_ids`` of a tokenizer's output, refusing padded ones (padding tokens would
+        be streamed as content)."""
+        if "input_ids" not in encoding:
+            raise ShapeError(f"append got a mapping without 'input_ids' (keys {sorted(map(str, encoding))})")
+        mask = encoding.get("attention_mask")
+        if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+            raise ShapeError("append got a padded encoding (attention_mask has zeros): append one unpadded "
+                             "sequence at a time")
+        return encoding["input_ids"]
+
     def _check_input(self, input_ids, inputs_embeds) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Validate and normalise the inputs of ``append`` to batch-of-one tensors."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ShapeError("append takes exactly one of input_ids and inputs_embeds")
         device = next(self.model.parameters()).device
+        if isinstance(input_ids, str):
+            raise ShapeError(f"append takes token ids, not text ({input_ids!r:.40}): tokenize it first, e.g. "
+                             "append(tokenizer(text, add_special_tokens=False)[\"input_ids\"])")
+        if isinstance(input_ids, Mapping):
+            input_ids = self._ids_of_encoding(input_ids)
         if input_ids is not None:
-            ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids))
+            try:
+                ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(list(input_ids))
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ShapeError(f"input_ids must be integer token ids (a tensor, a list of ints or a "
+                                 f"tokenizer's output), got {type(input_ids).__name__} {input_ids!r:.60}: "
+                                 f"{exc}") from None
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise ShapeError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
             if ids.dim() == 1:
