@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -172,6 +173,28 @@ def test_damage_that_hides_a_frame_refuses_what_it_may_have_changed(tmp_path):
         assert [bytes(x) for x in r.load_context("c")] == [record(KEYS[0], s) for s in expected["context"]]
 
 
+@pytest.mark.parametrize("which", ["middle", "last"])
+def test_destroyed_commit_frame_refuses_what_it_may_have_changed(tmp_path, which):
+    """A batch's whole COMMIT frame overwritten with junk (longer than its two copies are apart):
+    the batch is known to be committed (later batches follow it, or junk, not the end of a cut
+    short write, lies where it ends) but not what it held, so every record it could have
+    superseded is refused; what was written after it is served."""
+    expected = history(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    key = KEYS[1] if which == "middle" else KEYS[12]  # batch 2 or batch 6
+    seg, end, f = frame_of(tmp_path, key)
+    commit = max(x.offset + x.frame_len for _, e, x in frames(tmp_path) if e == end)
+    overwrite(seg, commit, random.Random(1).randbytes(end - commit))
+    with pytest.warns(StoreWarning), open_store(tmp_path, readonly=True) as r:
+        assert any("unknowable" in d for d in r.damage), r.damage
+        for k in KEYS[:15] if which == "last" else KEYS[:10]:
+            with pytest.raises(CorruptBlockError, match="may hold a newer version"):
+                r.get(k)
+        if which == "middle":
+            for k in KEYS[10:15]:
+                assert_record(r.get(k), k, expected["blocks"][k])
+
+
 def test_damaged_segment_header_is_worked_around(tmp_path):
     expected = history(tmp_path)
     (tmp_path / "manifest.json").unlink()
@@ -232,7 +255,8 @@ def test_manifest_bit_flips_are_all_caught(tmp_path):
     expected = many_segments(tmp_path)
     manifest = tmp_path / "manifest.json"
     data = manifest.read_bytes()
-    for bit in range(0, len(data) * 8, 37):  # every 37th bit, header line and JSON body
+    head = data.index(b"\n") * 8
+    for bit in [*range(0, head, 13), *random.Random(0).sample(range(head, len(data) * 8), 40)]:
         damaged = bytearray(data)
         damaged[bit // 8] ^= 1 << bit % 8
         manifest.write_bytes(bytes(damaged))

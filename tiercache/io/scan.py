@@ -30,6 +30,7 @@ from ..errors import CorruptBlockError
 from .commits import ENTRY, TRAILER, TRAILER_MAGIC, DirEntry, Trailer, parse_directory, parse_trailer
 from .frames import (
     FRAME_MAGIC,
+    HEADER_SIZE,
     SMALL_ALIGN,
     FrameHeader,
     FrameKind,
@@ -115,6 +116,10 @@ class SegmentScan:
         self.tail = ""
         self.damage: list[str] = []
         self.unresolved: list[tuple[str, int]] = []
+        #: (batch number, place, whether non-zero bytes are among the unreadable ones) of a batch
+        #: at the end whose commit was unreadable but not cut short.
+        self.doubtful: tuple[int, str, bool] | None = None
+        self._cut = False  # the batch being read ends where the file does: an unfinished write
         self._last_batch = -1
         self._io = _Window(seg, self.size)
 
@@ -150,29 +155,34 @@ class SegmentScan:
                 if header.kind == FrameKind.COMMIT:
                     batch = self._settle(start, header.batch, walked, gaps, (pos, header), None)
                 elif pos + header.frame_len > self.size:  # cut short: the end of an unfinished write
-                    batch = None
+                    batch, self._cut = None, True
                 else:
                     seq = header.batch
                     walked[pos] = self._frame(pos, header, key_bytes)
                     pos += header.frame_len
                     continue
-                return batch if batch is not None else self._stop(start, pos, mark)
+                return batch if batch is not None else self._stop(start, pos, mark, seq)
             if found is not None and seq is not None and found[0].batch > seq:
                 nxt = (pos, found[0])  # a later batch begins where this one's COMMIT should be
             else:
                 nxt = self._resync(pos, seq)
-            if nxt is None:  # nothing valid further on; the COMMIT header may be what is damaged
-                trailer = self._find_trailer(pos, self.size, seq) if seq is not None else None
-                batch = (self._settle(start, seq, walked, gaps + [(pos, trailer.end)], None, trailer)
-                         if trailer is not None else None)
-                return batch if batch is not None else self._stop(start, pos, mark)
-            q, qh = nxt
-            if seq is not None and qh.batch != seq:  # the batch ended in [pos, q)
-                trailer = self._find_trailer(pos, q, seq)
-                batch = self._settle(start, seq, walked, gaps + [(pos, q)], None, trailer, later=qh.batch)
-                return batch if batch is not None else self._stop(start, pos, mark)
-            gaps.append((pos, q))
-            pos = q
+            q, qh = nxt if nxt is not None else (self.size, None)
+            # The damage may hide this batch's COMMIT header (or, at the batch's start, all of a
+            # small batch but its directory and trailer): its trailer then still stands.
+            trailer = self._find_trailer(pos, q, seq) if qh is None or qh.batch != seq else None
+            if trailer is not None:
+                batch = self._settle(start, trailer.batch, walked, gaps + [(pos, trailer.end)], None, trailer)
+            elif qh is None:  # nothing valid further on but, perhaps, a later batch's trailer
+                later = self._later(pos, seq) if seq is not None else None
+                batch = (self._settle(start, seq, walked, gaps + [(pos, q)], None, None, later=later)
+                         if later is not None else None)
+            elif seq is not None and qh.batch != seq:  # the batch ended in [pos, q), no trailer left
+                batch = self._settle(start, seq, walked, gaps + [(pos, q)], None, None, later=qh.batch)
+            else:
+                gaps.append((pos, q))
+                pos = q
+                continue
+            return batch if batch is not None else self._stop(start, pos, mark, seq)
 
     def _settle(self, start: int, seq: int, walked: dict[int, Frame], gaps: list[tuple[int, int]],
                 commit: tuple[int, FrameHeader] | None, trailer: Trailer | None,
@@ -185,6 +195,7 @@ class SegmentScan:
             commit_pos, header = commit
             end = commit_pos + header.frame_len
             if end > self.size:  # the COMMIT frame is cut short: an unfinished write
+                self._cut = True
                 return None
             count, dir_len = header.body_len, header.body_crc
             try:
@@ -196,8 +207,7 @@ class SegmentScan:
                 trailer = None
             if trailer is None:
                 self.damage.append(f"{self.where(end - TRAILER.size)}: commit trailer of batch {seq} damaged")
-                nxt = self._header(end) if end < self.size else None
-                later = nxt[0].batch if nxt is not None and nxt[0].batch > seq else None
+                later = self._later(end, seq)
         elif trailer is not None:
             count, dir_len, end = trailer.count, trailer.dir_len, trailer.end
             self.damage.append(f"{self.where(gaps[-1][0])}: COMMIT frame header of batch {seq} damaged; "
@@ -211,7 +221,9 @@ class SegmentScan:
             self.unresolved.append((self.where(start), max(seq, later or 0)))
             self.damage.append(f"{self.where(start)}: batch {seq} holds frames that damage made unknowable")
         self._last_batch = seq
-        return Batch(seq, end if end is not None else gaps[-1][1], frames)
+        # Where the batch ends is unknown when damage took its COMMIT frame: the next one is
+        # sought from where the damage starts.
+        return Batch(seq, end if end is not None else gaps[-1][0], frames)
 
     def _frames(self, start: int, walked: dict[int, Frame], gaps: list[tuple[int, int]], count: int | None,
                 dir_len: int | None, end: int | None, commit_pos: int | None) -> tuple[list[Frame], bool]:
@@ -315,8 +327,18 @@ class SegmentScan:
                 return q, found[0]
         return None
 
-    def _find_trailer(self, lo: int, hi: int, seq: int) -> Trailer | None:
-        """The commit trailer of batch ``seq`` ending at an aligned offset in ``(lo, hi]``."""
+    def _later(self, pos: int, seq: int) -> int | None:
+        """The number of a batch after batch ``seq`` that a valid frame header or commit trailer
+        from ``pos`` on belongs to, if any: proof that the writer appended after batch ``seq``
+        in this file, which it does only once a batch is committed."""
+        nxt = self._resync(pos - 1, seq + 1)
+        trailer = self._find_trailer(pos, nxt[0] if nxt is not None else self.size, after=seq)
+        return trailer.batch if trailer is not None else nxt[1].batch if nxt is not None else None
+
+    def _find_trailer(self, lo: int, hi: int, seq: int | None = None,
+                      after: int | None = None) -> Trailer | None:
+        """The commit trailer ending at an aligned offset in ``(lo, hi]`` of batch ``seq``, or
+        when it is None, of any batch after ``after`` (default: the last one settled)."""
         align = self.seg.data_start
         for p in self._search(TRAILER_MAGIC, lo, hi, (align - TRAILER.size) % align, align):
             try:
@@ -324,7 +346,7 @@ class SegmentScan:
                                   self.where(p))
             except CorruptBlockError:
                 continue
-            if t.batch == seq:
+            if t.batch == seq or seq is None and t.batch > (self._last_batch if after is None else after):
                 return t
         return None
 
@@ -342,12 +364,31 @@ class SegmentScan:
         self.tail = f"{self.seg.path}: no intact frame after its damaged segment header"
         return False
 
-    def _stop(self, start: int, at: int, mark: int) -> None:
-        """End the scan before the batch at ``start``: it is not committed (an unfinished write,
-        or damage no check can tell from one); what was noted about it is dropped."""
+    def _stop(self, start: int, at: int, mark: int, seq: int | None) -> None:
+        """End the scan before the batch at ``start``: its commit cannot be read; what was noted
+        about it is dropped. A writer killed mid-batch leaves a prefix of it (its write is cut
+        short at the end of the file); anything else, unreadable bytes where the rest of the
+        batch should be, may be a committed batch whose COMMIT frame was destroyed: ``doubtful``
+        then names it, for the store to judge by the batches after it."""
         del self.damage[mark:]
         self.tail = (f"{self.where(start)}: {self.size - start} bytes hold no committed batch (unreadable "
                      f"from offset {at}); taken as an unfinished write")
+        if seq is None and self._last_batch >= 0:
+            seq = self._last_batch + 1  # nothing of it is readable: the next number, at least
+        if seq is not None and not self._cut and self.size - at >= HEADER_SIZE:
+            self.doubtful = (seq, self.where(start), self._nonzero(at))
+
+
+    def _nonzero(self, pos: int) -> bool:
+        """Whether any byte from ``pos`` to the end is not zero."""
+        while pos < self.size:
+            chunk = self._io.get(pos, _WINDOW // 2)
+            if not chunk:
+                return False
+            if bytes(chunk).strip(b"\0"):
+                return True
+            pos += len(chunk)
+        return False
 
 
 def _entry_frame(e: DirEntry) -> Frame:

@@ -175,6 +175,11 @@ class DiskStore:
         self._pinned: dict[int, str] = {}
         #: (place, highest seq) of frames damage made unknowable (see ``_check_unresolved``).
         self._unresolved: list[tuple[str, int]] = []
+        #: Batches at a segment's end whose commit was unreadable (not cut short): segment id ->
+        #: ``SegmentScan.doubtful``; the batch numbers replayed since; the places judged already.
+        self._doubtful: dict[int, tuple[int, str, bool]] = {}
+        self._replayed: set[int] = set()
+        self._judged: set[str] = set()
 
     # ------------------------------------------------------------------ opening and recovery
 
@@ -244,12 +249,13 @@ class DiskStore:
         if why and warn:
             warnings.warn(f"disk store {self.path}: ignoring its manifest ({why}); the index is rebuilt by "
                           "scanning the segments", StoreWarning, stacklevel=5)
+        whole = manifest  # ignored or not, a whole manifest is the writer's word on what committed
         if why:
             manifest = Manifest()
         self.recovery_note = why
         self._seq = manifest.seq
         self._next_segment = max([manifest.next_segment] + [s + 1 for s in files])
-        self._unresolved = list(manifest.unresolved)
+        self._unresolved = list(whole.unresolved) if whole is not None else []
         for seg in self._segments.values():
             self._committed[seg.id] = seg.data_start
             self._last_batch[seg.id] = 0
@@ -267,6 +273,9 @@ class DiskStore:
             self._scan(seg, start)
             if start < self._committed[seg.id] and not self.recovery_note:
                 self.recovery_note = f"replayed batches written after the manifest in {seg.path}"
+        if whole is not None and why:
+            self._check_claims(whole)
+        self._judge_doubtful(manifest.seq)
         for name in manifest.contexts_lru:
             if name in self._contexts:
                 self._lru[name] = None
@@ -324,8 +333,47 @@ class DiskStore:
             self._last_batch[seg.id] = batch.seq
         self.damage += scan.damage
         self._unresolved += scan.unresolved
+        if scan.doubtful is not None and scan.doubtful[1] not in self._judged:
+            self._doubtful[seg.id] = scan.doubtful
         if scan.tail and not self.readonly:  # a reader may simply be watching a batch being written
             self._note(scan.tail)
+
+    def _check_claims(self, manifest: Manifest) -> None:
+        """After a scan that ignored ``manifest`` (whole, but contradicting the segments): where
+        it records more committed than the scan could read, damage destroyed committed batches
+        whose frames are unknowable."""
+        for seg_id, (end, batch) in manifest.segments.items():
+            seg = self._segments.get(seg_id)
+            if seg is not None and self._committed[seg_id] < end:
+                where = f"segment {seg.path} offset {self._committed[seg_id]}"
+                self._unresolved.append((where, batch))
+                self.damage.append(f"{where}: unreadable, but the manifest records batches up to {batch} "
+                                   f"committed up to offset {end}; their frames are unknowable")
+
+    def _judge_doubtful(self, checkpoint_seq: int) -> None:
+        """Settle the batches whose commit was unreadable (``SegmentScan.doubtful``). A writer
+        retries a failed batch under the same number and numbers the next one only after a
+        commit, so: if that number was used again (by a batch replayed, or one a checkpoint
+        covers), the batch never committed; if higher numbers follow, it did, and damage
+        destroyed its COMMIT frame. So it did too if non-zero bytes that are no frame lie where
+        it ends: a killed writer leaves a batch cut short, a lost page reads as zeros, and a
+        reader sees a file's bytes only once written (the size grows behind the copy). A
+        committed batch whose frames are unknowable refuses every read it could have changed."""
+        for seg_id, (seq, where, garbage) in list(self._doubtful.items()):
+            if seq in self._replayed or seq <= checkpoint_seq:
+                verdict = None
+            elif max(self._replayed, default=0) > seq or garbage:
+                verdict = (where, seq)
+            else:
+                continue  # zeros and nothing after: an unfinished write, as far as anyone can tell
+            del self._doubtful[seg_id]
+            self._judged.add(where)
+            if verdict is not None:
+                self._unresolved.append(verdict)
+                self.damage.append(f"{where}: batch {seq} was committed (later batches or bytes follow) but "
+                                   "damage destroyed its commit; its frames are unknowable")
+        if not self._doubtful:
+            self._replayed.clear()
 
     def _note(self, text: str) -> None:
         self.recovery_note = f"{self.recovery_note}; {text}" if self.recovery_note else text
@@ -344,6 +392,7 @@ class DiskStore:
             else:
                 self._delete_older(f.key, f.seq)
         self._seq = max(self._seq, batch.seq)
+        self._replayed.add(batch.seq)
 
     def _clean_up(self) -> None:
         """Writer, after loading: remove what failures left behind. Temporary manifests; empty
@@ -621,6 +670,8 @@ class DiskStore:
         with self._lock:
             count = self._contexts.get(name)
             if count is None:
+                if self._unresolved:  # the unknowable frames may have held it
+                    self._check_unresolved(ContextPart(name, 0))
                 raise BlockNotFoundError(f"disk store {self.path} holds no context {name!r}")
             parts = [ContextPart(name, i) for i in range(count)]
             entries = [self._index.get(p) for p in parts]
@@ -890,6 +941,7 @@ class DiskStore:
                 return self._reload()
             for seg_id, seg in sorted(self._segments.items()):
                 self._scan(seg, self._committed[seg_id])
+            self._judge_doubtful(-1)
             for seg_id in [s for s in self._segments if s not in files and not self._live[s]]:
                 self._segments[seg_id].retire()  # compacted away and nothing of it in use: let go
                 self._forget_segment(seg_id)
