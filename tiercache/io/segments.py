@@ -232,13 +232,14 @@ class ScratchBuffer:
 
 
 def _open_direct(path: Path) -> int | None:
-    """An ``O_DIRECT`` read descriptor of ``path``, or None where the filesystem refuses it."""
+    """An ``O_DIRECT`` read descriptor of ``path``, or None where the filesystem refuses it (or
+    the file was removed since its buffered descriptor was opened: that one still reads it)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
         return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
             return None
         raise StoreError(f"cannot open segment {path}: {exc.strerror}") from exc

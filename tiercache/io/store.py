@@ -140,6 +140,8 @@ class DiskStore:
         self.damage: list[str] = []
         #: Saved contexts evicted to make room, since open.
         self.evictions = 0
+        #: Times ``refresh`` loaded the index afresh (a segment came and went in between).
+        self.reloads = 0
         #: Why the last periodic checkpoint, or automatic compaction, failed ("" if it did not).
         self.checkpoint_error = ""
         self.compaction_error = ""
@@ -949,6 +951,7 @@ class DiskStore:
                 self._lru.setdefault(name, None)
 
     def _reload(self) -> None:
+        self.reloads += 1
         old = list(self._segments.values())
         self._reset()
         self.damage = []
