@@ -28,13 +28,15 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CorruptBlockError
 from .frames import HEADER_SIZE, FrameKind, pack_header, round_up
 
 #: kind, key length, body crc32, offset, frame length, seq, body length, key offset, crc32.
 ENTRY = struct.Struct("<BxHIQQQQII")
-_ENTRY_CRC = ENTRY.size - 4
+_ENTRY_HEAD = struct.Struct(ENTRY.format[:-1])  # all but the crc32
+_ENTRY_CRC = _ENTRY_HEAD.size
 #: magic, frame count, batch, directory bytes, salt, crc32.
 TRAILER = struct.Struct("<4sIQQII")
 TRAILER_MAGIC = b"TCSE"
@@ -42,9 +44,9 @@ TRAILER_MAGIC = b"TCSE"
 MIN_GAP = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class DirEntry:
-    """One frame of a batch as its COMMIT frame's directory records it."""
+class DirEntry(NamedTuple):
+    """One frame of a batch as its COMMIT frame's directory records it (a tuple: a batch
+    makes one per frame)."""
 
     kind: FrameKind
     key: bytes
@@ -65,27 +67,27 @@ class Trailer:
     end: int
 
 
-def directory_length(entries: list[DirEntry]) -> int:
-    return len(entries) * ENTRY.size + sum(len(e.key) for e in entries)
+def directory_length(count: int, key_bytes: int) -> int:
+    """Bytes of the directory of ``count`` frames whose keys take ``key_bytes`` in all."""
+    return count * ENTRY.size + key_bytes
 
 
-def commit_length(pos: int, entries: list[DirEntry], align: int) -> int:
-    """Bytes of the COMMIT frame written at offset ``pos`` for ``entries``."""
-    least = HEADER_SIZE + MIN_GAP + directory_length(entries) + TRAILER.size
-    return round_up(pos + least, align) - pos
+def commit_length(pos: int, dir_len: int, align: int) -> int:
+    """Bytes of the COMMIT frame written at offset ``pos`` with a directory of ``dir_len`` bytes."""
+    return round_up(pos + HEADER_SIZE + MIN_GAP + dir_len + TRAILER.size, align) - pos
 
 
 def pack_commit(pos: int, batch: int, salt: int, entries: list[DirEntry], align: int) -> list[bytes]:
     """The COMMIT frame at offset ``pos`` closing a batch of ``entries``, as parts to write."""
-    length = commit_length(pos, entries, align)
     table, keys, key_offset = [], [], 0
+    head, crc, pack = _ENTRY_HEAD.pack, zlib.crc32, struct.Struct("<I").pack
     for e in entries:
-        fixed = ENTRY.pack(e.kind, len(e.key), e.body_crc, e.offset, e.frame_len, e.seq, e.body_len,
-                           key_offset, 0)[:_ENTRY_CRC]
-        table.append(fixed + struct.pack("<I", zlib.crc32(e.key, zlib.crc32(fixed))))
+        fixed = head(e.kind, len(e.key), e.body_crc, e.offset, e.frame_len, e.seq, e.body_len, key_offset)
+        table += (fixed, pack(crc(e.key, crc(fixed))))
         keys.append(e.key)
         key_offset += len(e.key)
     directory = b"".join(table + keys)
+    length = commit_length(pos, len(directory), align)
     fixed = TRAILER.pack(TRAILER_MAGIC, len(entries), batch, len(directory), salt, 0)[:-4]
     trailer = fixed + struct.pack("<I", zlib.crc32(fixed))
     head = pack_header(FrameKind.COMMIT, batch, batch, salt, b"", len(entries), len(directory), length)

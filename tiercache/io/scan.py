@@ -133,7 +133,7 @@ class SegmentScan:
             return
         while self.committed < self.size:
             batch = self._batch(self.committed)
-            if batch is None:
+            if batch is None or batch.end <= self.committed:
                 return
             self.committed = batch.end
             yield batch

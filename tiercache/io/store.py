@@ -741,8 +741,8 @@ class DiskStore:
         encoded = [(f, key_to_bytes(f.key) if f.key is not None else b"") for f in frames]
         lengths = [frame_length(f.kind, len(k), len(f.record), self.align) for f, k in encoded]
         # The COMMIT frame's exact length depends on where it starts; this bounds it.
-        dir_bound = directory_length([DirEntry(f.kind, k, 0, 0, 0, 0, 0) for f, k in encoded])
-        seg = self._active_segment(sum(lengths) + commit_length(0, [], self.align) + dir_bound + self.align)
+        dir_len = directory_length(len(encoded), sum(len(k) for _, k in encoded))
+        seg = self._active_segment(sum(lengths) + commit_length(0, dir_len, self.align) + self.align)
         start = pos = self._committed[seg.id]
         parts: list[bytes | memoryview] = []
         entries: list[DirEntry] = []
