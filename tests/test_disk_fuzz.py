@@ -12,6 +12,10 @@ failure: an undamaged record lost, an older version or a deleted key served, a c
 two saves, a damaged record missing instead of reported.
 
 ``-m slow`` runs 1,200 trials; the default run 60. ``TIERCACHE_FUZZ_TRIALS`` overrides both.
+``TIERCACHE_FUZZ_DAMAGES=n`` and ``TIERCACHE_FUZZ_BYTES=b`` damage harder (1 to ``n`` places per
+trial, overwrites of up to ``b`` bytes): beyond ``commits.MIN_GAP`` bytes one overwrite can take
+both copies of what a batch held, and the first seed where that ends in a served stale or deleted
+version fails the test.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from tiercache.io.store import DiskStore
 KEYS = [BlockKey(1, layer, i) for layer in range(2) for i in range(12)]
 CONTEXTS = ["ctx-a", "ctx-b"]
 TRIALS = int(os.environ.get("TIERCACHE_FUZZ_TRIALS", "0"))
+DAMAGES = int(os.environ.get("TIERCACHE_FUZZ_DAMAGES", "0"))
+MAX_BYTES = int(os.environ.get("TIERCACHE_FUZZ_BYTES", "512"))
 
 
 def block_record(key: BlockKey, version: int) -> bytes:
@@ -95,7 +101,7 @@ def damage(path: Path, rng: random.Random) -> list[tuple[str, int, int]]:
     """Flip or overwrite bytes at random places; return the damaged (file, start, end) runs."""
     files = sorted(p for p in path.iterdir() if p.name.startswith("seg-") or p.name == "manifest.json")
     runs = []
-    for _ in range(rng.choice([1, 1, 2, 3])):
+    for _ in range(rng.randint(1, DAMAGES) if DAMAGES else rng.choice([1, 1, 2, 3])):
         manifests = [p for p in files if p.name == "manifest.json"]
         if manifests and rng.random() < 0.15:
             target = manifests[0]
@@ -109,7 +115,7 @@ def damage(path: Path, rng: random.Random) -> list[tuple[str, int, int]]:
             data = None
             end = start + 1
         else:
-            end = min(size, start + rng.randint(1, 512))
+            end = min(size, start + rng.randint(1, MAX_BYTES))
             data = bytes(end - start) if how < 0.7 else rng.randbytes(end - start)
         with open(target, "r+b") as f:
             f.seek(start)
