@@ -10,7 +10,7 @@ SmolLM2-135M-Instruct, fp32 on the CPU, real prose (Python's reference docs). At
 2. **Needle** (``--needle``): a 5-digit pass key at ``--depths`` depths of a 1K / 2K / 4K / 8K
    haystack, then the question; agreement = the method's answer carries the same key as full
    attention's (both none counts too).
-3. **Stream QA** (``--qa``): ``bench_stream_qa``'s two streams of about 4.2K tokens with 7 planted
+3. **Stream QA** (``--qa``): two streams of about 4.2K tokens (different parts of the text) with 7 planted
    facts each, encoded chunk by chunk (tiercache's stream encoding: sink + window per chunk), asked
    after the whole stream; scored over the facts full attention answers.
 
@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from bench_needle import needle_parts
-from common import RESULTS, machine, parse_args, print_table, write_results
+from common import RESULTS, machine, needle_parts, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.cache import TieredCache
 from tiercache.cli import QA_FACTS, plant_facts, question_text
@@ -114,7 +113,8 @@ def needle_cases(tok, lengths: list[int], depths: int) -> list[tuple[list[int], 
 
 
 def qa_cases(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int], list]]:
-    """(stream ids, facts) of bench_stream_qa's streams."""
+    """(stream ids, facts): ``streams`` streams of ``tokens`` tokens of the text, sharing out
+    ``cli.QA_FACTS`` and holding them from 5% to 60% depth."""
     out = []
     for stream in range(streams):
         facts = QA_FACTS[stream::streams]
