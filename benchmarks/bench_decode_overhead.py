@@ -74,39 +74,41 @@ def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra
     tokens = kv.shape[3] + extra_tokens
     total = kv_bytes(model, tokens)
     cfg = TierConfig(device_budget_bytes=int(total * device_fraction) + (1 << 20), host_budget_bytes=2 * total,
-                     block_tokens=32, dtype=torch.float32, device="cpu",
-                     retrieval=RetrievalConfig(budget=budget))
+                     dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=budget))
     cache = TieredCache(model, cfg)
     cache.import_kv(kv)
     return cache
 
 
-@torch.no_grad()
-def measure(model, cache, token: torch.Tensor, steps: int) -> dict:
-    """Ops, syncs, Python time and median wall time of decode steps on ``cache``."""
-    token = token.clone()
+class Stepper:
+    """Greedy decode steps of ``model`` on one cache."""
 
-    def step():
-        nonlocal token
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    def __init__(self, model, cache, token: torch.Tensor) -> None:
+        self.model, self.cache, self.token = model, cache, token.clone()
+        self.times: list[float] = []
 
-    step()  # warm-up: first-step allocations and lazy initialisation
-    with OpCounter() as counter:
-        step()
-    timer = OpTimer()
-    start = time.perf_counter()
-    with timer:
-        step()
-    python_s = time.perf_counter() - start - timer.seconds
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    layers = model.config.num_hidden_layers
-    return {"ops": counter.ops, "ops_per_layer": counter.ops / layers, "syncs": counter.syncs,
-            "sync_ops": dict(counter.sync_ops), "python_ms": 1e3 * python_s,
-            "step_ms": 1e3 * statistics.median(times)}
+    @torch.no_grad()
+    def __call__(self) -> None:
+        self.token = self.model(self.token, past_key_values=self.cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+    def counts(self) -> dict:
+        """Ops, syncs and Python time of one step (after a warm-up step: first-step allocations
+        and lazy initialisation)."""
+        self()
+        with OpCounter() as counter:
+            self()
+        timer = OpTimer()
+        start = time.perf_counter()
+        with timer:
+            self()
+        layers = self.model.config.num_hidden_layers
+        return {"ops": counter.ops, "ops_per_layer": counter.ops / layers, "syncs": counter.syncs,
+                "sync_ops": dict(counter.sync_ops), "python_ms": 1e3 * (time.perf_counter() - start - timer.seconds)}
+
+    def timed(self) -> None:
+        start = time.perf_counter()
+        self()
+        self.times.append(time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -121,7 +123,7 @@ def append_throughput(model, tokens: int, chunk: int, device_fraction: float) ->
         else:
             total = kv_bytes(model, tokens)
             cfg = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
-                             block_tokens=32, dtype=torch.float32, device="cpu")
+                             dtype=torch.float32, device="cpu")
             cache = TieredCache(model, cfg, prefill="window")
         start = time.perf_counter()
         with attention_implementation(model, "tiercache" if kind != "dynamic" else "sdpa"):
@@ -139,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="4096,8192,16384,32768,65536")
     ap.add_argument("--budgets", default="1.0,0.1,0.05")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--device-fraction", type=float, default=0.25)
     ap.add_argument("--fits-context", type=int, default=512,
                     help="a context that fits the device whole (nothing moves): the overhead rows")
@@ -161,19 +163,28 @@ def main() -> None:
         token = out.logits[:, -1:].argmax(-1)
         kv = export(dyn)
         fits = fraction > 1
-        base = {"kind": "dynamic", "context": context, "fits": fits, **measure(model, dyn, token, args.steps)}
-        rows.append(base)
-        print(base, flush=True)
-        del dyn
+        kinds = {"dynamic": Stepper(model, dyn, token)}
         for budget in (float(b) for b in args.budgets.split(",")):
-            cache = tiered(model, kv, budget, fraction, args.steps + 8)
-            row = {"kind": f"tiercache-{budget:g}", "context": context, "fits": fits,
-                   **measure(model, cache, token, args.steps)}
-            row["speed_vs_dynamic"] = base["step_ms"] / row["step_ms"]
+            kinds[f"tiercache-{budget:g}"] = Stepper(model, tiered(model, kv, budget, fraction, args.steps + 8), token)
+        found = {}
+        for kind, stepper in kinds.items():
+            model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
+            found[kind] = stepper.counts()
+        # One step of each cache in turn, so that a change in the machine's load hits all alike.
+        for _ in range(args.steps):
+            for kind, stepper in kinds.items():
+                model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
+                stepper.timed()
+        for kind, stepper in kinds.items():
+            row = {"kind": kind, "context": context, "fits": fits, **found[kind],
+                   "step_ms": 1e3 * statistics.median(stepper.times)}
+            if kind != "dynamic":
+                row["speed_vs_dynamic"] = 1e3 * statistics.median(kinds["dynamic"].times) / row["step_ms"]
+                stepper.cache.close()
             rows.append(row)
             print(row, flush=True)
-            cache.close()
-            model.set_attn_implementation("sdpa")
+        model.set_attn_implementation("sdpa")
+        del dyn, kinds
     print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
           f"device {args.device_fraction:.0%} of the KV")
     print_table(rows, ["kind", "context", "fits", "ops", "ops_per_layer", "syncs", "python_ms", "step_ms",
