@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .fingerprint import note_source
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,6 +109,9 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         raise ConfigError(f"model {str(path)!r} is not a loadable transformers causal LM checkpoint: "
                           f"{_brief(exc)}") from exc
     model.to(dev).eval()
+    files = sorted(path.glob("*.safetensors"))
+    if files:  # the fingerprint may then hash the files, cached for every process that loads them
+        note_source(model, files)
     return model, tokenizer
 
 
