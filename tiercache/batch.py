@@ -13,7 +13,8 @@ prefill.
   answer, flushed and fsynced as it is written. Answers are keyed by job (its ``"id"``, else its
   line number) and question index, so a question asked twice is answered twice; a rerun skips the
   answers already written. A bad job line (not UTF-8, not JSON, not a job) is reported with its
-  number and skipped, never fatal.
+  number and skipped, never fatal. ``tiercache.distributed.run_batch_ray`` runs the same jobs
+  on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -233,6 +234,8 @@ class BatchReport:
     answer_seconds: float = 0.0
     block_lookups: int = 0
     device_hits: int = 0
+    #: On Ray (``distributed.run_batch_ray``): each worker's process id, models loaded and counters.
+    workers: list[dict] = field(default_factory=list)
 
     @property
     def device_hit_rate(self) -> float:

@@ -437,18 +437,28 @@ def _batch(args: argparse.Namespace) -> int:
     "questions": [...], "id": optional} per line) into a JSON-lines answers file, one answer per
     (job id or line number, question index). Each document's KV is encoded once and stored in
     the context store (a directory, or a Redis server shared by many workers); reruns skip what
-    is answered already; bad lines are reported and skipped."""
+    is answered already; bad lines are reported and skipped. With --ray, the jobs run on a Ray
+    cluster: documents are spread over --workers actors sharing a Redis context store."""
     from .batch import ContextStore, check_answers_path, run_batch
     from .config import RetrievalConfig
     from .models import cache_home
 
     check_answers_path(args.out)  # before the model loads: a bad --out is reported at once
     store_path = args.store or str(cache_home() / "contexts")
-    model, tok = _load(args)
-    with ContextStore(store_path, model, tok, codec=args.codec, max_tokens=args.max_tokens,
-                      retrieval=RetrievalConfig(budget=args.budget)) as store:
-        r = run_batch(args.jobs, args.out, store, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                      progress=not args.quiet)
+    if args.ray is not None:
+        from .distributed import WorkerSettings, run_batch_ray
+
+        settings = WorkerSettings(store_path, args.model, args.dtype, args.device, args.threads, args.codec,
+                                  args.max_tokens, args.budget)
+        r = run_batch_ray(args.jobs, args.out, settings, address=None if args.ray == "local" else args.ray,
+                          workers=args.workers, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                          progress=not args.quiet)
+    else:
+        model, tok = _load(args)
+        with ContextStore(store_path, model, tok, codec=args.codec, max_tokens=args.max_tokens,
+                          retrieval=RetrievalConfig(budget=args.budget)) as store:
+            r = run_batch(args.jobs, args.out, store, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                          progress=not args.quiet)
     print(f"answered {r.answered} questions ({r.already_answered} already answered before); "
           f"{len(r.bad_lines)} bad job lines skipped")
     print(f"documents: {r.encoded} encoded (prefill {r.prefill_seconds:.1f} s), {r.reused} found stored; "
@@ -456,6 +466,9 @@ def _batch(args: argparse.Namespace) -> int:
     print(f"prefill time saved vs prefilling the document for every question: {r.saved_seconds:.1f} s; "
           f"device hit rate {r.device_hit_rate:.2f}; "
           f"answers {r.answer_tokens / r.answer_seconds if r.answer_seconds else 0:.1f} tokens/s")
+    for w in r.workers:
+        print(f"ray worker pid {w['pid']}: {w['model_loads']} model load(s), {w['encoded']} documents encoded, "
+              f"{w['reused']} loaded from the store, {w['answered']} answers")
     return 0
 
 
@@ -557,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--budget", type=float, default=1.0,
                        help="retrieval budget: fraction of the document each answer step attends (default 1.0)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on a Ray cluster (pip install 'tiercache[ray]'): at ADDRESS (e.g. auto, "
+                            "ray://host:10001), or without one on a local cluster of --workers CPUs; needs --store "
+                            "redis://...")
+    batch.add_argument("--workers", type=_positive, default=2,
+                       help="Ray actors, each loading the model once (default 2)")
     batch.set_defaults(func=_batch)
 
     args = parser.parse_args(argv)
