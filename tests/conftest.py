@@ -40,8 +40,8 @@ class RedisServer:
 
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            pytest.fail("redis-server is not installed: the Redis tests start their own server. Install Debian's "
-                        "redis-server (apt-get install redis-server), as .ci/run does")
+            pytest.fail("redis-server is not installed: the Redis tests start their own server. Install "
+                        "Debian's redis-server (apt-get install redis-server), as .ci/run does")
         self.workdir = workdir
         self.options = list(options)
         self.port = _free_port()
@@ -69,8 +69,8 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = (self.workdir / "redis.log").read_text()[-2000:] if (self.workdir / "redis.log").exists() \
-                        else ""
+                    log_file = self.workdir / "redis.log"
+                    log = log_file.read_text()[-2000:] if log_file.exists() else ""
                     pytest.fail(f"redis-server did not start on port {self.port}: {log}")
                 time.sleep(0.05)
         client.close()

@@ -18,8 +18,9 @@ LAYERS = 2
 
 
 def make(redis_url: str, host_blocks: int, disk_path=None) -> TierManager:
-    cfg = TierConfig(device_budget_bytes=2 * LAYERS * LAYOUT.nbytes, host_budget_bytes=host_blocks * LAYOUT.nbytes,
-                     block_tokens=LAYOUT.block_tokens, dtype=LAYOUT.dtype, device="cpu",
+    cfg = TierConfig(device_budget_bytes=2 * LAYERS * LAYOUT.nbytes,
+                     host_budget_bytes=host_blocks * LAYOUT.nbytes, block_tokens=LAYOUT.block_tokens,
+                     dtype=LAYOUT.dtype, device="cpu",
                      remote_url=redis_url, remote_budget_bytes=1 << 20,
                      disk_path=disk_path, disk_budget_bytes=(1 << 20) if disk_path else 0)
     m = TierManager(cfg, LAYOUT, LAYERS)
@@ -29,7 +30,8 @@ def make(redis_url: str, host_blocks: int, disk_path=None) -> TierManager:
 
 def block(seed: int, n: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, LAYOUT.block_tokens, 2, LAYOUT.kv_heads, LAYOUT.head_dim), generator=g).to(LAYOUT.dtype)
+    shape = (n, LAYOUT.block_tokens, 2, LAYOUT.kv_heads, LAYOUT.head_dim)
+    return torch.randn(shape, generator=g).to(LAYOUT.dtype)
 
 
 def pids(*values: int) -> torch.Tensor:
@@ -47,7 +49,8 @@ def test_sealed_blocks_are_written_through_and_read_back_on_a_miss(redis_url):
     m.seal(0, np.arange(6), data)  # the host keeps 3; 0, 1 and 2 are held remotely only
     assert len(block_keys(client, m)) == 6, "every sealed block written through"
     s = m.stats()
-    assert s.moved_bytes["device->remote"] > 0 and "host->remote" not in s.moved_bytes, "demotion wrote nothing"
+    assert s.moved_bytes["device->remote"] > 0
+    assert "host->remote" not in s.moved_bytes, "demotion wrote nothing"
     assert m.block_counts() == {"device": 0, "host": 3, "disk": 0, "remote": 6}
     slots = m.resident(0, pids(5, 1))
     assert torch.equal(m.layer_slab(0)[slots], data[[5, 1]])
@@ -97,7 +100,8 @@ def test_remote_settings_are_checked():
     with pytest.raises(ConfigError, match="needs both remote_url and remote_budget_bytes"):
         TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0, remote_url="redis://127.0.0.1:1/0")
     with pytest.raises(ConfigError, match="not a Redis address"):
-        TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0, remote_url="http://x", remote_budget_bytes=1)
+        TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0, remote_url="http://x",
+                   remote_budget_bytes=1)
     with pytest.raises(ConfigError, match="remote_codec 'nope' is unknown"):
         TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0, remote_url="redis://127.0.0.1:1/0",
                    remote_budget_bytes=1, remote_codec="nope")
@@ -121,8 +125,8 @@ def test_a_model_answers_the_same_with_a_remote_tier(smollm2, redis_url, tmp_pat
         cache = TieredCache(model, config)
         with torch.no_grad():
             model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
-        answers.append(greedy_answer(model, tok, cache, tok("\nIn short, this text is about",
-                                                            add_special_tokens=False)["input_ids"], 6, stop=None))
+        question = tok("\nIn short, this text is about", add_special_tokens=False)["input_ids"]
+        answers.append(greedy_answer(model, tok, cache, question, 6, stop=None))
         stats = cache.manager.stats()
         assert stats.disk_waits > 0, "blocks came back from below host memory"
         if remote:

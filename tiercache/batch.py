@@ -439,7 +439,8 @@ def prepare_document(store: ContextStore, document: str,
         try:
             cache = store.load(key)
         except BlockNotFoundError as exc:  # gone again at once: a budget too small
-            raise StoreError(f"context {key[:16]}... was evicted before use; raise the store's budget") from exc
+            raise StoreError(f"context {key[:16]}... was evicted before use; raise the store's "
+                             "budget") from exc
     report.load_seconds += time.perf_counter() - start
     encoded = store.misses - misses
     report.encoded += encoded
@@ -449,7 +450,8 @@ def prepare_document(store: ContextStore, document: str,
 
 
 def answer_questions(store: ContextStore, cache: TieredCache, key: str, info: ContextInfo | None, job: Job,
-                     questions: Sequence[tuple[int, str]], max_new_tokens: int, stop: str | Sequence[str] | None,
+                     questions: Sequence[tuple[int, str]], max_new_tokens: int,
+                     stop: str | Sequence[str] | None,
                      report: BatchReport) -> Iterator[dict]:
     """Answer ``questions`` (index, text) of ``job`` from ``cache`` (context ``key``) one after
     the other, yielding each answer record as it is done."""

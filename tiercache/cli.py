@@ -371,13 +371,16 @@ def _inspect_store(path: Path, model: _Geometry | None) -> None:
                 header, _ = read_header(store.get(ContextPart(name, 0)), f"context {name!r} record 0")
                 last, _ = read_header(store.get(ContextPart(name, len(parts[name]) - 1)), f"context {name!r}")
             except FingerprintError:
-                print(f"  context {name[:40]:<40} {size}  no fingerprint (an older tiercache's): refused when loaded")
+                print(f"  context {name[:40]:<40} {size}  no fingerprint (an older tiercache's): refused "
+                      "when loaded")
                 continue
             lay = header.layout
-            print(f"  context {name[:40]:<40} {size}  codec {header.codec} {header.params}  ({lay.kv_heads} KV "
-                  f"heads x {lay.head_dim} dims, {lay.dtype})  fingerprint {(header.fingerprint or '-')[:16]}")
+            print(f"  context {name[:40]:<40} {size}  codec {header.codec} {header.params}  "
+                  f"({lay.kv_heads} KV heads x {lay.head_dim} dims, {lay.dtype})  "
+                  f"fingerprint {(header.fingerprint or '-')[:16]}")
             if model is not None:
-                print(f"    loads into {model.id}: {_fits((last.key.layer + 1, lay.kv_heads, lay.head_dim), model)}")
+                have = (last.key.layer + 1, lay.kv_heads, lay.head_dim)
+                print(f"    loads into {model.id}: {_fits(have, model)}")
         for seg in segments:
             print(f"  segment {seg.name}: {seg.stat().st_size / 2**20:.2f} MiB")
 
@@ -403,9 +406,9 @@ def _inspect_redis(url: str, model: _Geometry | None) -> None:
         live = {n: m for n, m in manifests.items() if m is not None}
         total = sum(m["bytes"] for m in live.values())
         print(f"redis {url} (redis {mem['redis_version']}, prefix {store.prefix}): {len(live)} contexts, "
-              f"{total / 2**20:.2f} MiB of records; server memory {mem['used_memory'] / 2**20:.1f} MiB used of "
-              f"{(mem['maxmemory'] or 0) / 2**20:.0f} MiB maxmemory (0: none), policy {mem['maxmemory_policy']}, "
-              f"{mem['evicted_keys']} keys evicted")
+              f"{total / 2**20:.2f} MiB of records; server memory {mem['used_memory'] / 2**20:.1f} MiB "
+              f"used of {(mem['maxmemory'] or 0) / 2**20:.0f} MiB maxmemory (0: none), "
+              f"policy {mem['maxmemory_policy']}, {mem['evicted_keys']} keys evicted")
         print(f"counters: {stats['loads']} loads: {stats['hits']} hits, {stats['misses']} misses, "
               f"{stats['refused']} refused (damaged or foreign records); {stats['saves']} saves; "
               f"{stats['bytes_read'] / 2**20:.1f} MiB read, {stats['bytes_written'] / 2**20:.1f} MiB written")
@@ -416,7 +419,8 @@ def _inspect_redis(url: str, model: _Geometry | None) -> None:
         for digest, count in by_fp.most_common():
             described = next((metas[n].get("fingerprint") for n, m in live.items()
                               if m["fingerprint"] == digest and metas[n].get("fingerprint")), None)
-            print(f"fingerprint {_describe(described) if described else (digest or '-')[:16]}: {count} contexts")
+            named = _describe(described) if described else (digest or "-")[:16]
+            print(f"fingerprint {named}: {count} contexts")
         for name, m in sorted(live.items()):
             meta = metas[name]
             tokens = f"{meta['tokens']:>7} tokens" if "tokens" in meta else " " * 14
@@ -425,7 +429,8 @@ def _inspect_redis(url: str, model: _Geometry | None) -> None:
                   f"codec {meta.get('codec', '?')}")
             if model is not None and meta.get("fingerprint"):
                 fp = meta["fingerprint"]
-                print(f"    loads into {model.id}: {_fits((fp['layers'], fp['kv_heads'], fp['head_dim']), model)}; "
+                have = (fp["layers"], fp["kv_heads"], fp["head_dim"])
+                print(f"    loads into {model.id}: {_fits(have, model)}; "
                       f"stored by it: {_same_model(fp, model)}")
 
 
@@ -467,8 +472,8 @@ def _batch(args: argparse.Namespace) -> int:
           f"device hit rate {r.device_hit_rate:.2f}; "
           f"answers {r.answer_tokens / r.answer_seconds if r.answer_seconds else 0:.1f} tokens/s")
     for w in r.workers:
-        print(f"ray worker pid {w['pid']}: {w['model_loads']} model load(s), {w['encoded']} documents encoded, "
-              f"{w['reused']} loaded from the store, {w['answered']} answers")
+        print(f"ray worker pid {w['pid']}: {w['model_loads']} model load(s), {w['encoded']} documents "
+              f"encoded, {w['reused']} loaded from the store, {w['answered']} answers")
     return 0
 
 
@@ -563,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("jobs", help="jobs file, one JSON object per line")
     batch.add_argument("--out", required=True, help="answers file (JSON lines; appended, resumable)")
     batch.add_argument("--store", default=None,
-                       help="context store: a directory (default $TIERCACHE_HOME/contexts) or a Redis server, "
-                            "redis://host:port/db, that many workers share")
+                       help="context store: a directory (default $TIERCACHE_HOME/contexts) or a Redis "
+                            "server, redis://host:port/db, that many workers share")
     batch.add_argument("--codec", default="cachegen", help="codec of stored KV (default cachegen; zstd is lossless)")
     batch.add_argument("--max-tokens", type=int, default=32768, help="longest document in tokens (default 32768)")
     batch.add_argument("--budget", type=float, default=1.0,
@@ -572,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on a Ray cluster (pip install 'tiercache[ray]'): at ADDRESS (e.g. auto, "
-                            "ray://host:10001), or without one on a local cluster of --workers CPUs; needs --store "
-                            "redis://...")
+                            "ray://host:10001), or without one on a local cluster of --workers CPUs; needs "
+                            "--store redis://...")
     batch.add_argument("--workers", type=_positive, default=2,
                        help="Ray actors, each loading the model once (default 2)")
     batch.set_defaults(func=_batch)

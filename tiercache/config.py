@@ -201,7 +201,8 @@ class TierConfig:
             _check_writable(self.disk_path)
         if (self.remote_url is None) != (self.remote_budget_bytes == 0):
             raise ConfigError("a remote tier needs both remote_url and remote_budget_bytes > 0, got "
-                              f"remote_url={self.remote_url!r}, remote_budget_bytes={self.remote_budget_bytes}")
+                              f"remote_url={self.remote_url!r}, "
+                              f"remote_budget_bytes={self.remote_budget_bytes}")
         if self.remote_url is not None and not str(self.remote_url).startswith(REDIS_SCHEMES):
             raise ConfigError(f"remote_url {self.remote_url!r} is not a Redis address (redis://host:port/db, "
                               "rediss://... or unix:///path?db=N)")

@@ -43,8 +43,8 @@ from .io.backends import REDIS_SCHEMES
 from .stopping import DEFAULT_STOP
 
 #: Counters of ``BatchReport`` that workers add up.
-_SUMMED = ("answered", "encoded", "reused", "prefill_seconds", "load_seconds", "saved_seconds", "answer_tokens",
-           "answer_seconds", "block_lookups", "device_hits")
+_SUMMED = ("answered", "encoded", "reused", "prefill_seconds", "load_seconds", "saved_seconds",
+           "answer_tokens", "answer_seconds", "block_lookups", "device_hits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,8 @@ class BatchWorker:
         torch.set_num_threads(settings.threads)
         model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
         self.store = ContextStore(settings.store, model, tokenizer, codec=settings.codec,
-                                  max_tokens=settings.max_tokens, retrieval=RetrievalConfig(budget=settings.budget))
+                                  max_tokens=settings.max_tokens,
+                                  retrieval=RetrievalConfig(budget=settings.budget))
         self.report = BatchReport()
 
     def answer(self, group: Pending, max_new_tokens: int, stop) -> Iterator[dict]:
@@ -88,8 +89,8 @@ class BatchWorker:
             return
         try:
             for job, questions in group:
-                yield from answer_questions(self.store, cache, key, info, job, questions, max_new_tokens, stop,
-                                            self.report)
+                yield from answer_questions(self.store, cache, key, info, job, questions, max_new_tokens,
+                                            stop, self.report)
         finally:
             release_document(cache, self.report)
 
@@ -122,8 +123,8 @@ def run_batch_ray(jobs_path: str | os.PathLike, out_path: str | os.PathLike, set
     from tqdm import tqdm
 
     if not str(settings.store).startswith(REDIS_SCHEMES):
-        raise ConfigError(f"--ray needs a context store every worker reaches: --store redis://host:port/db, not "
-                          f"{settings.store!r}")
+        raise ConfigError("--ray needs a context store every worker reaches: --store redis://host:port/db, "
+                          f"not {settings.store!r}")
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     try:

@@ -105,9 +105,10 @@ class Fingerprint:
 
     def describe(self) -> str:
         """One line for messages and ``tiercache inspect``."""
-        return (f"{self.digest[:16]} ({self.model.name}, weights {self.model.weights[:22]}, {self.model.dtype}; "
-                f"{self.layers}x{self.kv_heads}x{self.head_dim} {self.kv_dtype}, {self.block_tokens}-token "
-                f"records, {self.codec} {self.codec_params}, record v{self.record_version})")
+        return (f"{self.digest[:16]} ({self.model.name}, weights {self.model.weights[:22]}, "
+                f"{self.model.dtype}; {self.layers}x{self.kv_heads}x{self.head_dim} {self.kv_dtype}, "
+                f"{self.block_tokens}-token records, {self.codec} {self.codec_params}, "
+                f"record v{self.record_version})")
 
 
 def model_id(model) -> str:
@@ -147,7 +148,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def config_digest(config) -> str:
     """sha256 of a transformers config's entries that shape what the model computes (a config
     read from a checkpoint directory gives the same digest as the loaded model's)."""
-    doc = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
+    doc = {k: v for k, v in config.to_dict().items()
+           if not k.startswith("_") and k not in _RUNTIME_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -273,9 +273,9 @@ class TierManager:
         if short > 0:
             if not self.backing:
                 raise CapacityError(
-                    f"host tier is full ({self.host.capacity_bytes} bytes) and there is no disk tier (or remote "
-                    f"tier) to take {short} more blocks; raise host_budget_bytes, or set disk_budget_bytes and "
-                    "disk_path (or remote_url and remote_budget_bytes)"
+                    f"host tier is full ({self.host.capacity_bytes} bytes) and there is no disk tier (or "
+                    f"remote tier) to take {short} more blocks; raise host_budget_bytes, or set "
+                    "disk_budget_bytes and disk_path (or remote_url and remote_budget_bytes)"
                 )
             used = np.flatnonzero(self._row_layer >= 0)
             order = used[np.argsort(self._row_stamp[used], kind="stable")]

@@ -255,7 +255,8 @@ class StreamSession:
         if "fingerprint" not in manifest:
             raise FingerprintError(f"stream {path} was saved by a tiercache without model fingerprints "
                                    f"({MANIFEST_NAME} version {manifest.get('version')}): nothing says which "
-                                   "model's KV it holds, so it is not reopened; stream the input again and save")
+                                   "model's KV it holds, so it is not reopened; stream the input again and "
+                                   "save")
         saved = Fingerprint.from_json(manifest["fingerprint"])
         mine = model_fingerprint(model)
         if not saved.model.same_model(mine):
@@ -360,7 +361,8 @@ def config_to_json(config: TierConfig) -> dict:
     """The machine-independent part of ``config`` as JSON data (no device, no disk path, no
     remote tier: those belong to the machine that reopens it)."""
     doc = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-           if f.name not in ("device", "disk_path", "retrieval", "dtype") and not f.name.startswith("remote_")}
+           if f.name not in ("device", "disk_path", "retrieval", "dtype")
+           and not f.name.startswith("remote_")}
     doc["dtype"] = str(config.dtype).removeprefix("torch.") if config.dtype is not None else None
     retrieval = dataclasses.asdict(config.retrieval)
     retrieval["layer_budgets"] = {str(k): v for k, v in config.retrieval.layer_budgets.items()}

@@ -39,8 +39,8 @@ def content_key(fingerprint: str, token_ids: Sequence[int]) -> str:
     return h.hexdigest()
 
 
-def save_kv_context(store: ContextBackend, name: str, kv: torch.Tensor, codec: Codec, fingerprint: Fingerprint,
-                    chunk_tokens: int = CHUNK_TOKENS) -> int:
+def save_kv_context(store: ContextBackend, name: str, kv: torch.Tensor, codec: Codec,
+                    fingerprint: Fingerprint, chunk_tokens: int = CHUNK_TOKENS) -> int:
     """Save ``kv``, shaped ``(layers, 2, kv_heads, tokens, head_dim)``, as context ``name``, encoded
     with ``codec`` in records of ``chunk_tokens`` tokens (bytes per record: 2 x kv_heads x
     chunk_tokens x head_dim x element size, before the codec), each naming ``fingerprint``.

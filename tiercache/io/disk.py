@@ -131,7 +131,8 @@ class DiskTier(BackingTier):
         describe this codec and ``chunk_tokens``); returns the bytes stored."""
         return save_kv_context(self.store, name, kv, self.codec, fingerprint, chunk_tokens)
 
-    def load_context(self, name: str, fingerprint: Fingerprint, device: torch.device | str = "cpu") -> torch.Tensor:
+    def load_context(self, name: str, fingerprint: Fingerprint,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
         """Load context ``name`` saved by this or any earlier process with ``fingerprint``."""
         return load_kv_context(self.store, name, fingerprint, device)
 

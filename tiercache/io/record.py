@@ -56,7 +56,8 @@ class RecordHeader:
 
 
 def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                  key: BlockKey | None = None, end: int | None = None, fingerprint: str | None = None) -> bytes:
+                  key: BlockKey | None = None, end: int | None = None,
+                  fingerprint: str | None = None) -> bytes:
     """Encode a block's keys and values ``(kv_heads, tokens, head_dim)`` into one record.
 
     ``end``: the final length in tokens of the block's sequence, when known (a saved context);
