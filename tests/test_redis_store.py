@@ -5,8 +5,8 @@ a server restart survived or reported clearly."""
 
 from __future__ import annotations
 
-import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -53,8 +53,8 @@ def test_saved_in_one_process_loads_bit_exact_in_another(redis_url, fingerprint_
         from test_redis_store import context_kv
         fingerprint = Fingerprint.from_json(eval(sys.argv[2]))
         with open_contexts(sys.argv[1], 0) as store:
-            save_kv_context(store, content_key(fingerprint.digest, range(300)), context_kv(0), make_codec("raw"),
-                            fingerprint, 64)
+            key = content_key(fingerprint.digest, range(300))
+            save_kv_context(store, key, context_kv(0), make_codec("raw"), fingerprint, 64)
     """, redis_url, repr(fingerprint.to_json()))
     from tiercache.io.contexts import content_key
 
@@ -89,7 +89,8 @@ def test_a_killed_writer_leaves_no_visible_half_context(redis_url, fingerprint_f
         from test_redis_store import context_kv
         store = RedisStore(sys.argv[1])
         store._commit = lambda keys, args: os.kill(os.getpid(), 9)
-        save_kv_context(store, "half", context_kv(0), make_codec("raw"), Fingerprint.from_json(eval(sys.argv[2])), 64)
+        fingerprint = Fingerprint.from_json(eval(sys.argv[2]))
+        save_kv_context(store, "half", context_kv(0), make_codec("raw"), fingerprint, 64)
     """, redis_url, repr(fingerprint.to_json()), check=False)
     assert proc.returncode == -signal.SIGKILL
     with RedisStore(redis_url) as store:
@@ -214,8 +215,9 @@ def test_addresses_and_a_full_server_are_clear_errors(redis_servers, fingerprint
     with pytest.raises(ConfigError, match="not a Redis address"):
         RedisStore("redis://127.0.0.1:notaport/0")
     server = redis_servers("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")
-    with pytest.raises(StoreError, match="ConnectionError"):
-        RedisStore(f"redis://127.0.0.1:{server.port + 1 if server.port < 65535 else 1}/0", reconnect_seconds=0.3)
+    with socket.socket() as closed, pytest.raises(StoreError, match="ConnectionError"):
+        closed.bind(("127.0.0.1", 0))  # a port nothing listens on
+        RedisStore(f"redis://127.0.0.1:{closed.getsockname()[1]}/0", reconnect_seconds=0.3)
     fingerprint = fingerprint_for(context_kv(0), RAW, chunk_tokens=64)
     with RedisStore(server.url()) as store:
         with pytest.raises(CapacityError, match="maxmemory"):
@@ -223,3 +225,49 @@ def test_addresses_and_a_full_server_are_clear_errors(redis_servers, fingerprint
                 save_kv_context(store, f"ctx-{i}", context_kv(i, 320), RAW, fingerprint, 64)
         assert all(torch.equal(load_kv_context(store, n, fingerprint), context_kv(int(n[4:]), 320))
                    for n in store.contexts())
+
+
+@pytest.mark.model
+def test_a_context_store_on_redis_reencodes_an_evicted_context_and_inspect_shows_it(smollm2, redis_url,
+                                                                                      tmp_path, capsys):
+    """ContextStore("redis://..."): the answer from Redis is the answer from a directory store;
+    a context that lost a part is encoded again by the batch runner, not an error; ``tiercache
+    inspect redis://...`` shows the context, its bytes, fingerprint and hits."""
+    import json
+
+    from tiercache import RetrievalConfig, TierConfig
+    from tiercache.batch import ContextStore, run_batch
+    from tiercache.cli import main
+    from tiercache.stream import ask_cache
+
+    model, tok = smollm2
+    document = "The vault code is 58203. The lamp turned slowly while the ship sailed on. " * 4
+    question = "\nWhat is the vault code? The vault code is"
+    config = TierConfig(device_budget_bytes=8 << 20, host_budget_bytes=32 << 20, block_tokens=32,
+                        dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=1.0))
+    answers = []
+    for where in (redis_url, tmp_path / "disk"):
+        with ContextStore(where, model, tok, codec="zstd", config=config) as store:
+            cache = store.load(store.encode(document))
+            answers.append(ask_cache(model, tok, cache, question, 7))
+            cache.close()
+    assert answers[0] == answers[1] and "58203" in answers[0]
+    with RedisStore(redis_url) as store:
+        [key] = store.contexts()
+        parts = len(store.manifest(key)["parts"])
+        redis.Redis.from_url(redis_url).delete(store.key("part", key, store.manifest(key)["parts"][5][0]))
+    jobs, out = tmp_path / "jobs.jsonl", tmp_path / "answers.jsonl"
+    jobs.write_text(json.dumps({"document": document, "questions": [question]}) + "\n")
+    with ContextStore(redis_url, model, tok, codec="zstd", config=config) as store:
+        report = run_batch(jobs, out, store, max_new_tokens=7, progress=False)
+        assert store.key(document) == key
+    assert report.encoded == 1 and report.answered == 1 and not report.bad_lines, "the miss was recomputed"
+    assert json.loads(out.read_text())["answer"] == answers[0]
+    assert "encoding it again" in capsys.readouterr().err
+    assert main(["inspect", redis_url]) == 0
+    shown = capsys.readouterr().out
+    assert f"redis {redis_url} (redis 7" in shown and ": 1 contexts, " in shown
+    assert "counters: 3 loads: 2 hits, 1 misses, 0 refused" in shown and "; 2 saves;" in shown
+    assert f"fingerprint {store.fingerprint.digest[:16]} (SmolLM2-135M-Instruct, weights files:" in shown
+    assert f"  {key[:16]}  {parts:>5} records " in shown
+    assert f"fingerprint {store.fingerprint.digest[:16]}  2 hits  codec zstd" in shown

@@ -19,7 +19,7 @@ import torch
 
 from ..blocks import BlockKey, BlockLayout, TierName
 from ..config import TierConfig
-from ..errors import BlockNotFoundError, CapacityError, ConfigError, CorruptBlockError
+from ..errors import BlockNotFoundError, CapacityError, ConfigError, CorruptBlockError, StoreError
 from ..tiers import BackingTier
 from .codec import Codec, make_codec
 from .record import decode_record, encode_record, prefix_size
@@ -93,8 +93,9 @@ class RemoteTier(BackingTier):
         records = list(self.store.executor.map(encode, range(len(keys))))
         grow = sum(map(len, records)) - sum(self._sizes.get(k, 0) for k in set(keys))
         if self._used + grow > self.budget_bytes:
-            raise CapacityError(f"remote tier at {self.store.url}: {len(keys)} blocks need {grow} more bytes, "
-                                f"{self.budget_bytes - self._used} of remote_budget_bytes={self.budget_bytes} left")
+            left = self.budget_bytes - self._used
+            raise CapacityError(f"remote tier at {self.store.url}: {len(keys)} blocks need {grow} more "
+                                f"bytes, {left} of remote_budget_bytes={self.budget_bytes} left")
         self.store.put_records([self._name(k) for k in keys], records, self.block_ttl_seconds)
         for key, record in zip(keys, records):
             self._used += len(record) - self._sizes.get(key, 0)
@@ -136,11 +137,14 @@ class RemoteTier(BackingTier):
         return key in self._sizes
 
     def close(self) -> None:
-        """Remove this tier's blocks from the server and close the connection. Idempotent."""
+        """Remove this tier's blocks from the server and close the connection. Idempotent. A
+        server that cannot be reached keeps them until they expire (``block_ttl_seconds``)."""
         if self.store.closed:
             return
         try:
             if self._sizes:
                 self.remove_many(list(self._sizes))
+        except StoreError:
+            pass  # closing runs after errors too; the blocks expire on their own
         finally:
             self.store.close()
