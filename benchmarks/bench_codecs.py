@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_needle import needle_parts
+from common import needle_parts
 from kv_capture import CapturedKV, attention_output, capture_kv
 
 import tiercache.io  # noqa: F401  (registers the codecs)

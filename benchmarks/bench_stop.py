@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct answers each planted-fact question of ``tiercache.cli`` with full
 attention (SDPA) over real text (Python's reference docs) holding the facts: the demo's 3
 ``FACTS`` in a 1.5K-token stream, and the 14 ``QA_FACTS`` split over two 4K-token streams as in
-bench_stream_qa.py. Each question is answered with up to ``--max-new-tokens`` tokens under each
+bench_quality.py --qa. Each question is answered with up to ``--max-new-tokens`` tokens under each
 stop setting; the end-of-sequence and end-of-turn tokens end every answer. Reported per setting:
 answers containing the fact, mean answer length in tokens, and the seconds spent answering
 (the prefill of each stream is counted once per setting).

@@ -80,6 +80,27 @@ def test_paged_attention_matches_dense(seed, dtype, impl, rows, group, kv_heads,
     assert_close(out, lse, *dense_paged(q, slab, slots, bias, scale), dtype)
 
 
+@pytest.mark.parametrize("impl", ["torch", "sdpa"])
+def test_extra_tokens_join_the_same_softmax(impl):
+    """Estimated virtual tokens (keys, values and a score bias) attended beside the blocks read give
+    what one attention over both sets gives."""
+    gen = torch.Generator().manual_seed(7)
+    q, slab, slots, bias = random_paged(gen, torch.float32, 2, 6, 2, 1, 4, 8, 16, 0.8)
+    ek, ev = torch.randn(2, 2, 5, 16, generator=gen), torch.randn(2, 2, 5, 16, generator=gen)
+    ebias = torch.randn(2, 5, generator=gen)
+    ebias[1, 2:] = float("-inf")
+    out, lse = paged_attention(q, slab, slots, bias, 0.3, impl=impl, extra=(ek, ev, ebias))
+    # The same computed by hand: extra tokens as a fifth, dense part merged by log-sum-exp.
+    qg = q.view(2, 2, 3, 16).double()
+    scores = torch.einsum("rhgd,rhtd->rhgt", qg, ek.double()) * 0.3 + ebias.double()[:, None, None]
+    extra_lse = torch.logsumexp(scores, -1)
+    extra_out = torch.einsum("rhgt,rhtd->rhgd", torch.softmax(scores, -1), ev.double())
+    read_out, read_lse = dense_paged(q, slab, slots, bias, 0.3)
+    merged, merged_lse = merge_attention([read_out, extra_out.reshape(2, 6, 1, 16)],
+                                         [read_lse, extra_lse.reshape(2, 6, 1)])
+    assert_close(out, lse, merged, merged_lse.double(), torch.float32)
+
+
 def test_gqa_head_mapping_and_empty_rows():
     """Query heads 0..3 read KV head 0 and 4..7 KV head 1; a row with no valid key gives zeros
     and -inf."""
@@ -226,13 +247,18 @@ def test_triton_paged_decode_matches_torch(dtype, rows, q_heads, kv_heads, head_
                                         p_valid, slots=64, device=device)
     bias[0] = float("-inf")  # a row with nothing to attend
     scale = head_dim**-0.5
-    out, lse = paged_attention(q, slab, slots, bias, scale, impl="triton")
-    ref_out, ref_lse = paged_attention(q, slab, slots, bias, scale, impl="torch")
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
-    finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
+    ek = torch.randn(rows, kv_heads, 37, head_dim, generator=gen).to(dtype).to(device)
+    ev = torch.randn(rows, kv_heads, 37, head_dim, generator=gen).to(dtype).to(device)
+    ebias = torch.randn(rows, 37, generator=gen).to(dtype).to(device)
+    ebias[:, 30:] = float("-inf")
+    for extra in (None, (ek, ev, ebias)):
+        out, lse = paged_attention(q, slab, slots, bias, scale, impl="triton", extra=extra)
+        ref_out, ref_lse = paged_attention(q, slab, slots, bias, scale, impl="torch", extra=extra)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -36,7 +36,7 @@ def stream_config(model, tokens: int, disk_path: Path) -> TierConfig:
     one to stream through), the host 1/16 (so that the disk tier is in use early in the stream),
     a lossless disk tier the rest. Questions retrieve with a budget covering the stream: under
     test here are the encoding, the tiers and the undoing of questions; QA at partial budgets is
-    measured by benchmarks/bench_stream_qa.py (no partial budget answers early facts reliably)."""
+    measured by benchmarks/bench_quality.py --qa (no partial budget answers early facts reliably)."""
     device = max(kv_bytes(model, tokens) // 8, kv_bytes(model, 3 * BLOCK))
     return TierConfig(device_budget_bytes=device, host_budget_bytes=kv_bytes(model, tokens) // 16,
                       disk_budget_bytes=4 * kv_bytes(model, tokens), disk_path=disk_path, disk_codec="zstd",

@@ -43,6 +43,7 @@ from .config import TierConfig
 from .errors import ConfigError, ShapeError, UnsupportedModelError
 from .kernels.attention import causal_attention, merge_attention, paged_attention
 from .manager import TierManager
+from .retrieval.estimate import BlockEstimates
 from .retrieval.index import UnitIndex
 from .retrieval.selector import Selector
 from .retrieval.summaries import make_summary
@@ -104,6 +105,7 @@ class TieredCache(Cache):
         self._check_room(1)
         self.table: BlockTable | None = None
         self.index: UnitIndex | None = None
+        self.estimates: BlockEstimates | None = None
         self.lengths = [0] * self.n_layers
         self._open: list[torch.Tensor | None] = [None] * self.n_layers  # open blocks' slots (rows,)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -111,6 +113,7 @@ class TieredCache(Cache):
         self._step_blocks: dict[int, torch.Tensor] = {}
         self._row_index = torch.zeros(0, 1, dtype=torch.int64)
         self._padded = False
+        self._all_on_device = True
         self._read_tokens = 0
         self._cached_tokens = 0
         model.set_attn_implementation(ATTN_NAME)
@@ -164,7 +167,7 @@ class TieredCache(Cache):
         """Forget every cached token (and the batch size: the next forward may use another)."""
         if self.table is not None:
             self.manager.free(self.table.clear())
-        self.table = self.index = None
+        self.table = self.index = self.estimates = None
         self.lengths = [0] * self.n_layers
         self._open = [None] * self.n_layers
         self._pending.clear()
@@ -184,6 +187,8 @@ class TieredCache(Cache):
         keep_open = self.lengths[0] % bt and self.lengths[0] // bt == tokens // bt
         self.manager.free(self.table.cut(tokens))
         self.index.cut(tokens // self.unit)
+        if self.estimates is not None:
+            self.estimates.cut(tokens // bt)
         self._held.clear()
         self.lengths = [tokens] * self.n_layers
         if keep_open:  # the cut falls inside the open block: it stays open
@@ -257,10 +262,11 @@ class TieredCache(Cache):
         past = self.lengths[layer]
         if new == 1 and past:
             self._append(layer, keys, values, valid)
-            out, _ = self._read(layer, query, self._decode_blocks(layer, query, past + 1, scaling), scaling, lse=False)
+            blocks = self._decode_blocks(layer, query, past + 1, scaling)
+            out, _ = self._read(layer, query, blocks, scaling, lse=False, estimate=past + 1, decode=True)
         else:
             parts = [self._read(layer, query, self._prefill_blocks(layer, query, past, scaling), scaling,
-                                limit=past)] if past else []
+                                limit=past, estimate=past if self.prefill == "retrieval" else None)] if past else []
             parts += self._attend_new(query, keys, values, valid, scaling)
             out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
             self._append(layer, keys, values, valid)
@@ -311,11 +317,13 @@ class TieredCache(Cache):
         return self.index.bias if self._padded else None
 
     def _read(self, layer: int, query: torch.Tensor, blocks: torch.Tensor, scaling: float, lse: bool = True,
-              limit: int | None = None):
+              limit: int | None = None, estimate: int | None = None, decode: bool = False):
         """``(out, lse)`` of ``query`` over ``blocks`` ``(rows, n)`` of ``layer``, streamed through
         the device slots in groups when they do not fit at once (``lse``: False skips it when
         there is a single group). ``limit``: read only tokens before it (a prefill reads the past
-        while the first layer has already grown the table for its new tokens)."""
+        while the first layer has already grown the table for its new tokens). ``estimate``: the
+        context's tokens, whose whole blocks not read are estimated (``estimate`` in
+        ``RetrievalConfig``); ``decode``: a decode step's read (which always covers its last block)."""
         rows, n = blocks.shape
         bt = self.layout.block_tokens
         pids = self.table.pids.gather(1, blocks)
@@ -323,15 +331,23 @@ class TieredCache(Cache):
         if limit is not None and limit < self.table.tokens:
             position = blocks[:, :, None] * bt + torch.arange(bt, device=blocks.device)
             bias = bias.masked_fill(position >= limit, float("-inf"))
+        extra = None
+        if estimate and self.estimates is not None and n < -(-estimate // bt):
+            extra = self.estimates.extra(layer, -(-estimate // bt), blocks, sealed=None if decode else estimate // bt)
         slab = self.manager.layer_slab(layer)
+        if self._all_on_device and self._fits(self.table.blocks):
+            # Every block is on the device: no residency to manage, only slots to look up.
+            return paged_attention(query, slab, self.manager.slots_of(layer, pids), bias, scaling, lse=lse, extra=extra)
+        self._all_on_device = False  # from here on, blocks may be evicted
         group = max(1, self.manager.free_slots(layer) // rows)
         if n <= group:
             slots = self.manager.resident(layer, pids.view(-1)).view(rows, n)
-            return paged_attention(query, slab, slots, bias, scaling, lse=lse)
+            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra)
         parts = []
         for a in range(0, n, group):
             slots = self.manager.resident(layer, pids[:, a : a + group].reshape(-1)).view(rows, -1)
-            parts.append(paged_attention(query, slab, slots, bias[:, a : a + group], scaling))
+            parts.append(paged_attention(query, slab, slots, bias[:, a : a + group], scaling,
+                                         extra=extra if a == 0 else None))
         return merge_attention([p[0] for p in parts], [p[1] for p in parts])
 
     def _attend_new(self, query, keys, values, valid, scaling) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -404,7 +420,9 @@ class TieredCache(Cache):
         """The open block ``block`` of ``layer`` is full: write it through to host memory and let
         it leave the device (unless it is a sink block)."""
         slots = self._open[layer]
-        self.manager.seal(layer, self.table.host_pids(block), self.manager.layer_slab(layer)[slots])
+        kv = self.manager.layer_slab(layer)[slots]
+        self.manager.seal(layer, self.table.host_pids(block), kv)
+        self._estimate(layer, block, kv[:, None])
         if block >= self.sink_blocks and not self.manager.keeps_sealed_blocks_pinned():
             self.manager.unpin(layer, slots)
         self._open[layer] = None
@@ -414,12 +432,25 @@ class TieredCache(Cache):
         2, kv_heads, head_dim)``) to host memory; sink blocks (every block, without a host tier)
         also go to pinned device slots."""
         rows, n = kv.shape[:2]
+        self._estimate(layer, block, kv)
         pids = self.table.host_pids(slice(block, block + n))
         self.manager.seal(layer, pids.reshape(-1), kv.reshape(rows * n, *kv.shape[2:]))
         pinned = n if self.manager.keeps_sealed_blocks_pinned() else max(0, min(n, self.sink_blocks - block))
-        if pinned:
-            slots = self.manager.open(layer, torch.from_numpy(pids[:, :pinned].reshape(-1)).to(self.manager.device))
-            self.manager.layer_slab(layer)[slots] = kv[:, :pinned].reshape(rows * pinned, *kv.shape[2:])
+        # While every block fits the device, every block goes there too (see _fits).
+        placed = n if self._fits(block + n + 1) else pinned
+        self._all_on_device &= placed == n
+        if placed:
+            device_pids = torch.from_numpy(pids[:, :placed].reshape(-1)).to(self.manager.device)
+            slots = self.manager.open(layer, device_pids) if placed == pinned else self.manager.place(layer, device_pids)
+            self.manager.layer_slab(layer)[slots] = kv[:, :placed].reshape(rows * placed, *kv.shape[2:])
+
+    def _estimate(self, layer: int, block: int, kv: torch.Tensor) -> None:
+        """Record the estimates of sealed blocks ``block, ...`` (``kv`` ``(rows, n, block_tokens, 2,
+        kv_heads, head_dim)``)."""
+        if self.estimates is not None:
+            bt = self.layout.block_tokens
+            valid = self.table.valid(block * bt, (block + kv.shape[1]) * bt).view(kv.shape[:3]) if self._padded else None
+            self.estimates.seal(layer, block, kv, valid)
 
     # ------------------------------------------------------------ helpers
 
@@ -431,8 +462,18 @@ class TieredCache(Cache):
         # Summaries in the KV dtype: in fp32 they would be half the size of a bf16 cache's keys.
         self.index = UnitIndex(self.summary, self.n_layers, rows, self.kv_heads, self.head_dim, self.unit, device,
                                self.layout.dtype)
+        self.estimates = BlockEstimates(self.n_layers, rows, self.kv_heads, self.head_dim, device, self.layout.dtype) \
+            if self.config.retrieval.estimate else None
         self._row_index = torch.arange(rows, device=device)[:, None]
         self._padded = False
+        self._all_on_device = True
+
+    def _fits(self, blocks: int) -> bool:
+        """Whether ``blocks`` blocks of every row fit the device slots of a layer. While they do,
+        every block written is placed on the device as well (``_store``) and no slot is evicted
+        (free slots go first), so a step only looks its slots up, as long as ``_all_on_device``
+        says that has held since the cache started."""
+        return self.table.rows * blocks <= self.manager.slots
 
     def _device_pids(self, block: int) -> torch.Tensor:
         return torch.from_numpy(self.table.host_pids(block).copy()).to(self.manager.device)

@@ -33,7 +33,7 @@ FACTS = (
 )
 
 
-#: Facts of varied kinds for measuring streaming QA (benchmarks/bench_stream_qa.py): each is one
+#: Facts of varied kinds for measuring streaming QA (benchmarks/bench_quality.py --qa): each is one
 #: short sentence with a one-word answer, distinct enough from the others that SmolLM2-135M
 #: rarely confuses them. With full attention over 4K tokens of text holding all of them, it
 #: answers about half (the rest it confuses with a neighbour).
