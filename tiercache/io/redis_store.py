@@ -2,8 +2,8 @@
 
 It is a ``ContextBackend`` (saved contexts, for ``ContextStore("redis://host:port/db", ...)``)
 and holds the blocks of ``tiercache.io.remote.RemoteTier`` (a backing tier of the manager). It
-speaks to Redis through the ``redis`` client (with the ``hiredis`` reply parser: 1.7x faster
-than the pure-Python one on a context's records, see benchmarks/RESULTS.md).
+speaks to Redis through the ``redis`` client (with the ``hiredis`` reply parser: 1.25-1.7x
+faster than the pure-Python one on a context's records, see benchmarks/RESULTS.md).
 
 Keys, under ``prefix`` (default ``"tiercache"``):
 
