@@ -12,16 +12,23 @@ $(BIN)/tiercache: pyproject.toml
 	$(BIN)/pip install -q -e '.[hf,dev]'
 	touch $@
 
+# Ray (the `ray` extra) only for the tests: `make demo` does not need it.
+$(VENV)/.ray-installed: $(BIN)/tiercache
+	$(BIN)/pip install -q -e '.[ray]'
+	touch $@
+
 .PHONY: install demo test test-all bench
 install: $(BIN)/tiercache
 
 demo: install
 	$(BIN)/tiercache demo
 
-test: install
+# The default run, then the Ray batch test (slow: two local Ray clusters), which CI runs too.
+test: install $(VENV)/.ray-installed
 	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -m ray
 
-test-all: install
+test-all: install $(VENV)/.ray-installed
 	$(BIN)/python -m pytest -q --durations=15 -m 'not gpu'
 
 bench: install

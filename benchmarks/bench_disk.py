@@ -188,6 +188,7 @@ def throughput(root: Path, total_bytes: int, repeats: int) -> tuple[list[dict], 
 
 def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
     from tiercache.corpus import text_tokens
+    from tiercache.fingerprint import model_fingerprint, storage_fingerprint
     from tiercache.models import DEFAULT_MODEL_ID, load_default_model
 
     model, tokenizer = load_default_model()
@@ -208,7 +209,7 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
     prefill_s = min(prefill.values())
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
     del out
-    key = content_key(DEFAULT_MODEL_ID, ids)
+    model_fp = model_fingerprint(model)
     layers, _, heads, tokens, dim = kv.shape
     # cachegen is the disk tier's codec; raw (I/O-bound, no decode work) is the reference.
     codecs = ["cachegen", "raw"] if "cachegen" in CODECS else ["raw"] + (["zstd"] if "zstd" in CODECS else [])
@@ -216,8 +217,10 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
     for name in codecs:
         path = root / f"ctx-{name}"
         layout = BlockLayout(heads, 256, dim, kv.dtype)
+        fingerprint = storage_fingerprint(model_fp, layers, layout, make_codec(name))
+        key = content_key(fingerprint.digest, ids)
         tier = DiskTier(DiskStore(path, 4 * kv.numel() * kv.element_size()), make_codec(name), layout)
-        save_s = timed(lambda: tier.save_context(key, kv, chunk_tokens=256))
+        save_s = timed(lambda: tier.save_context(key, kv, fingerprint, chunk_tokens=256))
         stored = tier.store.used_bytes
         tier.close()
         paths = sorted(path.glob("seg-*"))
@@ -225,9 +228,9 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
             loader = DiskTier(reader, make_codec(name), layout, keep_blocks=True)
             drop_cache(paths)
             t = time.perf_counter()
-            loaded = loader.load_context(key)
+            loaded = loader.load_context(key, fingerprint)
             load_s = time.perf_counter() - t
-            warm_s = timed(lambda: loader.load_context(key))
+            warm_s = timed(lambda: loader.load_context(key, fingerprint))
         err = (loaded - kv).abs().max().item()
         rows.append({
             "codec": name, "tokens": tokens, "raw_MiB": round(kv.numel() * kv.element_size() / MIB, 1),

@@ -16,7 +16,7 @@ from tiercache.batch import ContextStore, prefill, read_jobs, run_batch
 from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
 from tiercache.io.contexts import content_key
-from tiercache.stream import ask_cache, model_id
+from tiercache.stream import ask_cache
 
 pytestmark = pytest.mark.model
 
@@ -45,7 +45,7 @@ def test_encode_load_round_trip_equals_a_fresh_prefill(smollm2, documents, tmp_p
     question = question_text(FACTS[0])
     with ContextStore(tmp_path, model, tok, codec="zstd", config=qa_config(model)) as store:
         key = store.encode(documents[0])
-        assert key == content_key(model_id(model), store.tokens(documents[0]))
+        assert key == content_key(store.fingerprint.digest, store.tokens(documents[0]))
         assert store.encode(documents[0]) == key and (store.hits, store.misses) == (1, 1), "encoded twice"
         info = store.info(key)
         assert info.prefill_seconds > 0 and info.stored_bytes < info.raw_bytes

@@ -37,11 +37,12 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith(f"tiercache {tiercache.__version__} (torch ")
 
 
-def test_inspect_a_small_store(tmp_path, capsys):
+def test_inspect_a_small_store(tmp_path, capsys, fingerprint_for):
     kv = torch.randn(2, 2, 3, 300, 64)
+    zstd, quant = make_codec("zstd"), make_codec("quant", bits=4)
     with DiskStore(tmp_path, 64 << 20, sync=False) as store:
-        save_kv_context(store, "doc-a", kv, make_codec("zstd"))
-        save_kv_context(store, "doc-b", kv[:, :, :, :100], make_codec("quant", bits=4))
+        save_kv_context(store, "doc-a", kv, zstd, fingerprint_for(kv, zstd))
+        save_kv_context(store, "doc-b", kv[:, :, :, :100], quant, fingerprint_for(kv, quant))
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 contexts, 0 blocks" in out
@@ -154,11 +155,13 @@ def test_any_checkpoint_on_disk_runs_demo_batch_and_inspect(tiny_llama, tmp_path
 
 
 @pytest.mark.model
-def test_inspect_says_when_a_context_does_not_fit_a_model(tiny_llama, smollm2, tmp_path, capsys):
+def test_inspect_says_when_a_context_does_not_fit_a_model(tiny_llama, smollm2, tmp_path, capsys,
+                                                          fingerprint_for):
     from tiercache.models import default_model_dir
 
+    kv, zstd = torch.randn(2, 2, 2, 40, 16), make_codec("zstd")
     with DiskStore(tmp_path, 64 << 20, sync=False) as store:
-        save_kv_context(store, "ctx", torch.randn(2, 2, 2, 40, 16), make_codec("zstd"))
+        save_kv_context(store, "ctx", kv, zstd, fingerprint_for(kv, zstd))
     assert main(["inspect", str(tmp_path), "--model", str(tiny_llama)]) == 0
     assert f"loads into {tiny_llama.name}: yes" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path), "--model", str(default_model_dir())]) == 0

@@ -277,7 +277,7 @@ def test_cachegen_recency_spends_more_bits_near_a_known_end_only():
         encode_record(codec, k, v, BlockLayout(3, 64, 64), end=4096)
 
 
-def test_saved_context_records_carry_their_end(tmp_path):
+def test_saved_context_records_carry_their_end(tmp_path, fingerprint_for):
     """``save_kv_context`` gives every record the context's length: the first chunk is coded
     coarser than the last, and both decode within their bounds."""
     from tiercache.io.contexts import load_kv_context, save_kv_context
@@ -287,8 +287,9 @@ def test_saved_context_records_carry_their_end(tmp_path):
     kv = torch.randn((1, 2, 3, 1024, 64), generator=g).half()
     codec = make_codec("cachegen")
     with DiskStore(tmp_path, 1 << 26) as store:
-        save_kv_context(store, "doc", kv, codec, chunk_tokens=256)
-        got = load_kv_context(store, "doc")
+        fingerprint = fingerprint_for(kv, codec)
+        save_kv_context(store, "doc", kv, codec, fingerprint, chunk_tokens=256)
+        got = load_kv_context(store, "doc", fingerprint)
     err = (got.float() - kv.float()).abs().mean(dim=(0, 1, 2, 4))  # per token
     assert err[4:256].mean() > 4 * err[-64:].mean()
     k, v = kv[0, 0, :, -256:], kv[0, 1, :, -256:]

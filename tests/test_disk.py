@@ -223,27 +223,30 @@ def run_python(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
-def test_context_saved_in_one_process_loads_in_another(tmp_path):
-    key = content_key("SmolLM2-135M-Instruct", list(range(300)))
-    assert key == content_key("SmolLM2-135M-Instruct", list(range(300))) != content_key("x", list(range(300)))
+def test_context_saved_in_one_process_loads_in_another(tmp_path, fingerprint_for):
+    expected = torch.randn((3, 2, 2, 300, 8), generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    fingerprint = fingerprint_for(expected, RAW, chunk_tokens=64)
+    key = content_key(fingerprint.digest, list(range(300)))
+    assert key == content_key(fingerprint.digest, list(range(300))) != content_key("x", list(range(300)))
     proc = run_python(f"""
         import torch
         from tiercache.io.disk import DiskStore, DiskTier, content_key
         from tiercache.io.codec import make_codec
         from tiercache.blocks import BlockLayout
+        from tiercache.fingerprint import Fingerprint
         g = torch.Generator().manual_seed(7)
         kv = torch.randn((3, 2, 2, 300, 8), generator=g).to(torch.bfloat16)
         layout = BlockLayout(2, 16, 8, torch.bfloat16)
         tier = DiskTier(DiskStore({str(tmp_path)!r}, 1 << 24), make_codec("raw"), layout)
+        fingerprint = Fingerprint.from_json({fingerprint.to_json()!r})
         # The key is recomputed here: it must not depend on the process (no per-process hash).
-        tier.save_context(content_key("SmolLM2-135M-Instruct", list(range(300))), kv, chunk_tokens=64)
+        tier.save_context(content_key(fingerprint.digest, list(range(300))), kv, fingerprint, chunk_tokens=64)
         tier.close()
     """)
     assert proc.returncode == 0, proc.stderr
-    expected = torch.randn((3, 2, 2, 300, 8), generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     with DiskStore(tmp_path, 0, readonly=True) as r:
         tier = DiskTier(r, RAW, LAYOUT, keep_blocks=True)
-        assert torch.equal(tier.load_context(key), expected)
+        assert torch.equal(tier.load_context(key, fingerprint), expected)
 
 
 def test_second_writer_refused_readers_see_commits(tmp_path):
@@ -467,17 +470,18 @@ def test_tier_capacity_error_stores_nothing(tmp_path):
     tier.close()
 
 
-def test_tier_from_config_drops_blocks_of_previous_process_keeps_contexts(tmp_path):
+def test_tier_from_config_drops_blocks_of_previous_process_keeps_contexts(tmp_path, fingerprint_for):
     cfg = TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0, disk_budget_bytes=1 << 22,
                      disk_path=tmp_path / "disk", block_tokens=16, dtype=torch.float32, device="cpu")
     tier = DiskTier.from_config(cfg, LAYOUT)
     tier.write_many([BlockKey(0, 0, 0)], kv_block(0)[None], [16])
     ctx = torch.randn(2, 2, 2, 40, 8)
-    tier.save_context("c", ctx, chunk_tokens=16)
+    fingerprint = fingerprint_for(ctx, RAW, chunk_tokens=16)
+    tier.save_context("c", ctx, fingerprint, chunk_tokens=16)
     tier.close()
     tier = DiskTier.from_config(cfg, LAYOUT)
     assert BlockKey(0, 0, 0) not in tier, "a block of another process would be served as this one's"
-    assert torch.equal(tier.load_context("c"), ctx)
+    assert torch.equal(tier.load_context("c", fingerprint), ctx)
     tier.close()
     with pytest.raises(ConfigError, match="disk_budget_bytes"):
         DiskTier.from_config(TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0), LAYOUT)

@@ -57,7 +57,7 @@ def test_sealed_blocks_come_back_bit_exact_and_lru_decides_what_stays():
     assert on_device == {0, 2, 3}
     s = m.stats()
     assert s.lookups == 6 == sum(s.hits.values())
-    assert s.hits == {"device": 2, "host": 4, "disk": 0}
+    assert s.hits == {"device": 2, "host": 4, "disk": 0, "remote": 0}
     assert s.moved_bytes["host->device"] == 4 * LAYOUT.nbytes
     assert s.moved_bytes["device->host"] == 6 * LAYOUT.nbytes
     assert s.peak_bytes["device"] == 3 * LAYOUT.nbytes
@@ -108,7 +108,7 @@ def test_host_full_moves_the_oldest_blocks_to_disk_and_a_step_waits_for_them(tmp
     m.seal(0, np.arange(3, 5), data[3:])  # the host holds 3: blocks 0 and 1 go to disk
     s = m.stats()
     assert s.demotions == 2 and s.moved_bytes["host->disk"] > 0
-    assert m.block_counts() == {"device": 0, "host": 3, "disk": 2}
+    assert m.block_counts() == {"device": 0, "host": 3, "disk": 2, "remote": 0}
     with OpCounter() as counter:
         slots = m.resident(0, pids(4, 0))
     assert counter.syncs > 0  # a block held only on disk: the step checks and waits
@@ -140,7 +140,7 @@ def test_free_releases_every_tier_and_pinned_slots(tmp_path):
     m.seal(0, np.arange(4), block(9, 4))
     m.open(1, pids(4))
     m.free(np.arange(5))
-    assert m.block_counts() == {"device": 0, "host": 0, "disk": 0}
+    assert m.block_counts() == {"device": 0, "host": 0, "disk": 0, "remote": 0}
     assert m.pinned(1) == 0 and m.used_bytes(TierName.HOST) == 0
     m.close()
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockLayout
-from tiercache.errors import CorruptBlockError
+from tiercache.errors import CorruptBlockError, FingerprintError
 from tiercache.io import ans
 from tiercache.io.codec import make_codec
 from tiercache.io.rans import N_CLASSES, ZERO_CLASS, ClassCoder, class_scale, classify, half_width
@@ -282,15 +282,22 @@ def test_bad_block_tables_raise(table):
 
 
 def test_old_format_records_are_rejected():
-    """Records of format version 1 (constriction's streams) are refused, not misdecoded."""
+    """Records of format version 1 (constriction's streams) are refused, not misdecoded: like
+    every format before model fingerprints, with a ``FingerprintError`` saying so; a version this
+    tiercache does not know is a ``CorruptBlockError``."""
     codec = make_codec("cachegen")
     layout = BlockLayout(3, 16, 64, torch.float16)
     k, v = (torch.randn(3, 16, 64, generator=torch.Generator().manual_seed(s)).half() for s in (0, 1))
-    body = bytearray(encode_record(codec, k, v, layout)[:-4])
-    struct.pack_into("<H", body, 4, 1)
-    old = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
-    with pytest.raises(CorruptBlockError, match="version"):
-        decode_record(old)
+
+    def as_version(version: int) -> bytes:
+        body = bytearray(encode_record(codec, k, v, layout)[:-4])
+        struct.pack_into("<H", body, 4, version)
+        return bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
+
+    with pytest.raises(FingerprintError, match="record format 1 was written by a tiercache without model"):
+        decode_record(as_version(1))
+    with pytest.raises(CorruptBlockError, match="format version 99"):
+        decode_record(as_version(99))
 
 
 # -- tables ---------------------------------------------------------------------------------------

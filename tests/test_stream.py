@@ -241,11 +241,13 @@ def test_saves_a_crash_left_behind_are_removed_never_the_current_one(smollm2, tm
     path = tmp_path / "session"
 
     def saved() -> list[str]:
-        """The saves in the store; the one stream.json names first (it must load)."""
+        """The saves in the store, as stream-<tokens> (their names also hold the fingerprint's
+        digest); the one stream.json names first (it must load)."""
         current = json.loads((path / "stream.json").read_text())["context"]
         with DiskStore(path / "saved", 0, readonly=True) as r:
             assert r.load_context(current)
-            return [current] + sorted(c for c in r.contexts() if c != current)
+            names = [current] + sorted(c for c in r.contexts() if c != current)
+        return [re.sub(r"^stream-[0-9a-f]{16}-", "stream-", n) for n in names]
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -262,7 +264,7 @@ def test_saves_a_crash_left_behind_are_removed_never_the_current_one(smollm2, tm
         real_delete = DiskStore.delete_context
         with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
             m.setattr(DiskStore, "delete_context",  # after the switch, removing the previous save
-                      lambda store, name: killed() if name == "stream-20" else real_delete(store, name))
+                      lambda store, name: killed() if name.endswith("-20") else real_delete(store, name))
             session.save()
         assert saved() == ["stream-40", "stream-20"]  # stream-30 went first
         session.append(ids[40:45])

@@ -1,17 +1,20 @@
 """Offline batch jobs (CacheGen / LMCache style): encode each document's KV once, keep it
-compressed on disk under a content key, and answer many questions from it in this or any later
-process, loading the KV instead of recomputing the prefill.
+compressed under a content key (on disk, or in Redis shared by many workers), and answer many
+questions from it in this or any later process, loading the KV instead of recomputing the
+prefill.
 
-- ``ContextStore``: ``encode(document) -> key`` (``content_key`` of the model id and the token
-  ids; nothing is recomputed when the key is stored already), ``load(key) -> TieredCache``.
-  Records live in a ``DiskStore`` (persistent index, checksums on every read, single writer);
-  a JSON sidecar keeps what was measured at encode time (tokens, prefill seconds, bytes).
+- ``ContextStore``: ``encode(document) -> key`` (``content_key`` of the model's fingerprint and
+  the token ids; nothing is recomputed when the key is stored already), ``load(key) ->
+  TieredCache``. Records live in a ``ContextBackend``: a ``DiskStore`` directory (persistent
+  index, checksums on every read, single writer) or a Redis server (``tiercache.io.redis_store``);
+  beside them, what was measured at encode time (tokens, prefill seconds, bytes, fingerprint).
 - ``run_batch``: a JSON-lines jobs file (``{"document": text | "path": file, "questions": [...]}``
   per line, with an optional ``"id"``) answered into a JSON-lines answers file, one line per
   answer, flushed and fsynced as it is written. Answers are keyed by job (its ``"id"``, else its
   line number) and question index, so a question asked twice is answered twice; a rerun skips the
   answers already written. A bad job line (not UTF-8, not JSON, not a job) is reported with its
-  number and skipped, never fatal.
+  number and skipped, never fatal. ``tiercache.distributed.run_batch_ray`` runs the same jobs
+  on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +32,15 @@ import torch
 
 from .cache import ATTN_NAME, TieredCache, default_config
 from .config import RetrievalConfig, TierConfig
-from .errors import BlockNotFoundError, ConfigError, ShapeError, StoreError, TiercacheError
+from .blocks import BlockLayout
+from .errors import BlockNotFoundError, ConfigError, CorruptBlockError, ShapeError, StoreError, TiercacheError
+from .fingerprint import kv_shape, model_fingerprint, storage_fingerprint
+from .io.backends import open_contexts
 from .io.codec import make_codec
-from .io.contexts import content_key, load_kv_context, save_kv_context
-from .io.store import DiskStore
+from .io.contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 from .stopping import DEFAULT_STOP
-from .stream import ask_cache, attention_implementation, model_id, write_json_atomic
+from .stream import ask_cache, attention_implementation, model_id
 
-#: The sidecar of a context store: per context key, what encoding it measured.
-SIDECAR_NAME = "contexts-meta.json"
 #: Tokens per forward when encoding a document (bounds the score tensors of the prefill).
 _PREFILL_CHUNK = 512
 #: Tokens a default config leaves beyond a document for a question and its answer.
@@ -47,7 +50,8 @@ _ROOM_TOKENS = 512
 @dataclass(frozen=True)
 class ContextInfo:
     """What ``ContextStore.encode`` measured for one context: ``tokens``, ``prefill_seconds`` (the
-    prefill it saves each later use), ``raw_bytes`` of KV and ``stored_bytes`` on disk."""
+    prefill it saves each later use), ``raw_bytes`` of KV and ``stored_bytes`` in the store, and
+    the ``fingerprint`` of the KV (``Fingerprint.to_json()``)."""
 
     key: str
     tokens: int
@@ -55,6 +59,7 @@ class ContextInfo:
     raw_bytes: int
     stored_bytes: int
     codec: str
+    fingerprint: dict = field(default_factory=dict)
 
 
 def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
@@ -75,23 +80,30 @@ def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
 
 
 class ContextStore:
-    """Documents' KV caches on disk under content keys.
+    """Documents' KV caches under content keys, in a local directory or a shared Redis server.
 
-    ``path``: the store directory (created; one writer at a time). ``codec`` / ``codec_params``:
-    the encoding of stored KV (``"cachegen"``, ``"quant"``, ``"zstd"`` (lossless), ``"raw"``).
-    ``config``: the tiers a context is prefilled and loaded into (default: ``default_config``
-    sized for the document plus ``_ROOM_TOKENS`` of question and answer; a disk tier, if any,
-    must live elsewhere). ``retrieval``: the retrieval settings of that default config. ``budget_bytes``: disk bytes the store may hold; older
-    contexts are evicted, least recently used first. ``max_tokens``: longest document accepted.
+    ``where``: a directory (a ``DiskStore``, created; one writer at a time) or a Redis address
+    (``"redis://host:port/db"``: shared by every process and machine that can reach it).
+    ``codec`` / ``codec_params``: the encoding of stored KV (``"cachegen"``, ``"quant"``,
+    ``"zstd"`` (lossless), ``"raw"``). ``config``: the tiers a context is prefilled and loaded
+    into (default: ``default_config`` sized for the document plus ``_ROOM_TOKENS`` of question and
+    answer; a disk tier, if any, must live elsewhere). ``retrieval``: the retrieval settings of
+    that default config. ``budget_bytes``: bytes a directory store may hold (older contexts are
+    evicted, least recently used first; a Redis server's own ``maxmemory`` bounds it there).
+    ``max_tokens``: longest document accepted.
+
+    Keys are ``content_key(fingerprint.digest, token ids)``: ``fingerprint`` covers the model's
+    config, weights and dtype, the KV layout, the codec and the record format, so another model
+    or setting never finds these contexts, and loading one it names anyway is refused.
     """
 
-    def __init__(self, path: str | os.PathLike, model, tokenizer, codec: str = "cachegen", *,
+    def __init__(self, where: str | os.PathLike, model, tokenizer, codec: str = "cachegen", *,
                  codec_params: dict | None = None, config: TierConfig | None = None,
                  retrieval: RetrievalConfig | None = None,
                  budget_bytes: int = 16 << 30, max_tokens: int = 32768) -> None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        self.path = Path(path)
+        self.where = where
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id(model)
@@ -100,11 +112,15 @@ class ContextStore:
         self.config = config
         self.retrieval = retrieval
         self.max_tokens = max_tokens
-        self.store = DiskStore(self.path, budget_bytes)
-        self._info = self._read_sidecar()
-        #: Contexts found already stored by ``encode`` / encoded anew, since this store opened.
+        layers, kv_heads, head_dim = kv_shape(model.config)
+        layout = BlockLayout(kv_heads, CHUNK_TOKENS, head_dim, model.dtype)
+        self.fingerprint = storage_fingerprint(model_fingerprint(model), layers, layout, self.codec)
+        self.backend = open_contexts(where, budget_bytes)
+        #: Contexts found already stored by ``encode`` / encoded anew, since this store opened,
+        #: and the seconds those prefills took.
         self.hits = 0
         self.misses = 0
+        self.prefill_seconds = 0.0
 
     def tokens(self, document: str) -> list[int]:
         """Token ids of ``document``; ``ShapeError`` if empty or longer than ``max_tokens``."""
@@ -116,35 +132,38 @@ class ContextStore:
         return ids
 
     def key(self, document: str) -> str:
-        """The content key ``document`` is stored under (this model's id and its token ids)."""
-        return content_key(self.model_id, self.tokens(document))
+        """The content key ``document`` is stored under (this store's fingerprint and its token ids)."""
+        return content_key(self.fingerprint.digest, self.tokens(document))
 
-    def encode(self, document: str) -> str:
+    def encode(self, document: str, force: bool = False) -> str:
         """Store the KV of ``document`` (prefilled with full attention, in chunks) unless it is
-        stored already; return its key."""
+        stored already (``force``: store it again, e.g. after a load found it evicted); return
+        its key."""
         ids = self.tokens(document)
-        key = content_key(self.model_id, ids)
-        if self.store.has_context(key):
+        key = content_key(self.fingerprint.digest, ids)
+        if not force and self.backend.has_context(key):
             self.hits += 1
             return key
         self.misses += 1
         start = time.perf_counter()
         cache = prefill(self.model, self._config(len(ids)), ids)
         prefill_seconds = time.perf_counter() - start
+        self.prefill_seconds += prefill_seconds
         try:
             kv = cache.export_kv()
         finally:
             cache.close()
-        stored = save_kv_context(self.store, key, kv, self.codec)
-        self._info[key] = ContextInfo(key, len(ids), prefill_seconds, kv.numel() * kv.element_size(), stored,
-                                      self.codec_name)
-        self._write_sidecar()
+        stored = save_kv_context(self.backend, key, kv, self.codec, self.fingerprint, CHUNK_TOKENS)
+        info = ContextInfo(key, len(ids), prefill_seconds, kv.numel() * kv.element_size(), stored,
+                           self.codec_name, self.fingerprint.to_json())
+        self.backend.put_context_meta(key, vars(info))
         return key
 
     def load(self, key: str) -> TieredCache:
         """A fresh ``TieredCache`` holding context ``key`` (imported, no prefill); the caller
-        closes it. ``BlockNotFoundError`` if the store does not hold ``key``."""
-        kv = load_kv_context(self.store, key)
+        closes it. ``BlockNotFoundError`` if the store does not hold ``key`` whole,
+        ``FingerprintError`` if it holds KV of another model or setting under it."""
+        kv = load_kv_context(self.backend, key, self.fingerprint)
         cache = TieredCache(self.model, self._config(kv.shape[3]), prefill="retrieval")
         try:
             cache.import_kv(kv.to(cache.layout.dtype))
@@ -155,11 +174,15 @@ class ContextStore:
 
     def info(self, key: str) -> ContextInfo | None:
         """What was measured when ``key`` was encoded (None if not known to this store)."""
-        return self._info.get(key)
+        meta = self.backend.context_meta(key)
+        try:
+            return ContextInfo(**meta) if meta is not None else None
+        except TypeError:  # written by another version: a description only
+            return None
 
     def close(self) -> None:
-        """Release the store (and its writer lock)."""
-        self.store.close()
+        """Release the store (a directory's writer lock, a server's connections)."""
+        self.backend.close()
 
     def __enter__(self) -> "ContextStore":
         return self
@@ -174,22 +197,6 @@ class ContextStore:
         # The tiers' device is the model's (default_config would pick CUDA whenever present).
         config = dataclasses.replace(config, device=next(self.model.parameters()).device)
         return dataclasses.replace(config, retrieval=self.retrieval) if self.retrieval else config
-
-    def _read_sidecar(self) -> dict[str, ContextInfo]:
-        file = self.path / SIDECAR_NAME
-        if not file.exists():
-            return {}
-        try:
-            doc = json.loads(file.read_text(encoding="utf-8"))
-            return {k: ContextInfo(**v) for k, v in doc["contexts"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Only measurements are lost: the contexts themselves live in the store.
-            print(f"tiercache: ignoring unreadable {file}: {exc!r}", file=sys.stderr)
-            return {}
-
-    def _write_sidecar(self) -> None:
-        live = {k: vars(v) for k, v in self._info.items() if self.store.has_context(k)}
-        write_json_atomic(self.path / SIDECAR_NAME, {"format": "tiercache-contexts", "version": 1, "contexts": live})
 
 
 # ---------------------------------------------------------------------- jobs
@@ -227,6 +234,8 @@ class BatchReport:
     answer_seconds: float = 0.0
     block_lookups: int = 0
     device_hits: int = 0
+    #: On Ray (``distributed.run_batch_ray``): each worker's process id, models loaded and counters.
+    workers: list[dict] = field(default_factory=list)
 
     @property
     def device_hit_rate(self) -> float:
@@ -338,6 +347,40 @@ def _answered(out: Path) -> set[tuple[str | int, int]]:
     return done
 
 
+Pending = list[tuple[Job, list[tuple[int, str]]]]
+
+
+def start_run(jobs_path: str | os.PathLike, out_path: str | os.PathLike) -> tuple[Path, Pending, BatchReport]:
+    """What a run has to do: the answers file, each valid job with its questions not answered yet
+    (index, text), and a report holding the bad lines (also printed to stderr with their
+    numbers) and the questions answered before."""
+    out = check_answers_path(out_path)
+    jobs, bad = read_jobs(jobs_path)
+    done = _answered(out)
+    report = BatchReport(bad_lines=bad)
+    for number, reason in bad:
+        print(f"{jobs_path}:{number}: skipped: {reason}", file=sys.stderr)
+    pending = [(job, [(i, q) for i, q in enumerate(job.questions) if (job.id, i) not in done])
+               for job in jobs]
+    report.already_answered = sum(len(job.questions) - len(qs) for job, qs in pending)
+    return out, pending, report
+
+
+def open_answers(out: Path):
+    """The answers file, opened for appending; ``ConfigError`` if it cannot be."""
+    try:
+        return open(out, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot open answers file {out}: {exc.strerror or exc}") from exc
+
+
+def append_answer(sink, record: dict) -> None:
+    """Append one answer record as a line, durably (flushed and fsynced) before returning."""
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+    os.fsync(sink.fileno())
+
+
 def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: ContextStore, *,
               max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
               progress: bool = True, on_answer: Callable[[dict], None] | None = None) -> BatchReport:
@@ -350,85 +393,91 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
     and ``BatchReport.bad_lines``. ``ConfigError`` if ``out_path`` cannot be written."""
     from tqdm import tqdm
 
-    out = check_answers_path(out_path)
-    jobs, bad = read_jobs(jobs_path)
-    done = _answered(out)
-    report = BatchReport(bad_lines=bad)
-    for number, reason in bad:
-        print(f"{jobs_path}:{number}: skipped: {reason}", file=sys.stderr)
-    pending = [(job, [(i, q) for i, q in enumerate(job.questions) if (job.id, i) not in done])
-               for job in jobs]
-    report.already_answered = sum(len(job.questions) - len(qs) for job, qs in pending)
+    out, pending, report = start_run(jobs_path, out_path)
     bar = tqdm(total=sum(len(qs) for _, qs in pending), unit="q", disable=not progress, desc="answering")
-    try:
-        sink = open(out, "a", encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot open answers file {out}: {exc.strerror or exc}") from exc
-    with sink:
+    with open_answers(out) as sink:
         for job, questions in pending:
             if not questions:
                 continue
             try:
-                key, cache = _prepare(store, job, report)
+                key, cache, info = prepare_document(store, job.document, report)
             except (TiercacheError, OSError) as exc:
                 report.bad_lines.append((job.line, str(exc)))
                 print(f"{jobs_path}:{job.line}: skipped: {exc}", file=sys.stderr)
                 bar.update(len(questions))
                 continue
             try:
-                for index, question in questions:
-                    record = _answer(store, cache, job, key, index, question, max_new_tokens, stop, report)
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
-                    os.fsync(sink.fileno())
-                    bar.set_postfix(_postfix(store, report, cache), refresh=False)
+                for record in answer_questions(store, cache, key, info, job, questions, max_new_tokens, stop,
+                                               report):
+                    append_answer(sink, record)
+                    bar.set_postfix(_postfix(report, cache), refresh=False)
                     bar.update(1)
                     if on_answer is not None:
                         on_answer(record)
             finally:
-                stats = cache.manager.stats()
-                report.block_lookups += stats.lookups
-                report.device_hits += stats.hits["device"]
-                cache.close()
+                release_document(cache, report)
     bar.close()
     report.saved_seconds -= report.prefill_seconds + report.load_seconds
     return report
 
 
-def _prepare(store: ContextStore, job: Job, report: BatchReport) -> tuple[str, TieredCache]:
-    """Encode (or find) the job's document and load its KV."""
-    misses = store.misses
-    key = store.encode(job.document)
-    info = store.info(key)
-    if store.misses > misses:
-        report.encoded += 1
-        report.prefill_seconds += info.prefill_seconds
-    else:
-        report.reused += 1
+def prepare_document(store: ContextStore, document: str,
+                     report: BatchReport) -> tuple[str, TieredCache, ContextInfo | None]:
+    """Encode (or find) ``document`` in ``store`` and load its KV: its key, a cache holding it (the
+    caller hands it to ``release_document``) and what encoding measured. A stored context found
+    missing parts (evicted from a shared tier since ``encode`` saw it) or refused (damaged) is
+    encoded again, once."""
+    misses, prefill_seconds = store.misses, store.prefill_seconds
+    key = store.encode(document)
     start = time.perf_counter()
     try:
         cache = store.load(key)
-    except BlockNotFoundError as exc:  # evicted between encode and load: a budget too small
-        raise StoreError(f"context {key[:16]}... was evicted before use; raise the store's budget") from exc
+    except (BlockNotFoundError, CorruptBlockError) as exc:
+        print(f"tiercache: context {key[:16]}: {exc}; encoding it again", file=sys.stderr)
+        key = store.encode(document, force=True)
+        start = time.perf_counter()
+        try:
+            cache = store.load(key)
+        except BlockNotFoundError as exc:  # gone again at once: a budget too small
+            raise StoreError(f"context {key[:16]}... was evicted before use; raise the store's "
+                             "budget") from exc
     report.load_seconds += time.perf_counter() - start
-    return key, cache
+    encoded = store.misses - misses
+    report.encoded += encoded
+    report.reused += not encoded
+    report.prefill_seconds += store.prefill_seconds - prefill_seconds
+    return key, cache, store.info(key)
 
 
-def _answer(store: ContextStore, cache: TieredCache, job: Job, key: str, index: int, question: str,
-            max_new_tokens: int, stop: str | Sequence[str] | None, report: BatchReport) -> dict:
-    start = time.perf_counter()
-    answer = ask_cache(store.model, store.tokenizer, cache, question, max_new_tokens, stop)
-    report.answer_seconds += time.perf_counter() - start
-    report.answer_tokens += len(store.tokenizer(answer, add_special_tokens=False)["input_ids"])
-    report.answered += 1
-    info = store.info(key)
-    if info is not None:
-        report.saved_seconds += info.prefill_seconds
-    return {"job": job.id, "index": index, "line": job.line, "question": question, "answer": answer,
-            "context": key}
+def answer_questions(store: ContextStore, cache: TieredCache, key: str, info: ContextInfo | None, job: Job,
+                     questions: Sequence[tuple[int, str]], max_new_tokens: int,
+                     stop: str | Sequence[str] | None,
+                     report: BatchReport) -> Iterator[dict]:
+    """Answer ``questions`` (index, text) of ``job`` from ``cache`` (context ``key``) one after
+    the other, yielding each answer record as it is done."""
+    for index, question in questions:
+        start = time.perf_counter()
+        answer = ask_cache(store.model, store.tokenizer, cache, question, max_new_tokens, stop)
+        report.answer_seconds += time.perf_counter() - start
+        report.answer_tokens += len(store.tokenizer(answer, add_special_tokens=False)["input_ids"])
+        report.answered += 1
+        if info is not None:
+            report.saved_seconds += info.prefill_seconds
+        yield {"job": job.id, "index": index, "line": job.line, "question": question, "answer": answer,
+               "context": key}
 
 
-def _postfix(store: ContextStore, report: BatchReport, cache: TieredCache) -> dict[str, str]:
+def release_document(cache: TieredCache, report: BatchReport) -> None:
+    """Count the block reads answering took and close ``cache``."""
+    try:
+        stats = cache.manager.stats()
+        report.block_lookups += stats.lookups
+        report.device_hits += stats.hits["device"]
+    finally:
+        cache.close()
+
+
+def _postfix(report: BatchReport, cache: TieredCache) -> dict[str, str]:
     """tqdm's postfix: answer tokens/s, stored-context hit rate, device hit rate of block reads
     so far (the report counts documents done; ``cache`` is the one being answered from)."""
     contexts = report.encoded + report.reused

@@ -21,6 +21,7 @@ class TierName(str, enum.Enum):
     DEVICE = "device"
     HOST = "host"
     DISK = "disk"
+    REMOTE = "remote"
 
 
 @dataclass(frozen=True, order=True, slots=True)

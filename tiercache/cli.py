@@ -99,16 +99,11 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
 
 
-def _kv_shape(config) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a transformers model config."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
-
-
 def _kv_bytes_per_token(model) -> int:
     """Bytes of K and V per token over all layers, in the model's dtype."""
-    layers, kv_heads, head_dim = _kv_shape(model.config)
+    from .fingerprint import kv_shape
+
+    layers, kv_heads, head_dim = kv_shape(model.config)
     return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
@@ -241,34 +236,40 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    """Show what a store directory holds: a stream session (stream.json + saved/), a context
-    store (contexts-meta.json) or a bare disk store: contexts, blocks, bytes, segments, codecs.
-    With --model, also whether each saved context fits that model (its config alone is read)."""
+    """Show what a store holds: a directory (a stream session: stream.json + saved/; a context
+    store: contexts-meta.json; or a bare disk store) or a Redis server (redis://host:port/db):
+    contexts, blocks, bytes, fingerprints, codecs, and for Redis the shared hit counters. With
+    --model, also whether each saved context fits that checkpoint and was stored by it (its
+    config and weights files are read, not loaded)."""
     import json
 
     from .errors import StoreError
+    from .io.backends import REDIS_SCHEMES, SIDECAR_NAME
 
+    model = _geometry(args.model) if args.model else None
+    if args.path.startswith(REDIS_SCHEMES):
+        _inspect_redis(args.path, model)
+        return 0
     path = Path(args.path)
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory")
-    model = _geometry(args.model) if args.model else None
     stream = path / "stream.json"
     if stream.exists():
         doc = json.loads(stream.read_text(encoding="utf-8"))
         print(f"stream session: model {doc.get('model_id')}, {doc.get('tokens')} tokens saved as context "
               f"{doc.get('context')!r}, disk codec {doc.get('config', {}).get('disk_codec')}")
+        print(f"  fingerprint {_describe(doc.get('fingerprint'))}")
         if model is not None:
-            saved_with = doc.get("model_id")
-            print(f"  reopens with {model.id}: "
-                  + ("yes" if saved_with == model.id else f"no, it was saved with {saved_with!r}"))
-    meta = path / "contexts-meta.json"
+            print(f"  reopens with {model.id}: {_same_model(doc.get('fingerprint'), model)}")
+    meta = path / SIDECAR_NAME
     if meta.exists():
         contexts = json.loads(meta.read_text(encoding="utf-8")).get("contexts", {})
         print(f"context store: {len(contexts)} documents measured at encode")
         for key, info in contexts.items():
             print(f"  {key[:16]}  {info['tokens']:>7} tokens  prefill {info['prefill_seconds']:.2f} s  "
                   f"{info['raw_bytes'] / 2**20:.1f} MiB raw -> {info['stored_bytes'] / 2**20:.1f} MiB "
-                  f"({info['codec']}, {info['raw_bytes'] / max(1, info['stored_bytes']):.2f}x)")
+                  f"({info['codec']}, {info['raw_bytes'] / max(1, info['stored_bytes']):.2f}x)  fingerprint "
+                  f"{_describe(info.get('fingerprint'))}")
     stores = _store_dirs(path)
     if not stores:
         raise StoreError(f"{path} holds no tiercache disk store")
@@ -279,32 +280,76 @@ def _inspect(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class _Geometry:
-    """What a saved context must match to load into a model: its id and KV shape."""
+    """What a saved context must match to load into a model: its id and KV shape; and what says
+    it was stored by that model: its config's digest and its weights files' (None: no
+    safetensors files)."""
 
     id: str
     layers: int
     kv_heads: int
     head_dim: int
+    config: str
+    weights: str | None
 
 
 def _geometry(path: str) -> _Geometry:
-    """The KV geometry of the checkpoint in directory ``path``, from its config alone."""
+    """The KV geometry and fingerprint parts of the checkpoint in directory ``path``, from its
+    config and weights files (hashed once, then cached), without loading it."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig
 
     from .errors import ConfigError
-    from .stream import model_id
+    from .fingerprint import config_digest, files_digest, kv_shape, model_id
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--model {path}: no transformers config could be read: {exc}") from exc
+    files = sorted(Path(path).glob("*.safetensors"))
     # The id stores and streams record: the one a model loaded from ``path`` gets.
-    return _Geometry(model_id(SimpleNamespace(config=config)), *_kv_shape(config))
+    return _Geometry(model_id(SimpleNamespace(config=config)), *kv_shape(config), config_digest(config),
+                     "files:" + files_digest(files) if files else None)
+
+
+def _describe(fingerprint: dict | None) -> str:
+    """A stored fingerprint (``Fingerprint.to_json()``) in one line."""
+    from .errors import FingerprintError
+    from .fingerprint import Fingerprint
+
+    if not fingerprint:
+        return "none (stored before fingerprints: refused when loaded)"
+    try:
+        return Fingerprint.from_json(fingerprint).describe()
+    except FingerprintError as exc:
+        return f"unreadable ({exc})"
+
+
+def _same_model(fingerprint: dict | None, model: _Geometry) -> str:
+    """Whether a stored fingerprint's model is the checkpoint ``model`` (dtype aside: it is
+    chosen when loading)."""
+    if not fingerprint:
+        return "no: it was stored without a fingerprint"
+    saved = fingerprint.get("model", {})
+    if saved.get("config") != model.config:
+        return f"no: it was stored by a model of another config ({saved.get('name')!r})"
+    if model.weights is None or not str(saved.get("weights", "")).startswith("files:"):
+        return (f"config matches; the weights were hashed from {'memory' if model.weights else 'files'} "
+                "on one side only: load the model to compare them")
+    if saved["weights"] != model.weights:
+        return f"no: it was stored by other weights ({saved.get('name')!r}, same config)"
+    return f"yes (stored as {saved.get('dtype')})"
+
+
+def _fits(have: tuple[int, int, int], model: _Geometry) -> str:
+    """Whether KV of ``have`` = (layers, KV heads, head dim) loads into ``model``."""
+    need = (model.layers, model.kv_heads, model.head_dim)
+    why = "no: it holds {} layers x {} KV heads x {} dims, the model has {} x {} x {}"
+    return "yes" if have == need else why.format(*have, *need)
 
 
 def _inspect_store(path: Path, model: _Geometry | None) -> None:
+    from .errors import FingerprintError
     from .io.frames import ContextPart
     from .io.record import read_header
     from .io.store import DiskStore
@@ -321,18 +366,72 @@ def _inspect_store(path: Path, model: _Geometry | None) -> None:
         print(f"disk store {path}: {len(parts)} contexts, {blocks} blocks, {store.used_bytes / 2**20:.2f} MiB live "
               f"in {len(segments)} segments ({store.disk_bytes / 2**20:.2f} MiB on disk)")
         for name in store.contexts():
-            header, _ = read_header(store.get(ContextPart(name, 0)), f"context {name!r} record 0")
-            lay = header.layout
-            print(f"  context {name[:40]:<40} {len(parts[name]):>5} records {sum(parts[name]) / 2**20:>8.2f} MiB  "
-                  f"codec {header.codec} {header.params}  ({lay.kv_heads} KV heads x {lay.head_dim} dims, {lay.dtype})")
-            if model is not None:
+            size = f"{len(parts[name]):>5} records {sum(parts[name]) / 2**20:>8.2f} MiB"
+            try:
+                header, _ = read_header(store.get(ContextPart(name, 0)), f"context {name!r} record 0")
                 last, _ = read_header(store.get(ContextPart(name, len(parts[name]) - 1)), f"context {name!r}")
+            except FingerprintError:
+                print(f"  context {name[:40]:<40} {size}  no fingerprint (an older tiercache's): refused "
+                      "when loaded")
+                continue
+            lay = header.layout
+            print(f"  context {name[:40]:<40} {size}  codec {header.codec} {header.params}  "
+                  f"({lay.kv_heads} KV heads x {lay.head_dim} dims, {lay.dtype})  "
+                  f"fingerprint {(header.fingerprint or '-')[:16]}")
+            if model is not None:
                 have = (last.key.layer + 1, lay.kv_heads, lay.head_dim)
-                need = (model.layers, model.kv_heads, model.head_dim)
-                why = "no: it holds {} layers x {} KV heads x {} dims, the model has {} x {} x {}"
-                print(f"    loads into {model.id}: " + ("yes" if have == need else why.format(*have, *need)))
+                print(f"    loads into {model.id}: {_fits(have, model)}")
         for seg in segments:
             print(f"  segment {seg.name}: {seg.stat().st_size / 2**20:.2f} MiB")
+
+
+def _inspect_redis(url: str, model: _Geometry | None) -> None:
+    """What a Redis context tier holds: server memory, the shared counters, contexts by
+    fingerprint, uncommitted parts and backing-tier blocks."""
+    from collections import Counter
+
+    from .errors import CorruptBlockError
+    from .io.redis_store import RedisStore
+
+    with RedisStore(url) as store:
+        mem, stats, hits = store.memory(), store.stats(), store.context_hits()
+        names = store.contexts()
+        manifests, metas = {}, {}
+        for name in names:
+            try:
+                manifests[name] = store.manifest(name)
+            except CorruptBlockError as exc:
+                print(f"  context {name[:16]}: {exc}")
+            metas[name] = store.context_meta(name) or {}
+        live = {n: m for n, m in manifests.items() if m is not None}
+        total = sum(m["bytes"] for m in live.values())
+        print(f"redis {url} (redis {mem['redis_version']}, prefix {store.prefix}): {len(live)} contexts, "
+              f"{total / 2**20:.2f} MiB of records; server memory {mem['used_memory'] / 2**20:.1f} MiB "
+              f"used of {(mem['maxmemory'] or 0) / 2**20:.0f} MiB maxmemory (0: none), "
+              f"policy {mem['maxmemory_policy']}, {mem['evicted_keys']} keys evicted")
+        print(f"counters: {stats['loads']} loads: {stats['hits']} hits, {stats['misses']} misses, "
+              f"{stats['refused']} refused (damaged or foreign records); {stats['saves']} saves; "
+              f"{stats['bytes_read'] / 2**20:.1f} MiB read, {stats['bytes_written'] / 2**20:.1f} MiB written")
+        blocks = store.block_owners()
+        print(f"uncommitted parts (a save at work, or killed: they expire): {store.pending_parts()}; "
+              f"backing-tier blocks: {sum(blocks.values())} of {len(blocks)} tier instances")
+        by_fp = Counter(m["fingerprint"] for m in live.values())
+        for digest, count in by_fp.most_common():
+            described = next((metas[n].get("fingerprint") for n, m in live.items()
+                              if m["fingerprint"] == digest and metas[n].get("fingerprint")), None)
+            named = _describe(described) if described else (digest or "-")[:16]
+            print(f"fingerprint {named}: {count} contexts")
+        for name, m in sorted(live.items()):
+            meta = metas[name]
+            tokens = f"{meta['tokens']:>7} tokens" if "tokens" in meta else " " * 14
+            print(f"  {name[:16]}  {len(m['parts']):>5} records {m['bytes'] / 2**20:>8.2f} MiB  {tokens}  "
+                  f"fingerprint {(m['fingerprint'] or '-')[:16]}  {hits.get(name, 0)} hits  "
+                  f"codec {meta.get('codec', '?')}")
+            if model is not None and meta.get("fingerprint"):
+                fp = meta["fingerprint"]
+                have = (fp["layers"], fp["kv_heads"], fp["head_dim"])
+                print(f"    loads into {model.id}: {_fits(have, model)}; "
+                      f"stored by it: {_same_model(fp, model)}")
 
 
 # ---------------------------------------------------------------------- batch
@@ -341,20 +440,30 @@ def _inspect_store(path: Path, model: _Geometry | None) -> None:
 def _batch(args: argparse.Namespace) -> int:
     """Answer the questions of a JSON-lines jobs file ({"document": text | "path": file,
     "questions": [...], "id": optional} per line) into a JSON-lines answers file, one answer per
-    (job id or line number, question index). Each document's KV is encoded once and stored on
-    disk; reruns skip what is answered already; bad lines are reported and skipped."""
+    (job id or line number, question index). Each document's KV is encoded once and stored in
+    the context store (a directory, or a Redis server shared by many workers); reruns skip what
+    is answered already; bad lines are reported and skipped. With --ray, the jobs run on a Ray
+    cluster: documents are spread over --workers actors sharing a Redis context store."""
     from .batch import ContextStore, check_answers_path, run_batch
     from .config import RetrievalConfig
     from .models import cache_home
 
     check_answers_path(args.out)  # before the model loads: a bad --out is reported at once
-    model, tok = _load(args)
-    store_path = args.store or cache_home() / "contexts"
-    retrieval = RetrievalConfig(budget=args.budget)
-    with ContextStore(store_path, model, tok, codec=args.codec, max_tokens=args.max_tokens,
-                      retrieval=retrieval) as store:
-        r = run_batch(args.jobs, args.out, store, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                      progress=not args.quiet)
+    store_path = args.store or str(cache_home() / "contexts")
+    if args.ray is not None:
+        from .distributed import WorkerSettings, run_batch_ray
+
+        settings = WorkerSettings(store_path, args.model, args.dtype, args.device, args.threads, args.codec,
+                                  args.max_tokens, args.budget)
+        r = run_batch_ray(args.jobs, args.out, settings, address=None if args.ray == "local" else args.ray,
+                          workers=args.workers, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                          progress=not args.quiet)
+    else:
+        model, tok = _load(args)
+        with ContextStore(store_path, model, tok, codec=args.codec, max_tokens=args.max_tokens,
+                          retrieval=RetrievalConfig(budget=args.budget)) as store:
+            r = run_batch(args.jobs, args.out, store, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                          progress=not args.quiet)
     print(f"answered {r.answered} questions ({r.already_answered} already answered before); "
           f"{len(r.bad_lines)} bad job lines skipped")
     print(f"documents: {r.encoded} encoded (prefill {r.prefill_seconds:.1f} s), {r.reused} found stored; "
@@ -362,6 +471,9 @@ def _batch(args: argparse.Namespace) -> int:
     print(f"prefill time saved vs prefilling the document for every question: {r.saved_seconds:.1f} s; "
           f"device hit rate {r.device_hit_rate:.2f}; "
           f"answers {r.answer_tokens / r.answer_seconds if r.answer_seconds else 0:.1f} tokens/s")
+    for w in r.workers:
+        print(f"ray worker pid {w['pid']}: {w['model_loads']} model load(s), {w['encoded']} documents "
+              f"encoded, {w['reused']} loaded from the store, {w['answered']} answers")
     return 0
 
 
@@ -443,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                            "$TIERCACHE_HOME/demo; an earlier demo's store there is replaced)")
     demo.set_defaults(func=_demo)
 
-    inspect = sub.add_parser("inspect", help="show what a store directory holds", description=_inspect.__doc__)
-    inspect.add_argument("path", help="a stream session, context store or disk store directory")
+    inspect = sub.add_parser("inspect", help="show what a store directory or Redis context tier holds",
+                             description=_inspect.__doc__)
+    inspect.add_argument("path", help="a stream session, context store or disk store directory, or a Redis "
+                                      "address (redis://host:port/db)")
     inspect.add_argument("--model", metavar="PATH_OR_DIR", default=None,
                          help="also say whether each saved context fits this checkpoint (its config is read)")
     inspect.set_defaults(func=_inspect)
@@ -453,13 +567,20 @@ def main(argv: list[str] | None = None) -> int:
                            description=_batch.__doc__, parents=[model, _answer_options(32)])
     batch.add_argument("jobs", help="jobs file, one JSON object per line")
     batch.add_argument("--out", required=True, help="answers file (JSON lines; appended, resumable)")
-    batch.add_argument("--store", type=Path, default=None,
-                       help="context store directory (default $TIERCACHE_HOME/contexts)")
+    batch.add_argument("--store", default=None,
+                       help="context store: a directory (default $TIERCACHE_HOME/contexts) or a Redis "
+                            "server, redis://host:port/db, that many workers share")
     batch.add_argument("--codec", default="cachegen", help="codec of stored KV (default cachegen; zstd is lossless)")
     batch.add_argument("--max-tokens", type=int, default=32768, help="longest document in tokens (default 32768)")
     batch.add_argument("--budget", type=float, default=1.0,
                        help="retrieval budget: fraction of the document each answer step attends (default 1.0)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run on a Ray cluster (pip install 'tiercache[ray]'): at ADDRESS (e.g. auto, "
+                            "ray://host:10001), or without one on a local cluster of --workers CPUs; needs "
+                            "--store redis://...")
+    batch.add_argument("--workers", type=_positive, default=2,
+                       help="Ray actors, each loading the model once (default 2)")
     batch.set_defaults(func=_batch)
 
     args = parser.parse_args(argv)

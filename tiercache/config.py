@@ -15,6 +15,7 @@ import torch
 
 from .blocks import BlockLayout
 from .errors import ConfigError
+from .io.backends import REDIS_SCHEMES
 from .io.codec import CODECS
 
 #: KV and model dtypes by name (the names the CLI and saved configs use).
@@ -129,7 +130,7 @@ class RetrievalConfig:
 
 @dataclass(frozen=True)
 class TierConfig:
-    """Budgets, block size, encodings and places of the three tiers.
+    """Budgets, block size, encodings and places of the tiers.
 
     - ``device_budget_bytes``: raw bytes of KV the compute device may hold (at least one block).
     - ``host_budget_bytes``: bytes of host memory for the warm tier, in ``host_codec``'s encoding. A
@@ -141,6 +142,11 @@ class TierConfig:
     - ``host_codec`` / ``disk_codec``: registered codec names (see ``tiercache.io.codec.CODECS``),
       with their parameters in ``host_codec_params`` / ``disk_codec_params``.
     - ``disk_path``: directory of the disk tier (created if missing; must be writable).
+    - ``remote_url``: a Redis server (``redis://host:port/db``) for a remote tier below host
+      memory and disk, written through as blocks are sealed (``tiercache.io.remote``);
+      ``remote_budget_bytes`` bounds the bytes it may hold there (in ``remote_codec``'s encoding,
+      with ``remote_codec_params``). Its blocks are live data: give such a server
+      ``maxmemory-policy noeviction`` (an evicted block is a clear ``BlockNotFoundError``).
     - ``device``: compute device; ``None`` picks CUDA when available, else the CPU. A device this
       machine lacks is a ``ConfigError``.
     """
@@ -155,11 +161,16 @@ class TierConfig:
     disk_codec: str = "raw"
     disk_codec_params: dict = field(default_factory=dict)
     disk_path: str | os.PathLike | None = None
+    remote_url: str | None = None
+    remote_budget_bytes: int = 0
+    remote_codec: str = "raw"
+    remote_codec_params: dict = field(default_factory=dict)
     device: str | torch.device | None = None
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def __post_init__(self) -> None:
-        for name in ("device_budget_bytes", "host_budget_bytes", "disk_budget_bytes", "block_tokens"):
+        for name in ("device_budget_bytes", "host_budget_bytes", "disk_budget_bytes", "remote_budget_bytes",
+                     "block_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an int, got {value!r}")
@@ -167,10 +178,10 @@ class TierConfig:
             raise ConfigError(f"block_tokens must be positive, got {self.block_tokens}")
         if self.device_budget_bytes <= 0:
             raise ConfigError(f"device_budget_bytes must be positive, got {self.device_budget_bytes}")
-        if self.host_budget_bytes < 0 or self.disk_budget_bytes < 0:
+        if self.host_budget_bytes < 0 or self.disk_budget_bytes < 0 or self.remote_budget_bytes < 0:
             raise ConfigError(
-                f"host_budget_bytes ({self.host_budget_bytes}) and disk_budget_bytes "
-                f"({self.disk_budget_bytes}) must be >= 0"
+                f"host_budget_bytes ({self.host_budget_bytes}), disk_budget_bytes ({self.disk_budget_bytes}) "
+                f"and remote_budget_bytes ({self.remote_budget_bytes}) must be >= 0"
             )
         available = psutil.virtual_memory().available
         if self.host_budget_bytes > available:
@@ -185,7 +196,7 @@ class TierConfig:
             object.__setattr__(self, "dtype", DTYPES[self.dtype])
         elif self.dtype is not None and self.dtype not in DTYPES.values():
             raise ConfigError(f"dtype {self.dtype} not supported; use float16, bfloat16 or float32")
-        for tier in ("host", "disk"):
+        for tier in ("host", "disk", "remote"):
             codec = getattr(self, f"{tier}_codec")
             if codec not in CODECS:
                 raise ConfigError(f"{tier}_codec {codec!r} is unknown; known codecs: {sorted(CODECS)}")
@@ -198,6 +209,13 @@ class TierConfig:
         if self.disk_path is not None:
             object.__setattr__(self, "disk_path", Path(self.disk_path))
             _check_writable(self.disk_path)
+        if (self.remote_url is None) != (self.remote_budget_bytes == 0):
+            raise ConfigError("a remote tier needs both remote_url and remote_budget_bytes > 0, got "
+                              f"remote_url={self.remote_url!r}, "
+                              f"remote_budget_bytes={self.remote_budget_bytes}")
+        if self.remote_url is not None and not str(self.remote_url).startswith(REDIS_SCHEMES):
+            raise ConfigError(f"remote_url {self.remote_url!r} is not a Redis address (redis://host:port/db, "
+                              "rediss://... or unix:///path?db=N)")
 
     def layout(self, kv_heads: int, head_dim: int, dtype: torch.dtype | None = None) -> BlockLayout:
         """The block layout of a model with ``kv_heads`` KV heads of ``head_dim`` dims.

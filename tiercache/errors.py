@@ -38,6 +38,12 @@ class CorruptBlockError(TiercacheError):
     """
 
 
+class FingerprintError(TiercacheError):
+    """Stored KV belongs to another model or setting (weights, config, dtype, layout, codec,
+    record format), or was stored without a model fingerprint, so it cannot be checked: refused,
+    never served. The message names what differs."""
+
+
 class StoreError(TiercacheError):
     """A persistent store cannot be opened or written (missing directory, lock held, disk full)."""
 

@@ -1,5 +1,5 @@
 """``TierManager``: every layer's blocks, by physical id (pid), in the device slab, host memory
-and on disk.
+and the backing tiers (local disk, a Redis server).
 
 Under the decode step's tensor pipeline (``residency.Residency``), this is the Python
 bookkeeping of the slower tiers:
@@ -7,13 +7,18 @@ bookkeeping of the slower tiers:
 - **Write-through.** A block is written to host memory when it is sealed (full), so a device
   copy is always clean and evicting it writes nothing. Open blocks (being appended to) and sink
   blocks are pinned on the device.
-- **Host to disk.** When host memory is full, its oldest rows go to the disk tier (the
-  ``DiskStore`` records of ``tiercache.io.disk``, keyed ``BlockKey(0, layer, pid)``); a block
-  read back keeps its disk copy, so demoting it again writes nothing.
-- **Disk misses.** A step whose layer has blocks held only on disk checks its pids first (one
-  host sync) and reads those blocks into host memory before the tensor pipeline runs. This is
-  the one case where a step waits; ``TierStats.disk_waits`` counts it. With no block of the layer
-  on disk only, nothing is checked and nothing waits.
+- **Backing tiers.** Below host memory, an ordered list: the disk tier (the ``DiskStore``
+  records of ``tiercache.io.disk``) if ``disk_budget_bytes``, then the remote tier
+  (``tiercache.io.remote``, Redis) if ``remote_url``; blocks are keyed ``BlockKey(0, layer,
+  pid)``. A write-through tier (the remote one) gets every block as it is sealed. When host
+  memory is full, its oldest rows are demoted to the first backing tier (the disk, whose copies
+  are never evicted, if there is one; written only if it does not hold them yet); a block read
+  back keeps its copies, so demoting it again writes nothing.
+- **Misses below host.** A step whose layer has blocks held only below host memory checks its
+  pids first (one host sync) and reads those blocks into host memory from the first backing
+  tier holding each, before the tensor pipeline runs. This is the one case where a step waits;
+  ``TierStats.disk_waits`` counts it. With no block of the layer held only below host, nothing
+  is checked and nothing waits.
 
 Units: budgets and sizes in bytes, blocks of ``layout.block_tokens`` tokens, slots per layer.
 """
@@ -42,7 +47,8 @@ class TierStats:
     - ``lookups``: block reads of decode and prefill steps; ``hits[tier]``: where each was found
       (``lookups == sum(hits.values())``).
     - ``moved_bytes["src->dst"]``: bytes copied between tiers, in the destination's encoding.
-    - ``disk_waits`` / ``wait_seconds``: steps that waited for the disk, and how long (s).
+    - ``disk_waits`` / ``wait_seconds``: steps that waited for a backing tier (disk or remote),
+      and how long (s).
     - ``peak_bytes[tier]``: the most bytes the tier held.
     """
 
@@ -90,20 +96,31 @@ class TierManager:
             host = HostTier(layout, config.host_budget_bytes, make_codec(config.host_codec, **config.host_codec_params))
             self.host = host if host.slab.rows else None
         self.residency = Residency(self.slab, layers, self.host.slab.scratch if self.host else 0)
-        self.disk: BackingTier | None = None
-        if config.disk_budget_bytes > 0:
-            from .io.disk import DiskTier
+        #: The tiers below host memory, fastest first.
+        self.backing: list[BackingTier] = []
+        try:
+            if config.disk_budget_bytes > 0:
+                from .io.disk import DiskTier
 
-            self.disk = DiskTier.from_config(config, layout)
+                self.backing.append(DiskTier.from_config(config, layout))
+            if config.remote_url is not None:
+                from .io.remote import RemoteTier
+
+                self.backing.append(RemoteTier.from_config(config, layout))
+        except BaseException:
+            self.close()
+            raise
+        self._write_through = [i for i, t in enumerate(self.backing) if t.write_through]
         rows = self.host.slab.rows if self.host else 0
         self._row_layer = np.full(rows, -1, dtype=np.int64)
         self._row_pid = np.full(rows, -1, dtype=np.int64)
         self._row_stamp = np.zeros(rows, dtype=np.int64)
         self._stamp = 0
-        # Host copies of residency.host_row, and which blocks the disk holds: (layers, pids).
+        # Host copies of residency.host_row, and which backing tiers hold each block (bit i:
+        # self.backing[i]): (layers, pids).
         self._rows = np.full((layers, 0), -1, dtype=np.int64)
-        self._on_disk = np.zeros((layers, 0), dtype=bool)
-        self._disk_only = [0] * layers  # blocks of each layer held on disk and not in host memory
+        self._held = np.zeros((layers, 0), dtype=np.uint8)
+        self._below = [0] * layers  # blocks of each layer held below host memory only
         self._pinned = [0] * layers
         self._lookups = 0
         self._stats = TierStats()
@@ -130,7 +147,7 @@ class TierManager:
         if cap > self._rows.shape[1]:
             grow = cap - self._rows.shape[1]
             self._rows = np.pad(self._rows, ((0, 0), (0, grow)), constant_values=-1)
-            self._on_disk = np.pad(self._on_disk, ((0, 0), (0, grow)))
+            self._held = np.pad(self._held, ((0, 0), (0, grow)))
 
     def layer_slab(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s slots ``(slots + 1, block_tokens, 2, kv_heads, head_dim)`` (a view)."""
@@ -140,9 +157,9 @@ class TierManager:
 
     def resident(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Device slots ``(n,)`` holding ``pids`` ``(n,)`` (distinct, ``n <= free_slots(layer)``)
-        of ``layer``. No host sync unless the layer has blocks held only on disk."""
-        if self._disk_only[layer]:
-            self._load_from_disk(layer, pids)
+        of ``layer``. No host sync unless the layer has blocks held only below host memory."""
+        if self._below[layer]:
+            self._load_from_backing(layer, pids)
         self._lookups += pids.numel()
         return self.residency.resident(layer, pids, self._read_rows)
 
@@ -194,11 +211,12 @@ class TierManager:
     def seal(self, layer: int, pids: np.ndarray, kv: torch.Tensor) -> None:
         """Write sealed blocks ``pids`` of ``layer`` (``kv`` ``(n, block_tokens, 2, kv_heads,
         head_dim)``, the slab's layout) through to host memory, moving the oldest host blocks to
-        disk if it is full.
+        the first backing tier if it is full, and to every write-through tier.
         Without a host tier the blocks must stay pinned on the device (the caller keeps them)."""
         if self.host is None or not len(pids):
             return
         self._drop_stale(layer, pids)
+        self._write_through_to(layer, pids, kv)
         # More blocks than host rows (a long prefill beside a small host budget) pass through in
         # chunks, the earlier ones moving on to disk.
         step = self.host.slab.rows
@@ -208,6 +226,19 @@ class TierManager:
             self._place(layer, pids[a : a + step], rows)
         self._add_moved("device->host", len(pids) * self.host.row_nbytes)
         self._note(TierName.HOST, self.host.used_bytes)
+
+    def _write_through_to(self, layer: int, pids: np.ndarray, kv: torch.Tensor) -> None:
+        """Copy sealed blocks to the write-through tiers (one batch each)."""
+        if not self._write_through:
+            return
+        keys = [BlockKey(0, layer, int(p)) for p in pids]
+        blocks = kv.permute(0, 2, 3, 1, 4)
+        for i in self._write_through:
+            tier = self.backing[i]
+            sizes = tier.write_many(keys, blocks, [self.layout.block_tokens] * len(keys))
+            self._held[layer, pids] |= np.uint8(1 << i)
+            self._add_moved(f"device->{tier.name.value}", sum(sizes))
+            self._note(tier.name, tier.used_bytes)
 
     def keeps_sealed_blocks_pinned(self) -> bool:
         """True when there is no host tier: sealed blocks cannot leave the device."""
@@ -223,33 +254,39 @@ class TierManager:
             torch.from_numpy(rows).to(self.device))
 
     def _drop_stale(self, layer: int, pids: np.ndarray) -> None:
-        """A block sealed again (reopened after a cut) replaces its host, disk and unpinned
+        """A block sealed again (reopened after a cut) replaces its host, backing and unpinned
         device copies."""
         self._forget(np.full(len(pids), layer), pids)
         self.residency.drop_stale(layer, torch.from_numpy(np.asarray(pids)).to(self.device))
 
     def _forget(self, layers: np.ndarray, pids: np.ndarray) -> None:
-        """Free the host rows and disk records of blocks (``layers[i]``, ``pids[i]``)."""
+        """Free the host rows and backing copies of blocks (``layers[i]``, ``pids[i]``)."""
         rows = self._rows[layers, pids]
-        held = rows >= 0
-        if held.any():
-            self.host.slab.free(rows[held])
-            self._row_layer[rows[held]] = -1
-            self._rows[layers[held], pids[held]] = -1
-        disk = self._on_disk[layers, pids]
-        for layer, pid, in_host in zip(layers[disk].tolist(), pids[disk].tolist(), held[disk].tolist()):
-            self.disk.remove(BlockKey(0, layer, pid))
-            self._disk_only[layer] -= not in_host
-        self._on_disk[layers[disk], pids[disk]] = False
+        in_host = rows >= 0
+        if in_host.any():
+            self.host.slab.free(rows[in_host])
+            self._row_layer[rows[in_host]] = -1
+            self._rows[layers[in_host], pids[in_host]] = -1
+        held = self._held[layers, pids]
+        for i, tier in enumerate(self.backing):
+            mine = (held >> i) & 1 == 1
+            if mine.any():
+                tier.remove_many([BlockKey(0, layer, pid) for layer, pid in zip(layers[mine].tolist(),
+                                                                                pids[mine].tolist())])
+        for layer in layers[(held > 0) & ~in_host].tolist():
+            self._below[layer] -= 1
+        self._held[layers, pids] = 0
 
     def _host_rows(self, n: int, protect: frozenset[tuple[int, int]] = frozenset()) -> np.ndarray:
-        """``n`` free host rows, demoting the oldest blocks (not in ``protect``) to disk if needed."""
+        """``n`` free host rows, demoting the oldest blocks (not in ``protect``) to the first
+        backing tier if needed."""
         short = n - self.host.slab.num_free
         if short > 0:
-            if self.disk is None:
+            if not self.backing:
                 raise CapacityError(
-                    f"host tier is full ({self.host.capacity_bytes} bytes) and there is no disk tier to take "
-                    f"{short} more blocks; raise host_budget_bytes or set disk_budget_bytes and disk_path"
+                    f"host tier is full ({self.host.capacity_bytes} bytes) and there is no disk tier (or "
+                    f"remote tier) to take {short} more blocks; raise host_budget_bytes, or set "
+                    "disk_budget_bytes and disk_path (or remote_url and remote_budget_bytes)"
                 )
             used = np.flatnonzero(self._row_layer >= 0)
             order = used[np.argsort(self._row_stamp[used], kind="stable")]
@@ -257,50 +294,69 @@ class TierManager:
                        if (int(self._row_layer[r]), int(self._row_pid[r])) not in protect][:short]
             if len(victims) < short:
                 raise CapacityError(f"host tier: {short} blocks must stay in host memory for this step, "
-                                    f"only {len(victims)} can move to disk; raise host_budget_bytes")
+                                    f"only {len(victims)} can move below it; raise host_budget_bytes")
             self._demote(np.array(victims, dtype=np.int64))
         return self.host.slab.alloc(n)
 
     def _demote(self, rows: np.ndarray) -> None:
-        """Move host ``rows`` to the disk tier (blocks already there are not written again)."""
+        """Move host ``rows`` below host memory, to the first backing tier (blocks it holds
+        already, written through or demoted before, are not written again)."""
         layers, pids = self._row_layer[rows], self._row_pid[rows]
-        new = np.flatnonzero(~self._on_disk[layers, pids])
+        new = np.flatnonzero(self._held[layers, pids] & 1 == 0)
         if len(new):
+            tier = self.backing[0]
             kv = self.host.read(torch.from_numpy(rows[new])).permute(0, 2, 3, 1, 4)
             keys = [BlockKey(0, int(layers[i]), int(pids[i])) for i in new]
-            sizes = self.disk.write_many(keys, kv, [self.layout.block_tokens] * len(new))
-            self._add_moved("host->disk", sum(sizes))
-            self._note(TierName.DISK, self.disk.used_bytes)
-        self._on_disk[layers, pids] = True
+            sizes = tier.write_many(keys, kv, [self.layout.block_tokens] * len(new))
+            self._held[layers[new], pids[new]] |= np.uint8(1)
+            self._add_moved(f"host->{tier.name.value}", sum(sizes))
+            self._note(tier.name, tier.used_bytes)
         self._rows[layers, pids] = -1
         for layer in layers.tolist():
-            self._disk_only[layer] += 1
+            self._below[layer] += 1
         self.residency.host_row[torch.from_numpy(layers).to(self.device),
                                 torch.from_numpy(pids).to(self.device)] = self.host.slab.scratch
         self._row_layer[rows] = -1
         self.host.slab.free(rows)
         self._stats.demotions += len(rows)
 
-    def _load_from_disk(self, layer: int, pids: torch.Tensor) -> None:
-        """Read the blocks of ``pids`` held only on disk into host memory (a sync and a wait)."""
+    def _load_from_backing(self, layer: int, pids: torch.Tensor) -> None:
+        """Read the blocks of ``pids`` held only below host memory into host memory (a sync and a
+        wait)."""
         start = time.perf_counter()
         wanted = np.unique(pids.cpu().numpy())
-        need = wanted[self._on_disk[layer, wanted] & (self._rows[layer, wanted] < 0)]
+        need = wanted[(self._held[layer, wanted] > 0) & (self._rows[layer, wanted] < 0)]
         if len(need):
             on_device = self.residency.device_slot[layer, torch.from_numpy(need).to(self.device)] >= 0
             need = need[~on_device.cpu().numpy()]
         if not len(need):
             return
-        kv = self.disk.read_many([BlockKey(0, layer, int(p)) for p in need],
-                                 [self.layout.block_tokens] * len(need), self.device).permute(0, 3, 1, 2, 4)
+        kv = self._read_backing(layer, need, counted=True).permute(0, 3, 1, 2, 4)
         rows = self._host_rows(len(need), protect=frozenset((layer, int(p)) for p in wanted))
         self.host.write(rows, kv)
         self._place(layer, need, rows)
-        self._disk_only[layer] -= len(need)
-        self._stats.hits[TierName.DISK.value] += len(need)
-        self._add_moved("disk->host", len(need) * self.host.row_nbytes)
+        self._below[layer] -= len(need)
         self._stats.disk_waits += 1
         self._stats.wait_seconds += time.perf_counter() - start
+
+    def _read_backing(self, layer: int, pids: np.ndarray, counted: bool = False) -> torch.Tensor:
+        """Blocks ``pids`` of ``layer``, each from the first backing tier holding it, as ``(n, 2,
+        kv_heads, block_tokens, head_dim)``; ``counted``: count them as that tier's hits."""
+        lay = self.layout
+        out = torch.empty((len(pids), 2, *lay.shape), dtype=lay.dtype, device=self.device)
+        held = self._held[layer, pids]
+        todo = np.ones(len(pids), dtype=bool)
+        for i, tier in enumerate(self.backing):
+            mine = np.flatnonzero(todo & ((held >> i) & 1 == 1))
+            if not len(mine):
+                continue
+            keys = [BlockKey(0, layer, int(pids[j])) for j in mine]
+            out[mine.tolist()] = tier.read_many(keys, [lay.block_tokens] * len(mine), self.device)
+            todo[mine] = False
+            if counted:
+                self._stats.hits[tier.name.value] += len(mine)
+                self._add_moved(f"{tier.name.value}->host", len(mine) * self.host.row_nbytes)
+        return out
 
     # ------------------------------------------------------------------ whole blocks
 
@@ -315,15 +371,13 @@ class TierManager:
         rows = self._rows[layer, pids]
         on_device = np.flatnonzero(slots >= 0)
         host = np.flatnonzero((slots < 0) & (rows >= 0)).tolist()
-        disk = np.flatnonzero((slots < 0) & (rows < 0)).tolist()
+        below = np.flatnonzero((slots < 0) & (rows < 0))
         if len(on_device):
             out[on_device.tolist()] = self.slab.kv[layer, torch.from_numpy(slots[on_device]).to(self.device)]
         if host:
             out[host] = self.host.read(torch.from_numpy(rows[host]).to(self.device))
-        if disk:
-            keys = [BlockKey(0, layer, int(pids[i])) for i in disk]
-            kv = self.disk.read_many(keys, [lay.block_tokens] * len(disk), self.device)
-            out[disk] = kv.permute(0, 3, 1, 2, 4)
+        if len(below):
+            out[below.tolist()] = self._read_backing(layer, np.asarray(pids)[below]).permute(0, 3, 1, 2, 4)
         return out
 
     def free(self, pids: np.ndarray) -> None:
@@ -343,20 +397,38 @@ class TierManager:
 
     # ------------------------------------------------------------------ statistics
 
+    @property
+    def disk(self) -> BackingTier | None:
+        """The disk tier, if there is one."""
+        return self._backing_tier(TierName.DISK)
+
+    @property
+    def remote(self) -> BackingTier | None:
+        """The remote (Redis) tier, if there is one."""
+        return self._backing_tier(TierName.REMOTE)
+
+    def _backing_tier(self, name: TierName) -> BackingTier | None:
+        return next((t for t in self.backing if t.name is name), None)
+
     def used_bytes(self, tier: TierName) -> int:
         """Bytes ``tier`` holds now (raw bytes of occupied slots on the device)."""
         if tier is TierName.DEVICE:
             return int((self.residency.slot_pid >= 0).sum()) * self.layout.nbytes
         if tier is TierName.HOST:
             return self.host.used_bytes if self.host else 0
-        return self.disk.used_bytes if self.disk else 0
+        backing = self._backing_tier(tier)
+        return backing.used_bytes if backing else 0
 
     def block_counts(self) -> dict[str, int]:
-        """Blocks each tier holds now (a block may be in several: device copies are clean, and a
-        block read back from disk keeps its disk copy)."""
-        return {TierName.DEVICE.value: int((self.residency.slot_pid[:, : self.slots] >= 0).sum()),
-                TierName.HOST.value: self.host.slab.used_rows if self.host else 0,
-                TierName.DISK.value: int(self._on_disk.sum())}
+        """Blocks each tier holds now (a block may be in several: device copies are clean, a
+        block read back from a backing tier keeps its copy there, and a write-through tier holds
+        every sealed block)."""
+        counts = {TierName.DEVICE.value: int((self.residency.slot_pid[:, : self.slots] >= 0).sum()),
+                  TierName.HOST.value: self.host.slab.used_rows if self.host else 0}
+        for tier in (TierName.DISK, TierName.REMOTE):
+            i = next((i for i, t in enumerate(self.backing) if t.name is tier), None)
+            counts[tier.value] = 0 if i is None else int(((self._held >> i) & 1).sum())
+        return counts
 
     def capacity_bytes(self, tier: TierName) -> int:
         """Bytes ``tier`` may hold: its budget rounded down to whole blocks."""
@@ -364,7 +436,8 @@ class TierManager:
             return self.slab.capacity_bytes
         if tier is TierName.HOST:
             return self.host.capacity_bytes if self.host else 0
-        return self.disk.capacity_bytes if self.disk else 0
+        backing = self._backing_tier(tier)
+        return backing.capacity_bytes if backing else 0
 
     def stats(self) -> TierStats:
         """A snapshot of the counters (reads the device counters: one sync)."""
@@ -372,7 +445,7 @@ class TierManager:
         s.lookups = self._lookups
         misses = int(self.residency.device_misses)
         s.hits[TierName.DEVICE.value] = self._lookups - misses
-        s.hits[TierName.HOST.value] = misses - s.hits[TierName.DISK.value]
+        s.hits[TierName.HOST.value] = misses - sum(s.hits[t.name.value] for t in self.backing)
         if self.host is not None:
             s.moved_bytes["host->device"] = misses * self.layout.nbytes
         self._note_device()
@@ -390,11 +463,10 @@ class TierManager:
         self._stats.moved_bytes[what] = self._stats.moved_bytes.get(what, 0) + nbytes
 
     def close(self) -> None:
-        """Close the disk tier (its store checkpoints and releases its writer lock). Idempotent."""
-        if self.disk is not None:
-            close = getattr(self.disk, "close", None)
-            if close is not None:
-                close()
+        """Close the backing tiers (the disk store checkpoints and releases its writer lock; the
+        remote tier removes its blocks). Idempotent."""
+        for tier in self.backing:
+            tier.close()
 
     def __enter__(self) -> "TierManager":
         return self

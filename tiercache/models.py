@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .fingerprint import note_source
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Checkpoints ``load_model`` loaded in this process (batch workers report it: one each).
+_loads = 0
 
 
 def cache_home() -> Path:
@@ -108,7 +111,17 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
         raise ConfigError(f"model {str(path)!r} is not a loadable transformers causal LM checkpoint: "
                           f"{_brief(exc)}") from exc
     model.to(dev).eval()
+    global _loads
+    _loads += 1
+    files = sorted(path.glob("*.safetensors"))
+    if files:  # the fingerprint may then hash the files, cached for every process that loads them
+        note_source(model, files)
     return model, tokenizer
+
+
+def loads() -> int:
+    """How many checkpoints ``load_model`` has loaded in this process."""
+    return _loads
 
 
 def load_default_model(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):

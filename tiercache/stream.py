@@ -10,7 +10,9 @@ chunk, ask questions at any time, persist the stream and reopen it in another pr
   re-encoded.
 - **Persist.** ``save()`` writes the stream's KV as one saved context (the config's disk codec)
   into a ``DiskStore`` under ``<path>/saved`` and a JSON manifest ``<path>/stream.json`` (model
-  id, tokens, config); ``StreamSession.open`` imports it without any prefill. No pickle.
+  id, fingerprint, tokens, config); ``StreamSession.open`` imports it without any prefill, into
+  a model whose fingerprint (config, weights, dtype) is the saved one; any other model is
+  refused with a ``FingerprintError``. No pickle.
 """
 
 from __future__ import annotations
@@ -26,26 +28,19 @@ import torch
 
 from .cache import ATTN_NAME, TieredCache
 from .config import RetrievalConfig, TierConfig
-from .errors import ConfigError, ShapeError, StoreError
+from .blocks import BlockLayout
+from .errors import ConfigError, FingerprintError, ShapeError, StoreError
+from .fingerprint import Fingerprint, model_fingerprint, model_id, storage_fingerprint
 from .io.codec import make_codec
-from .io.contexts import load_kv_context, save_kv_context
-from .io.segments import fsync_dir
+from .io.contexts import CHUNK_TOKENS, load_kv_context, save_kv_context
+from .io.jsonfile import write_json_atomic
 from .io.store import DiskStore
 from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids
 
 MANIFEST_NAME = "stream.json"
 SAVED_DIR = "saved"
 _FORMAT = "tiercache-stream"
-_VERSION = 1
-#: Tokens per record of a saved stream (records are the unit of parallel reads on reopen).
-_SAVE_CHUNK_TOKENS = 256
-
-
-def model_id(model) -> str:
-    """A stable name of ``model`` for keys and manifests: the last part of the checkpoint path it
-    was loaded from (``"SmolLM2-135M-Instruct"`` for the default model), else its model type."""
-    name = getattr(model.config, "name_or_path", "") or ""
-    return Path(str(name).rstrip("/")).name or str(model.config.model_type)
+_VERSION = 2  # 2: the manifest holds the KV's fingerprint
 
 
 @contextlib.contextmanager
@@ -220,7 +215,11 @@ class StreamSession:
         if self.path is None:
             raise ConfigError("save() needs a session directory: pass path= or set config.disk_path")
         kv = self.cache.export_kv()
-        name = f"stream-{kv.shape[3]}"
+        codec = make_codec(self.config.disk_codec, **self.config.disk_codec_params)
+        layers, _, heads, tokens, head_dim = kv.shape
+        fingerprint = storage_fingerprint(model_fingerprint(self.model), layers,
+                                          BlockLayout(heads, CHUNK_TOKENS, head_dim, kv.dtype), codec)
+        name = f"stream-{fingerprint.digest[:16]}-{tokens}"
         try:
             old = self._read_manifest(self.path)["context"]
         except StoreError:  # no earlier save, or an unreadable manifest
@@ -233,11 +232,11 @@ class StreamSession:
             if known:  # orphans first, so that making room never evicts the current save
                 for orphan in [c for c in store.contexts() if c not in (old, name)]:
                     store.delete_context(orphan)
-            codec = make_codec(self.config.disk_codec, **self.config.disk_codec_params)
-            nbytes = save_kv_context(store, name, kv, codec, _SAVE_CHUNK_TOKENS)
+            nbytes = save_kv_context(store, name, kv, codec, fingerprint, CHUNK_TOKENS)
             write_json_atomic(self.path / MANIFEST_NAME, {
                 "format": _FORMAT, "version": _VERSION, "model_id": model_id(self.model),
-                "tokens": kv.shape[3], "context": name, "config": config_to_json(self.config),
+                "fingerprint": fingerprint.to_json(), "tokens": tokens, "context": name,
+                "config": config_to_json(self.config),
             })
             for previous in [c for c in store.contexts() if c != name]:
                 store.delete_context(previous)
@@ -248,16 +247,29 @@ class StreamSession:
              chunk_tokens: int = 128) -> "StreamSession":
         """Reopen a saved stream: its KV is imported into fresh tiers (no prefill) and the session
         continues where ``save`` left it. ``config`` defaults to the saved one, with the disk tier
-        (if it had one) under ``path``."""
+        (if it had one) under ``path``. ``FingerprintError`` if ``model`` is not the model that
+        saved it (config, weights or dtype differ; the directory's name is not compared), or if
+        it was saved before fingerprints existed."""
         path = Path(path)
         manifest = cls._read_manifest(path)
-        if manifest["model_id"] != model_id(model):
-            raise ConfigError(f"stream {path} was saved with model {manifest['model_id']!r}, "
-                              f"not {model_id(model)!r}")
+        if "fingerprint" not in manifest:
+            raise FingerprintError(f"stream {path} was saved by a tiercache without model fingerprints "
+                                   f"({MANIFEST_NAME} version {manifest.get('version')}): nothing says which "
+                                   "model's KV it holds, so it is not reopened; stream the input again and "
+                                   "save")
+        saved = Fingerprint.from_json(manifest["fingerprint"])
+        mine = model_fingerprint(model)
+        if not saved.model.same_model(mine):
+            raise FingerprintError(
+                f"stream {path} was saved by another model: {saved.model.name!r} with " + ", ".join(
+                    f"{what} {getattr(saved.model, what)[:24]}" for what in ("weights", "config", "dtype")
+                    if getattr(saved.model, what) != getattr(mine, what))
+                + f"; this is {mine.name!r} with weights {mine.weights[:24]}, config {mine.config[:24]}, "
+                f"dtype {mine.dtype}: refused")
         if config is None:
             config = config_from_json(manifest["config"], path)
         with DiskStore(path / SAVED_DIR, 0, readonly=True) as store:
-            kv = load_kv_context(store, manifest["context"])
+            kv = load_kv_context(store, manifest["context"], saved)
         if kv.shape[3] != manifest["tokens"]:
             raise StoreError(f"stream {path}: saved context holds {kv.shape[3]} tokens, manifest says "
                              f"{manifest['tokens']}")
@@ -287,7 +299,8 @@ class StreamSession:
         except (OSError, ValueError) as exc:
             raise StoreError(f"cannot read stream manifest {file}: {exc}") from exc
         missing = {"model_id", "tokens", "context", "config"} - set(doc) if isinstance(doc, dict) else {"all"}
-        if missing or doc.get("format") != _FORMAT or doc.get("version") != _VERSION:
+        # Version 1 (no fingerprint) is read so that a save replaces it and open refuses it clearly.
+        if missing or doc.get("format") != _FORMAT or doc.get("version") not in (1, _VERSION):
             raise StoreError(f"{file} is not a version-{_VERSION} {_FORMAT} manifest (missing {sorted(missing)})")
         return doc
 
@@ -345,9 +358,11 @@ class StreamSession:
 # ---------------------------------------------------------------------- config <-> JSON
 
 def config_to_json(config: TierConfig) -> dict:
-    """The machine-independent part of ``config`` as JSON data (no device, no disk path)."""
+    """The machine-independent part of ``config`` as JSON data (no device, no disk path, no
+    remote tier: those belong to the machine that reopens it)."""
     doc = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-           if f.name not in ("device", "disk_path", "retrieval", "dtype")}
+           if f.name not in ("device", "disk_path", "retrieval", "dtype")
+           and not f.name.startswith("remote_")}
     doc["dtype"] = str(config.dtype).removeprefix("torch.") if config.dtype is not None else None
     retrieval = dataclasses.asdict(config.retrieval)
     retrieval["layer_budgets"] = {str(k): v for k, v in config.retrieval.layer_budgets.items()}
@@ -372,18 +387,3 @@ def config_from_json(doc: dict, disk_path: Path | None) -> TierConfig:
                           disk_path=disk_path if doc["disk_budget_bytes"] > 0 else None)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"saved stream config is not valid: {exc!r}") from exc
-
-
-def write_json_atomic(file: Path, doc: dict) -> None:
-    """Atomically replace ``file`` with ``doc`` (write, fsync, rename, fsync the directory)."""
-    tmp = file.with_name(f"{file.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-        fsync_dir(file.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {file}: {exc.strerror or exc}") from exc

@@ -8,7 +8,8 @@
   exactly those bytes, so a copy to the device needs no transpose.
 - ``BackingTier`` (cold: disk, remote): whole blocks under their ``BlockKey``, moved in batches:
   the manager hands it ``n`` blocks as one ``(n, 2, kv_heads, block_tokens, head_dim)`` tensor
-  and gets them back the same way. ``tiercache.io.disk.DiskTier`` is one.
+  and gets them back the same way. ``tiercache.io.disk.DiskTier`` (local disk) and
+  ``tiercache.io.remote.RemoteTier`` (a Redis server; write-through) are the two.
 """
 
 from __future__ import annotations
@@ -75,10 +76,15 @@ class HostTier:
 
 
 class BackingTier(ABC):
-    """A tier below the host. Capacity and usage are in bytes of the tier's own encoding."""
+    """A tier below the host. Capacity and usage are in bytes of the tier's own encoding.
+
+    ``write_through``: the manager writes every sealed block here as it seals it (besides host
+    memory), so that demoting it later writes nothing; otherwise blocks arrive when host memory
+    demotes them."""
 
     name: TierName
     layout: BlockLayout
+    write_through: bool = False
 
     @property
     @abstractmethod
@@ -109,5 +115,13 @@ class BackingTier(ABC):
     def remove(self, key: BlockKey) -> None:
         """Forget block ``key`` and reclaim its space."""
 
+    def remove_many(self, keys: list[BlockKey]) -> None:
+        """Forget blocks ``keys`` (a tier with round trips does it in one)."""
+        for key in keys:
+            self.remove(key)
+
     @abstractmethod
     def __contains__(self, key: object) -> bool: ...
+
+    def close(self) -> None:
+        """Release what the tier holds open (files, connections). Idempotent."""

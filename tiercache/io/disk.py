@@ -16,7 +16,8 @@ from ..config import TierConfig
 from ..errors import ConfigError, CorruptBlockError
 from ..tiers import BackingTier
 from .codec import Codec, make_codec
-from .contexts import content_key, load_kv_context, save_kv_context
+from ..fingerprint import Fingerprint
+from .contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 from .record import decode_record, encode_record, prefix_size
 from .store import DiskStore
 
@@ -123,14 +124,17 @@ class DiskTier(BackingTier):
     def __contains__(self, key: object) -> bool:
         return isinstance(key, BlockKey) and key in self.store
 
-    def save_context(self, name: str, kv: torch.Tensor, chunk_tokens: int = 256) -> int:
+    def save_context(self, name: str, kv: torch.Tensor, fingerprint: Fingerprint,
+                     chunk_tokens: int = CHUNK_TOKENS) -> int:
         """Save a whole context ``(layers, 2, kv_heads, tokens, head_dim)`` under ``name`` (see
-        ``content_key``) with this tier's codec; returns the bytes stored."""
-        return save_kv_context(self.store, name, kv, self.codec, chunk_tokens)
+        ``content_key``) with this tier's codec, its records naming ``fingerprint`` (which must
+        describe this codec and ``chunk_tokens``); returns the bytes stored."""
+        return save_kv_context(self.store, name, kv, self.codec, fingerprint, chunk_tokens)
 
-    def load_context(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Load context ``name`` saved by this or any earlier process."""
-        return load_kv_context(self.store, name, device)
+    def load_context(self, name: str, fingerprint: Fingerprint,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+        """Load context ``name`` saved by this or any earlier process with ``fingerprint``."""
+        return load_kv_context(self.store, name, fingerprint, device)
 
     def close(self) -> None:
         self.store.close()

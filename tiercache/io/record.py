@@ -7,7 +7,9 @@ Layout (little-endian)::
     header length H         u32
     payload length P        u64
     header                  H bytes of UTF-8 JSON: codec name and parameters, dtype, kv_heads,
-                            block_tokens, head_dim, tokens, key ([seq, layer, index] or null)
+                            block_tokens, head_dim, tokens, key ([seq, layer, index] or null),
+                            fp (the digest of the ``tiercache.fingerprint.Fingerprint`` of the
+                            KV, or null for a tier's private blocks)
     payload                 P bytes, the codec's output
     crc32                   u32 over everything before it
 
@@ -25,13 +27,15 @@ from dataclasses import dataclass
 import torch
 
 from ..blocks import BlockKey, BlockLayout
-from ..errors import ConfigError, CorruptBlockError, ShapeError
+from ..errors import ConfigError, CorruptBlockError, FingerprintError, ShapeError
 from .checksum import crc32
 from .codec import Codec, make_codec
 
 MAGIC = b"TCKV"
-VERSION = 3  # 2: cachegen streams use our interleaved rANS coder (tiercache.io.ans); 3: cachegen
-#              payloads carry per-token recency codes
+VERSION = 4  # 2: cachegen streams use our interleaved rANS coder (tiercache.io.ans); 3: cachegen
+#              payloads carry per-token recency codes; 4: the header names the KV's fingerprint
+#: Versions before model fingerprints: refused with a ``FingerprintError`` saying so.
+_UNFINGERPRINTED = (1, 2, 3)
 _PREFIX = struct.Struct("<4sHIQ")
 _CRC = struct.Struct("<I")
 _MAX_HEADER = 1 << 16
@@ -48,14 +52,17 @@ class RecordHeader:
     layout: BlockLayout
     tokens: int
     key: BlockKey | None
+    fingerprint: str | None = None
 
 
 def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                  key: BlockKey | None = None, end: int | None = None) -> bytes:
+                  key: BlockKey | None = None, end: int | None = None,
+                  fingerprint: str | None = None) -> bytes:
     """Encode a block's keys and values ``(kv_heads, tokens, head_dim)`` into one record.
 
     ``end``: the final length in tokens of the block's sequence, when known (a saved context);
-    it needs a ``key``, which gives the block's position.
+    it needs a ``key``, which gives the block's position. ``fingerprint``: the digest of the
+    KV's ``Fingerprint`` (every stored context's records carry one).
     """
     tokens = layout.check(k, v, what=str(key) if key else "record")
     if end is not None and key is None:
@@ -73,6 +80,7 @@ def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockL
             "head_dim": layout.head_dim,
             "tokens": tokens,
             "key": [key.seq, key.layer, key.index] if key else None,
+            "fp": fingerprint,
         },
         separators=(",", ":"),
         sort_keys=True,
@@ -98,7 +106,7 @@ def _unpack_prefix(data: bytes | memoryview, where: str) -> tuple[bytes, int, in
     magic, version, hlen, plen = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise CorruptBlockError(f"{where}: bad magic {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
+    if version != VERSION and version not in _UNFINGERPRINTED:
         raise CorruptBlockError(f"{where}: format version {version}, this tiercache reads version {VERSION}")
     if hlen > _MAX_HEADER:
         raise CorruptBlockError(f"{where}: header length {hlen} exceeds {_MAX_HEADER}")
@@ -115,11 +123,19 @@ def read_header(data: bytes | memoryview, where: str = "record") -> tuple[Record
     (crc,) = _CRC.unpack_from(data, total - _CRC.size)
     if crc32(data[: total - _CRC.size]) != crc:
         raise CorruptBlockError(f"{where}: checksum mismatch")
+    version = _PREFIX.unpack_from(data)[1]
+    if version != VERSION:  # intact (the checksum held), but older than model fingerprints
+        raise FingerprintError(f"{where}: record format {version} was written by a tiercache without model "
+                               "fingerprints: nothing says which model's KV it holds, so it is not served; "
+                               "encode the context again (delete the old store)")
     try:
         h = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
         layout = BlockLayout(h["kv_heads"], h["block_tokens"], h["head_dim"], _DTYPES[h["dtype"]])
         key = BlockKey(*h["key"]) if h["key"] is not None else None
-        header = RecordHeader(h["codec"], dict(h["params"]), layout, int(h["tokens"]), key)
+        fp = h["fp"]
+        if fp is not None and not isinstance(fp, str):
+            raise TypeError(f"fp is {fp!r}")
+        header = RecordHeader(h["codec"], dict(h["params"]), layout, int(h["tokens"]), key, fp)
     except (ValueError, KeyError, TypeError, ShapeError) as exc:
         raise CorruptBlockError(f"{where}: unreadable header: {exc}") from exc
     if not 1 <= header.tokens <= layout.block_tokens:
@@ -127,13 +143,17 @@ def read_header(data: bytes | memoryview, where: str = "record") -> tuple[Record
     return header, data[_PREFIX.size + hlen : _PREFIX.size + hlen + plen]
 
 
-def decode_record(data: bytes | memoryview, device: torch.device | str = "cpu",
-                  where: str = "record") -> tuple[RecordHeader, torch.Tensor, torch.Tensor]:
+def decode_record(data: bytes | memoryview, device: torch.device | str = "cpu", where: str = "record",
+                  fingerprint: str | None = None) -> tuple[RecordHeader, torch.Tensor, torch.Tensor]:
     """Validate and decode a record; return its header, keys and values on ``device``.
 
     ``where`` names the record in error messages (e.g. ``"segment 3 offset 4096"``).
+    ``fingerprint``: the digest the record must name (``FingerprintError`` otherwise, before
+    anything is decoded).
     """
     header, payload = read_header(data, where)
+    if fingerprint is not None:
+        check_fingerprint(header, fingerprint, where)
     try:
         codec = make_codec(header.codec, **header.params)
     except ConfigError as exc:
@@ -144,3 +164,11 @@ def decode_record(data: bytes | memoryview, device: torch.device | str = "cpu",
     except CorruptBlockError as exc:
         raise CorruptBlockError(f"{where}: {exc}") from exc
     return header, k, v
+
+
+def check_fingerprint(header: RecordHeader, digest: str, where: str = "record") -> None:
+    """``FingerprintError`` unless the record ``header`` describes names fingerprint ``digest``."""
+    if header.fingerprint != digest:
+        held = f"fingerprint {header.fingerprint[:16]}" if header.fingerprint else "no fingerprint"
+        raise FingerprintError(f"{where}: the record holds KV of {held}, not of this model and setting "
+                               f"({digest[:16]}): refused")
