@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
   [ "$rc" = 0 ] || status=1
 }
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
-step gpu_tests 120 $PY -m pytest -q -m gpu -o addopts="" -p no:cacheprovider tests/test_kernels_attention.py
+step gpu_tests 120 $PY -m pytest -q -m gpu -o addopts="" -p no:cacheprovider tests/test_kernels_attention.py tests/test_codecs.py
 cd benchmarks
 step bench_kernels 90 $PY bench_kernels.py --repeats 10
 step bench_decode 240 $PY bench_decode.py --shape llama3-8b --contexts 32768,131072,524288,1048576 --steps 4 \
