@@ -178,6 +178,8 @@ def test_selection_follows_the_heads_votes(aggregate_):
         q = torch.randn(1, KV * G, 1, D, generator=torch.Generator().manual_seed(seed))
         got = s.select(plan, q, summaries, None, D**-0.5)
         assert got.shape == (1, plan.read)
+        votes = s.votes(plan, q, summaries, None, D**-0.5)
+        assert votes.shape == (1, plan.n_blocks) and torch.equal(votes.topk(plan.read).indices, got)
         assert sorted(got[0].tolist()) == reference_blocks(s, plan, q[0], summaries[0], D**-0.5)
 
 
@@ -222,6 +224,26 @@ def test_selection_is_a_sync_free_tensor_pipeline():
         s.select(plan, q, summaries, None, 0.125)
     assert counter.syncs == 0, counter.sync_ops
     assert counter.ops <= 30, counter.by_op
+
+
+def test_capture_after_a_prefilled_context_matches_one_pass_and_leaves_the_context():
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from tiercache.retrieval.evaluate import capture
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    whole = capture(model, ids, last_positions=6, decode_steps=0)
+    context = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([ids[:34]]), past_key_values=context, use_cache=True)
+    after = capture(model, ids[34:], last_positions=6, decode_steps=0, past=context)
+    assert context.get_seq_length() == 34  # cropped back for the next question
+    assert torch.equal(after.positions, whole.positions) and after.positions.tolist() == list(range(34, 40))
+    for a, b in zip(after.queries + after.keys, whole.queries + whole.keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # --- real model ------------------------------------------------------------------------------
