@@ -214,6 +214,20 @@ def test_a_multi_token_query_and_held_blocks():
         | set(range(later.n_blocks - later.window, later.n_blocks))
 
 
+def test_a_question_reads_the_block_one_of_its_positions_points_to():
+    """A question's joint vote (bench_question.py measured it ahead of per-position, union,
+    SnapKV-window and summary-attention selections on planted facts): the block a single middle
+    position matches is read, though the last position alone would not read it."""
+    s = selector(budget=0.2)  # 12 blocks: sink, window and 7 retrieved
+    summaries, keys = filled(256)
+    plan = s.plan(0, 1024)
+    q = torch.randn(1, KV * G, 6, D, generator=torch.Generator().manual_seed(4))
+    target = 37  # unit 150 of block 37: far from sink (block 0) and window (blocks 60-63)
+    q[0, 4, 2] = 10 * keys[0, 1, 150, 1]  # query head 4 (KV head 1), position 2 of 6: an exact key match
+    assert target in s.select(plan, q, summaries, None, D**-0.5)[0].tolist()
+    assert target not in s.select(plan, q[:, :, -1:], summaries, None, D**-0.5)[0].tolist()
+
+
 def test_selection_is_a_sync_free_tensor_pipeline():
     s = selector()
     summaries, _ = filled(2048)
