@@ -178,6 +178,8 @@ def test_selection_follows_the_heads_votes(aggregate_):
         q = torch.randn(1, KV * G, 1, D, generator=torch.Generator().manual_seed(seed))
         got = s.select(plan, q, summaries, None, D**-0.5)
         assert got.shape == (1, plan.read)
+        votes = s.votes(plan, q, summaries, None, D**-0.5)
+        assert votes.shape == (1, plan.n_blocks) and torch.equal(votes.topk(plan.read).indices, got)
         assert sorted(got[0].tolist()) == reference_blocks(s, plan, q[0], summaries[0], D**-0.5)
 
 
@@ -212,6 +214,20 @@ def test_a_multi_token_query_and_held_blocks():
         | set(range(later.n_blocks - later.window, later.n_blocks))
 
 
+def test_a_question_reads_the_block_one_of_its_positions_points_to():
+    """A question's joint vote (bench_question.py measured it ahead of per-position, union,
+    SnapKV-window and summary-attention selections on planted facts): the block a single middle
+    position matches is read, though the last position alone would not read it."""
+    s = selector(budget=0.2)  # 12 blocks: sink, window and 7 retrieved
+    summaries, keys = filled(256)
+    plan = s.plan(0, 1024)
+    q = torch.randn(1, KV * G, 6, D, generator=torch.Generator().manual_seed(4))
+    target = 37  # unit 150 of block 37: far from sink (block 0) and window (blocks 60-63)
+    q[0, 4, 2] = 10 * keys[0, 1, 150, 1]  # query head 4 (KV head 1), position 2 of 6: an exact key match
+    assert target in s.select(plan, q, summaries, None, D**-0.5)[0].tolist()
+    assert target not in s.select(plan, q[:, :, -1:], summaries, None, D**-0.5)[0].tolist()
+
+
 def test_selection_is_a_sync_free_tensor_pipeline():
     s = selector()
     summaries, _ = filled(2048)
@@ -222,6 +238,26 @@ def test_selection_is_a_sync_free_tensor_pipeline():
         s.select(plan, q, summaries, None, 0.125)
     assert counter.syncs == 0, counter.sync_ops
     assert counter.ops <= 30, counter.by_op
+
+
+def test_capture_after_a_prefilled_context_matches_one_pass_and_leaves_the_context():
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from tiercache.retrieval.evaluate import capture
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    whole = capture(model, ids, last_positions=6, decode_steps=0)
+    context = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([ids[:34]]), past_key_values=context, use_cache=True)
+    after = capture(model, ids[34:], last_positions=6, decode_steps=0, past=context)
+    assert context.get_seq_length() == 34  # cropped back for the next question
+    assert torch.equal(after.positions, whole.positions) and after.positions.tolist() == list(range(34, 40))
+    for a, b in zip(after.queries + after.keys, whole.queries + whole.keys):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 # --- real model ------------------------------------------------------------------------------

@@ -65,9 +65,13 @@ def recording_attention(model, record: Callable[..., None]):
         model.set_attn_implementation(previous)
 
 
-def capture(model, input_ids: list[int], last_positions: int, decode_steps: int) -> Capture:
+def capture(model, input_ids: list[int], last_positions: int, decode_steps: int, past=None) -> Capture:
     """Run ``model`` over ``input_ids`` then ``decode_steps`` greedy steps, recording queries of the
-    last ``last_positions`` prompt positions and of every decode step, and the final key cache."""
+    last ``last_positions`` prompt positions and of every decode step, and the final key cache.
+
+    ``past``: a ``DynamicCache`` already holding a prefix of the sequence (a context prefilled
+    once, asked several questions): ``input_ids`` continue it, positions count from its start,
+    and it is cropped back to the prefix afterwards."""
     from transformers import DynamicCache
 
     n_layers = model.config.num_hidden_layers
@@ -83,14 +87,17 @@ def capture(model, input_ids: list[int], last_positions: int, decode_steps: int)
         keys[layer], values[layer] = key[0].detach(), value[0].detach()
         scaling.append(module.scaling)
 
+    cache = DynamicCache(config=model.config) if past is None else past
+    start = cache.get_seq_length()
     with recording_attention(model, record), torch.no_grad():
-        cache = DynamicCache(config=model.config)
         ids = torch.tensor([input_ids])
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         for _ in range(decode_steps):
             nxt = out.logits[:, -1:].argmax(-1)
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-    n = len(input_ids)
+    if past is not None:
+        past.crop(start - past.get_seq_length())  # transformers 5 crops by a negative count
+    n = start + len(input_ids)
     positions = torch.arange(n - min(n, last_positions), n + decode_steps)
     return Capture(
         queries=[torch.cat(q, dim=0) for q in queries],

@@ -118,6 +118,12 @@ class Selector:
         n_units)`` (0, or -inf for a unit of padding only; None when there is no padding)."""
         if plan.full:
             return self.all_blocks(plan, queries.shape[0])
+        return self.votes(plan, queries, summaries, unit_bias, scaling).topk(plan.read, dim=-1).indices
+
+    def votes(self, plan: Plan, queries: torch.Tensor, summaries: torch.Tensor, unit_bias: torch.Tensor | None,
+              scaling: float) -> torch.Tensor:
+        """The vote table ``(rows, plan.n_blocks)`` that ``select`` takes its top ``plan.read``
+        blocks from (same arguments; ``plan`` must not be full): +inf for sink and window."""
         rows, kv_heads, head_dim = queries.shape[0], summaries.shape[1], queries.shape[-1]
         votes, weight, offsets = self._base_votes(plan, rows, kv_heads)
         if plan.top:
@@ -141,7 +147,7 @@ class Selector:
                 weight = weight * (best > (0.0 if self.config.gqa_aggregate == "softmax" else float("-inf"))).view(-1)
             block = unit if per_block == 1 else unit // per_block
             votes.view(-1).index_add_(0, (block + offsets).view(-1), weight)
-        return votes.topk(plan.read, dim=-1).indices
+        return votes
 
     def window_blocks(self, n_tokens: int, rows: int) -> torch.Tensor:
         """The sink blocks and the last ``prefill_window_tokens`` of a context of ``n_tokens``
