@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -58,11 +59,12 @@ def kv_bytes(model, tokens: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
 
 
-def tiered(model, tokens: int, budget: float) -> TierConfig:
-    """The library's defaults at ``budget``, tiers sized for ``tokens`` (the device 25% of the KV)."""
+def tiered(model, tokens: int, budget: float, base: RetrievalConfig) -> TierConfig:
+    """``base`` (the library's defaults unless a flag changes them) at ``budget``, tiers sized for
+    ``tokens`` (the device 25% of the KV)."""
     total = kv_bytes(model, tokens)
     return TierConfig(device_budget_bytes=max(total // 4, kv_bytes(model, 256)), host_budget_bytes=2 * total,
-                      dtype=model.dtype, device="cpu", retrieval=RetrievalConfig(budget=budget))
+                      dtype=model.dtype, device="cpu", retrieval=replace(base, budget=budget))
 
 
 @torch.no_grad()
@@ -124,7 +126,7 @@ def qa_cases(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int],
     return out
 
 
-def agreement(model, tok, contexts: list[int], n_tokens: int) -> list[dict]:
+def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalConfig) -> list[dict]:
     rows = []
     for ids in agreement_cases(tok, contexts):
         n = len(ids)
@@ -132,7 +134,7 @@ def agreement(model, tok, contexts: list[int], n_tokens: int) -> list[dict]:
         kv = exported(ref_cache)
         reference, ref_logps = decode(model, ref_cache, first, n_tokens, "sdpa")
         for b in BUDGETS:
-            cache = TieredCache(model, tiered(model, n + n_tokens, b))
+            cache = TieredCache(model, tiered(model, n + n_tokens, b, base))
             cache.import_kv(kv)
             chosen, logps = decode(model, cache, first, n_tokens, "tiercache", forced=reference)
             cache.close()
@@ -144,7 +146,7 @@ def agreement(model, tok, contexts: list[int], n_tokens: int) -> list[dict]:
     return rows
 
 
-def needle(model, tok, lengths: list[int], depths: int) -> list[dict]:
+def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig) -> list[dict]:
     agree = {(length, b): 0 for length in lengths for b in BUDGETS}
     full_found = dict.fromkeys(lengths, 0)
     for context, question, length in needle_cases(tok, lengths, depths):
@@ -154,7 +156,7 @@ def needle(model, tok, lengths: list[int], depths: int) -> list[dict]:
         full = key_of(tok.decode(decode(model, ref_cache, first, 8, "sdpa")[0]))
         full_found[length] += full != ""
         for b in BUDGETS:
-            cache = TieredCache(model, tiered(model, len(ids) + 8, b))
+            cache = TieredCache(model, tiered(model, len(ids) + 8, b, base))
             cache.import_kv(kv)
             agree[(length, b)] += key_of(tok.decode(decode(model, cache, first, 8, "tiercache")[0])) == full
             cache.close()
@@ -166,7 +168,7 @@ def needle(model, tok, lengths: list[int], depths: int) -> list[dict]:
     return rows
 
 
-def stream_qa(model, tok, chunk: int = 128) -> list[dict]:
+def stream_qa(model, tok, base: RetrievalConfig, chunk: int = 128) -> list[dict]:
     ok = {b: [] for b in BUDGETS}
     full_ok = []
     for ids, facts in qa_cases(tok):
@@ -175,7 +177,8 @@ def stream_qa(model, tok, chunk: int = 128) -> list[dict]:
                                                                                 max_new_tokens=6))]
         with tempfile.TemporaryDirectory() as tmp:
             for b in BUDGETS:
-                with StreamSession(model, tok, tiered(model, len(ids) + 64, b), path=tmp, chunk_tokens=chunk) as s:
+                config = tiered(model, len(ids) + 64, b, base)
+                with StreamSession(model, tok, config, path=tmp, chunk_tokens=chunk) as s:
                     for a in range(0, len(ids), chunk):
                         s.append(ids[a : a + chunk])
                     ok[b] += [f.answer in s.ask(q, max_new_tokens=6) for f, q in zip(facts, questions)]
@@ -211,6 +214,7 @@ def main() -> None:
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--kvpress-python", default=str(KVPRESS_PYTHON))
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--unit-tokens", type=int, default=None, help="tiercache's unit_tokens (default: the library's)")
     ap.add_argument("--out", default="bench_quality")
     args = parse_args(ap)
     if not (args.agree or args.needle or args.qa):
@@ -220,14 +224,15 @@ def main() -> None:
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
     depths = 4 if args.quick else args.depths
     n_tokens = 64 if args.quick else args.agree_tokens
+    base = RetrievalConfig() if args.unit_tokens is None else RetrievalConfig(unit_tokens=args.unit_tokens)
     start = time.perf_counter()
     rows = []
     if args.agree:
-        rows += agreement(model, tok, contexts, n_tokens)
+        rows += agreement(model, tok, contexts, n_tokens, base)
     if args.needle:
-        rows += needle(model, tok, lengths, depths)
+        rows += needle(model, tok, lengths, depths, base)
     if args.qa:
-        rows += stream_qa(model, tok)
+        rows += stream_qa(model, tok, base)
     if not args.no_peers:
         question = lambda q: tok(q, add_special_tokens=False)["input_ids"]  # noqa: E731
         spec = {"model": str(default_model_dir()), "budgets": BUDGETS, "threads": args.threads,
@@ -240,7 +245,7 @@ def main() -> None:
         rows += peers(args, spec)
     print(f"\nquality at read budgets, SmolLM2-135M, on {machine()['device']}, {time.perf_counter() - start:.0f} s")
     print_table(rows, ["case", "method", "budget", "tokens", "agreement", "kl", "read", "correct", "full_correct"])
-    write_results(args.out, rows, budgets=BUDGETS)
+    write_results(args.out, rows, budgets=BUDGETS, retrieval=asdict(base))
 
 
 if __name__ == "__main__":

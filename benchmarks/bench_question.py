@@ -82,7 +82,8 @@ class Layer:
     """One layer's question against the context: queries ``(P, H, D)`` of the question positions,
     the context's keys ``(KV, past, D)``, their summaries, and full attention's block masses."""
 
-    def __init__(self, queries: torch.Tensor, keys: torch.Tensor, past: int, span: tuple[int, int], scaling: float):
+    def __init__(self, queries: torch.Tensor, keys: torch.Tensor, past: int, span: tuple[int, int],
+                 scaling: float):
         self.q, self.scaling, self.past = queries, scaling, past
         P, H, D = queries.shape
         kv = keys.shape[0]
@@ -91,7 +92,8 @@ class Layer:
         self.summaries = self.summarized("minmax", BLOCK)
         self.centres = self.ctx[:, :whole].unflatten(1, (-1, BLOCK)).mean(2)  # (KV, complete blocks, D)
         # Full attention of each position over the context and the question up to it (causal).
-        logits = torch.einsum("phd,htd->pht", queries.float(), keys.float().repeat_interleave(H // kv, 0)) * scaling
+        expanded = keys.float().repeat_interleave(H // kv, 0)
+        logits = torch.einsum("phd,htd->pht", queries.float(), expanded) * scaling
         n = keys.shape[1]
         causal = torch.arange(n)[None, :] > (past + torch.arange(P))[:, None]
         probs = torch.softmax(logits.masked_fill(causal[:, None], float("-inf")), -1)[..., :past]
@@ -100,7 +102,8 @@ class Layer:
         self.mass = torch.nn.functional.pad(probs, (0, pad)).view(P, H, self.n_blocks, BLOCK).sum(-1)
         fact = torch.zeros(past)
         fact[span[0] : span[1]] = 1
-        self.fact_mass = torch.nn.functional.pad(probs * fact, (0, pad)).view(P, H, self.n_blocks, BLOCK).sum(-1)
+        fact_probs = torch.nn.functional.pad(probs * fact, (0, pad))
+        self.fact_mass = fact_probs.view(P, H, self.n_blocks, BLOCK).sum(-1)
 
     def summarized(self, spec: str, unit: int) -> torch.Tensor:
         """The context's complete units of ``unit`` tokens, summarised by ``spec`` (``make_summary``)."""
@@ -176,15 +179,18 @@ def selections(budget: float) -> dict[str, Callable[[Plan, Layer], torch.Tensor]
     def oracle(plan, L):
         return top_with_forced(plan, L.mass.sum((0, 1)))
 
+    def positions(first: int):
+        """The joint vote of the question positions from ``first`` on."""
+        return lambda plan, L: joint.select(plan, L.q[first:].permute(1, 0, 2)[None], L.summaries, None,
+                                            L.scaling)
+
     return {
-        "joint vote (today)": lambda plan, L: joint.select(plan, L.q.permute(1, 0, 2)[None], L.summaries, None,
-                                                           L.scaling),
-        "last position": lambda plan, L: joint.select(plan, L.q[-1:].permute(1, 0, 2)[None], L.summaries, None,
-                                                      L.scaling),
-        "joint vote W=8": lambda plan, L: joint.select(plan, L.q[-8:].permute(1, 0, 2)[None], L.summaries, None,
-                                                       L.scaling),
+        "joint vote (today)": positions(0),
+        "last position": positions(-1),
+        "joint vote W=8": positions(-8),
         "per position": lambda plan, L: per_position_votes(joint, plan, L).topk(plan.read, -1).indices,
-        "votes summed": lambda plan, L: per_position_votes(joint, plan, L).sum(0).topk(plan.read).indices[None],
+        "votes summed": lambda plan, L: per_position_votes(joint, plan, L).sum(0).topk(plan.read).indices[
+            None],
         "union trimmed": lambda plan, L: union_trimmed(joint, plan, L),
         "snapkv W=8": snap(8),
         "snapkv W=all": snap(None),
@@ -211,19 +217,21 @@ def run(model, tok, max_facts: int | None) -> list[dict]:
             question = tok(question_text(fact), add_special_tokens=False)["input_ids"]
             cap = capture(model, question, last_positions=len(question), decode_steps=0, past=context)
             span = fact_span(tok, ids, fact.statement)
-            layers = [Layer(cap.queries[i], cap.keys[i], len(ids), span, cap.scaling) for i in range(len(cap.keys))]
+            layers = [Layer(q, k, len(ids), span, cap.scaling) for q, k in zip(cap.queries, cap.keys)]
             for b in BUDGETS:
-                plan_of = Selector(RetrievalConfig(budget=b), BLOCK, BLOCK, MinMaxSummary(), torch.device("cpu"))
+                config = RetrievalConfig(budget=b)
+                plan_of = Selector(config, BLOCK, BLOCK, MinMaxSummary(), torch.device("cpu"))
                 for name, pick in selections(b).items():
                     per_layer = []
                     for i, L in enumerate(layers):
                         plan = plan_of.plan(i, len(ids))
-                        per_layer.append(L.score(as_mask(pick(plan, L), L.n_blocks)) | {"read": plan.read_tokens
-                                                                                         / len(ids)})
+                        read = {"read": plan.read_tokens / len(ids)}
+                        per_layer.append(L.score(as_mask(pick(plan, L), L.n_blocks)) | read)
                     acc.setdefault((name, b), []).append({
                         "recall": np.mean([r["recall"] for r in per_layer]),
                         "recall_last": np.mean([r["recall_last"] for r in per_layer]),
-                        "fact": sum(r["fact_read"] for r in per_layer) / sum(r["fact_all"] for r in per_layer),
+                        "fact": sum(r["fact_read"] for r in per_layer)
+                        / sum(r["fact_all"] for r in per_layer),
                         "fact_last": sum(r["fact_last_read"] for r in per_layer)
                         / sum(r["fact_last_all"] for r in per_layer),
                         "union": np.mean([r["union"] for r in per_layer]),
