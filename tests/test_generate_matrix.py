@@ -3,9 +3,9 @@ DynamicCache on the same tiny random model and inputs (``tiny_models``), at full
 with a device that holds a few blocks per row, so blocks move between device and host in every
 cell.
 
-fp32 cells: the same tokens, and logits (or scores) within 1e-4. Half-precision cells feed both
-caches the same tokens and check that TieredCache's logits stay within twice the model's own
-eager-vs-SDPA difference.
+fp32 cells: the same tokens, and logits (or scores) within 1e-4. bf16 and fp16 cells feed both
+caches the same tokens (a padded batch, then decode steps) and check that TieredCache's logits stay
+within twice the model's own eager-vs-SDPA difference.
 
 The default run covers every family and every mode (``DEFAULT_CELLS``); the other cells are
 ``slow``: ``pytest -m slow tests/test_generate_matrix.py`` runs them, ``-m 'not gpu'`` everything.
@@ -125,3 +125,40 @@ def test_generate_matches_dynamic_cache(family, mode):
     assert cache.get_seq_length() == ref[-1].past_key_values.get_seq_length()
     if mode == "beam":  # beams forked: rows shared an open block, which was copied
         assert stats.moved_bytes["device->device"] > 0
+
+
+HALF_DEFAULT = {("mistral-window", torch.bfloat16), ("gemma2", torch.float16), ("llama4", torch.bfloat16)}
+
+
+@torch.no_grad()
+def teacher_forced(model, cache) -> torch.Tensor:
+    """Logits of a padded 2-row prompt's real positions, then of 10 decode steps with fixed tokens
+    (the same for every cache, so half-precision noise cannot change what is fed), in fp32."""
+    ids, mask = padded_batch()
+    ids, mask = ids[:2], mask[:2]
+    forced = prompt(2, seed=8)[:, :10]
+    out = [model(ids, attention_mask=mask, past_key_values=cache).logits[mask.bool()]]
+    for i in range(forced.shape[1]):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        out.append(model(forced[:, i : i + 1], attention_mask=mask, past_key_values=cache).logits[:, -1])
+    return torch.cat(out).float()
+
+
+@pytest.mark.parametrize("family, dtype", [
+    pytest.param(f, d, marks=() if (f, d) in HALF_DEFAULT else pytest.mark.slow, id=f"{f}-{str(d)[6:]}")
+    for f in FAMILIES for d in (torch.bfloat16, torch.float16)])
+def test_half_precision_stays_within_the_models_own_noise(family, dtype):
+    """bf16 / fp16: TieredCache's logits differ from DynamicCache's (on the model's default
+    attention) by at most twice what the model's eager and SDPA attention differ by. Gemma 2 has
+    no SDPA path (soft-capping), so there the noise is its eager attention's own rounding: half
+    precision against fp32."""
+    model, eager = model_of(family, dtype), model_of(family, dtype, "eager")
+    ref = teacher_forced(model, DynamicCache(config=model.config))
+    got = teacher_forced(model, TieredCache(model, tiered_config(model, rows=2)))
+    if model.config._attn_implementation == "eager":
+        exact = model_of(family, torch.float32, "eager")
+        noise = (ref - teacher_forced(exact, DynamicCache(config=exact.config))).abs().max()
+    else:
+        noise = (teacher_forced(eager, DynamicCache(config=eager.config)) - ref).abs().max()
+    assert noise > 0
+    assert (got - ref).abs().max() <= 2 * noise
