@@ -94,9 +94,13 @@ def test_len_and_mask_sizes_for_every_mask_kind(family):
     token and the query, as ``get_mask_sizes`` says."""
     model = tiny_model(family)
     cache = TieredCache(model, tiered_config(model, rows=2))
-    assert len(cache) == 2
+    assert len(cache) == 2 and cache.batch_size == -1
+    # Per layer, as transformers' caches report them (generate reads them).
+    assert cache.is_sliding == [True, False]  # layer 0 slides (Gemma 3) or is chunked (Llama 4)
+    assert cache.is_linear == cache.is_dummy == [False, False]
     with torch.no_grad():
         model(ids(2, 30), past_key_values=cache)
+    assert cache.batch_size == 2
     for layer in range(2):
         assert cache.get_mask_sizes(5, layer) == (35, 0)
     config = copy.copy(model.config)

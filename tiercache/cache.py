@@ -167,6 +167,29 @@ class TieredCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    # transformers' Cache derives these per-layer lists from its layer objects, which TieredCache
+    # does not keep; generate reads them (5.24 feeds a cache whose is_linear is all True, as
+    # ``[]`` is, every input token again).
+    @property
+    def is_sliding(self) -> list[bool]:
+        """Per layer: whether it attends a window (sliding or chunked)."""
+        return [window is not None for window in self.windows]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer: whether it is a linear-attention layer (never, in the supported families)."""
+        return [False] * self.n_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        """Per layer: whether it stores nothing (shares another layer's KV; never, here)."""
+        return [False] * self.n_layers
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of the batch, -1 before the first forward."""
+        return self.table.rows if self.table is not None else -1
+
     @property
     def is_croppable(self) -> bool:
         """``crop`` puts the cache back exactly: windowed layers keep their older blocks too."""

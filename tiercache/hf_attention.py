@@ -8,10 +8,10 @@ through unchanged (causality and windows are the attention's job), so ``get_mask
 every mask kind is the whole cache.
 
 **Switching.** ``attach(model, cache_type)`` installs, once per model, a forward pre-hook and an
-always-called forward hook on the model's base (decoder) module. A forward whose
-``past_key_values`` is a ``cache_type`` runs with every attention config of the model set to
-``"tiercache"``; the hook puts back what each had when the forward ends (or raises), so the
-model keeps its own implementation (``"sdpa"``, ``"eager"``, ...) for every other cache and
+always-called forward hook on the model's base (decoder) module. A forward given a
+``cache_type`` cache (as ``past_key_values``, or ``cache`` from transformers 5.24 on) runs with
+every attention config of the model set to ``"tiercache"``; the hook puts back what each had
+when the forward ends (or raises), so the model keeps its own implementation (``"sdpa"``, ``"eager"``, ...) for every other cache and
 never sees ``"tiercache"`` outside such a forward. The switch is per forward, not per thread:
 do not run one model from two threads at once with different caches.
 """
@@ -48,10 +48,8 @@ def attach(model, cache_type: type) -> None:
     saved: list[list | None] = []  # a stack: a forward may run inside another one
 
     def before(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            cache = next((a for a in args if isinstance(a, cache_type)), None)
-        if isinstance(cache, cache_type):
+        # Found by type, not by name: transformers 5.24 renamed ``past_key_values`` to ``cache``.
+        if any(isinstance(a, cache_type) for a in (*kwargs.values(), *args)):
             saved.append([(c, c._attn_implementation_internal) for c in configs.values()])
             for c in configs.values():
                 c._attn_implementation_internal = ATTN_NAME
