@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask, create_sliding_window_causal_mask
 
 from tiercache import ConfigError, ShapeError, UnsupportedModelError
-from tiercache.cache import TieredCache
+from tiercache.cache import TieredCache, default_config
 from tiercache.opcount import OpCounter
 from tiny_models import CHUNK, WINDOW, kv_bytes, tiered_config, tiny_model
 
@@ -306,6 +306,18 @@ def test_windowed_and_soft_capped_decode_steps_never_sync(family):
             with OpCounter() as counter:
                 model(ids(2, 1, seed=step), attention_mask=mask, past_key_values=cache)
             assert counter.syncs == 0, dict(counter.sync_ops)
+
+
+def test_default_config_keeps_the_widest_window_on_the_device():
+    """Mistral's 4096-token window (here 1000 tokens over a 2000-token context, where a quarter of
+    the KV would hold 500): the default device budget holds the whole window per layer."""
+    torch.manual_seed(0)
+    model = hf.MistralForCausalLM(hf.MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                   sliding_window=1000)).eval()
+    config = default_config(model, context_tokens=2000)
+    assert config.device_budget_bytes >= kv_bytes(model, 1000) > kv_bytes(model, 2000) // 4
+    assert TieredCache(model, config).manager.slots * config.block_tokens >= 1000
 
 
 def test_a_layer_attending_another_window_than_its_config_is_refused():
