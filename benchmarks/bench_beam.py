@@ -11,8 +11,10 @@ prompt, and the later ones alike):
   one (``moved_bytes["device->device"]``); full blocks are shared, never copied;
 - ``summary_bytes_per_step``: TieredCache's unit summaries, which are kept per row and gathered
   (``UnitIndex.reorder``);
+- ``estimate_bytes_per_step``: TieredCache's block estimates (mean keys and values, log counts),
+  also per row and gathered (``BlockEstimates.reorder``);
 - ``kv_vs_dynamic``: TieredCache's KV bytes over DynamicCache's; ``all_vs_dynamic`` with the
-  summaries included;
+  summaries and estimates included;
 - ``reorder_ms``: median wall time of one reorder;
 - ``same_tokens``: whether both caches give the same beams (a full retrieval budget is exact).
 
@@ -57,6 +59,7 @@ def watch(cache) -> list[dict]:
     def timed(beam_idx: torch.Tensor) -> None:
         if isinstance(cache, TieredCache):
             before, index = cache.manager.stats().moved_bytes.get("device->device", 0), cache.index.data
+            estimates = cache.estimates.keys if cache.estimates is not None else None
         else:
             dense = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         start = time.perf_counter()
@@ -66,9 +69,12 @@ def watch(cache) -> list[dict]:
             kv = cache.manager.stats().moved_bytes.get("device->device", 0) - before
             gathered = cache.index.data is not index  # an identity reorder gathers nothing
             summaries = sum(d.nbytes for d in cache.index.data) + cache.index.bias.nbytes if gathered else 0
-            calls.append({"kv": kv, "summaries": summaries, "seconds": seconds})
+            est = cache.estimates
+            means = (sum(t.nbytes for t in est.keys + est.values) + est.log_count.nbytes
+                     if est is not None and est.keys is not estimates else 0)
+            calls.append({"kv": kv, "summaries": summaries, "estimates": means, "seconds": seconds})
         else:
-            calls.append({"kv": dense, "summaries": 0, "seconds": seconds})
+            calls.append({"kv": dense, "summaries": 0, "estimates": 0, "seconds": seconds})
 
     cache.reorder_cache = timed
     return calls
@@ -89,12 +95,13 @@ def run(model, context: int, beams: int, new_tokens: int, budget: float, device_
         rows.append({"kind": kind, "context": context, "beams": beams, "reorders": len(calls),
                      "kv_bytes_per_step": statistics.fmean(c["kv"] for c in calls),
                      "summary_bytes_per_step": statistics.fmean(c["summaries"] for c in calls),
+                     "estimate_bytes_per_step": statistics.fmean(c["estimates"] for c in calls),
                      "reorder_ms": 1e3 * statistics.median(c["seconds"] for c in calls),
                      "generate_s": time.perf_counter() - start})
     dense, shared = rows
     shared["kv_vs_dynamic"] = shared["kv_bytes_per_step"] / dense["kv_bytes_per_step"]
-    shared["all_vs_dynamic"] = (shared["kv_bytes_per_step"] + shared["summary_bytes_per_step"]) / dense[
-        "kv_bytes_per_step"]
+    shared["all_vs_dynamic"] = (shared["kv_bytes_per_step"] + shared["summary_bytes_per_step"]
+                                + shared["estimate_bytes_per_step"]) / dense["kv_bytes_per_step"]
     shared["same_tokens"] = bool(torch.equal(outputs["dynamic"], outputs["tiercache"]))
     return rows
 
@@ -118,7 +125,8 @@ def main() -> None:
     print(f"\nbeam search reorders, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, {args.new_tokens} new tokens, "
           f"budget {args.budget:g}, device {args.device_fraction:.0%} of the KV, on {machine()['device']}")
     print_table(rows, ["kind", "context", "beams", "reorders", "kv_bytes_per_step", "summary_bytes_per_step",
-                       "kv_vs_dynamic", "all_vs_dynamic", "reorder_ms", "same_tokens"])
+                       "estimate_bytes_per_step", "kv_vs_dynamic", "all_vs_dynamic", "reorder_ms",
+                       "same_tokens"])
     write_results(args.out, rows, shape=SHAPE, new_tokens=args.new_tokens, budget=args.budget,
                   device_fraction=args.device_fraction)
 

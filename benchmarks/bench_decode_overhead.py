@@ -14,6 +14,9 @@ cache. Per cache kind it reports, for one decode step:
 - ``python_ms``: wall time of the step outside aten ops (measured under a timing dispatch mode);
   its slope against context length is printed at the end.
 
+A last context (``--fits-context``) has a device budget twice its KV: nothing moves, and the
+rows say what tiercache costs where it should cost nothing.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_decode_overhead.py [--contexts 4096,16384,65536]
 """
 
@@ -70,7 +73,7 @@ def export(cache: DynamicCache) -> torch.Tensor:
 def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra_tokens: int) -> TieredCache:
     tokens = kv.shape[3] + extra_tokens
     total = kv_bytes(model, tokens)
-    cfg = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
+    cfg = TierConfig(device_budget_bytes=int(total * device_fraction) + (1 << 20), host_budget_bytes=2 * total,
                      block_tokens=32, dtype=torch.float32, device="cpu",
                      retrieval=RetrievalConfig(budget=budget))
     cache = TieredCache(model, cfg)
@@ -138,6 +141,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="1.0,0.1,0.05")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device-fraction", type=float, default=0.25)
+    ap.add_argument("--fits-context", type=int, default=512,
+                    help="a context that fits the device whole (nothing moves): the overhead rows")
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--stream-tokens", type=int, default=4096)
     ap.add_argument("--stream-chunk", type=int, default=128)
@@ -146,7 +151,8 @@ def main() -> None:
     model = build()
     model.set_attn_implementation("sdpa")
     rows = []
-    for context in [int(c) for c in args.contexts.split(",")]:
+    plan = [(int(c), args.device_fraction) for c in args.contexts.split(",")] + [(args.fits_context, 2.0)]
+    for context, fraction in plan:
         ids = torch.randint(0, model.config.vocab_size, (1, context))
         dyn = DynamicCache(config=model.config)
         with torch.no_grad():
@@ -154,13 +160,14 @@ def main() -> None:
                 out = model(ids[:, a : a + args.prefill_chunk], past_key_values=dyn, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         kv = export(dyn)
-        base = {"kind": "dynamic", "context": context, **measure(model, dyn, token, args.steps)}
+        fits = fraction > 1
+        base = {"kind": "dynamic", "context": context, "fits": fits, **measure(model, dyn, token, args.steps)}
         rows.append(base)
         print(base, flush=True)
         del dyn
         for budget in (float(b) for b in args.budgets.split(",")):
-            cache = tiered(model, kv, budget, args.device_fraction, args.steps + 8)
-            row = {"kind": f"tiercache-{budget:g}", "context": context,
+            cache = tiered(model, kv, budget, fraction, args.steps + 8)
+            row = {"kind": f"tiercache-{budget:g}", "context": context, "fits": fits,
                    **measure(model, cache, token, args.steps)}
             row["speed_vs_dynamic"] = base["step_ms"] / row["step_ms"]
             rows.append(row)
@@ -169,11 +176,11 @@ def main() -> None:
             model.set_attn_implementation("sdpa")
     print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
           f"device {args.device_fraction:.0%} of the KV")
-    print_table(rows, ["kind", "context", "ops", "ops_per_layer", "syncs", "python_ms", "step_ms",
+    print_table(rows, ["kind", "context", "fits", "ops", "ops_per_layer", "syncs", "python_ms", "step_ms",
                        "speed_vs_dynamic"])
     slopes = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
-        pts = [(r["context"], r["python_ms"]) for r in rows if r["kind"] == kind]
+        pts = [(r["context"], r["python_ms"]) for r in rows if r["kind"] == kind and not r["fits"]]
         if len(pts) > 1:
             xs, ys = zip(*pts)
             mx, my = statistics.fmean(xs), statistics.fmean(ys)

@@ -43,7 +43,7 @@ def capture_kv(model, token_ids: list[int], n_queries: int = 32, layers: int | N
     """
     store: dict[int, torch.Tensor] = {}
     ids = torch.tensor([token_ids])
-    def record(module, query, key):
+    def record(module, query, key, value):
         store[module.layer_idx] = query[0, :, -n_queries:, :].detach().clone()
 
     with recording_attention(model, record):

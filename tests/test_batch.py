@@ -210,3 +210,56 @@ def test_sigkilled_batch_command_resumes_to_the_uninterrupted_output(smollm2, tm
     pairs = [(r["line"], r["question"]) for r in got]
     assert len(pairs) == len(set(pairs)) == 12, "an answer was lost or duplicated"
     assert got == reference, "the resumed output differs from an uninterrupted run's"
+
+
+def test_undecodable_and_duplicate_lines_are_skipped_with_their_numbers(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    good = json.dumps({"document": "text", "questions": ["Who?"]}).encode()
+    jobs.write_bytes(b"\n".join([
+        good,
+        b'{"document": "caf\xe9", "questions": ["Who?"]}',  # Latin-1, not UTF-8
+        json.dumps({"id": "a", "document": "text", "questions": ["Who?"]}).encode(),
+        json.dumps({"id": "a", "document": "other", "questions": ["Why?"]}).encode(),
+        json.dumps({"id": [], "document": "text", "questions": ["Who?"]}).encode(),
+        json.dumps({"id": 7, "document": "text", "questions": ["Who?", "Who?"]}).encode(),
+    ]) + b"\n")
+    valid, bad = read_jobs(jobs)
+    assert [(j.line, j.id) for j in valid] == [(1, 1), (3, "a"), (6, "7")]
+    reasons = dict(bad)
+    assert sorted(reasons) == [2, 4, 5]
+    assert "not UTF-8" in reasons[2] and "taken by line 3" in reasons[4] and '"id"' in reasons[5]
+
+
+def test_bad_answers_path_is_a_clear_error_before_the_model_loads(tmp_path, capsys):
+    from tiercache import ConfigError
+    from tiercache.cli import main
+
+    jobs = tmp_path / "jobs.jsonl"
+    write_jobs(jobs, [{"document": "text", "questions": ["Who?"]}])
+    for out, message in [(tmp_path, "is a directory"), (tmp_path / "nowhere" / "a.jsonl", "does not exist")]:
+        assert main(["batch", str(jobs), "--out", str(out), "--store", str(tmp_path / "s"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tiercache: error: answers file") and message in err and "Traceback" not in err
+        with pytest.raises(ConfigError, match=message):
+            run_batch(jobs, out, store=None, progress=False)
+
+
+def test_repeated_questions_are_answered_apart_and_keyed_by_job_id(smollm2, tmp_path):
+    model, tok = smollm2
+    document = tok.decode(text_tokens(tok, 64, offset_tokens=2000))
+    q = "\nWhat is this text about? Answer:"
+    jobs = tmp_path / "jobs.jsonl"
+    write_jobs(jobs, [{"id": "doc-b", "document": document, "questions": [q, q]}])
+    out = tmp_path / "answers.jsonl"
+    with ContextStore(tmp_path / "store", model, tok, codec="zstd", config=qa_config(model)) as store:
+        report = run_batch(jobs, out, store, max_new_tokens=1, progress=False)
+        assert report.answered == 2
+        got = answers(out)
+        keys = [(r["job"], r["index"], r["line"], r["question"]) for r in got]
+        assert keys == [("doc-b", 0, 1, q), ("doc-b", 1, 1, q)]
+        assert got[0]["answer"] == got[1]["answer"], "one stored KV, one greedy answer"
+        write_jobs(jobs, [{"document": "another", "questions": ["Who?"]},  # lines move; the id holds
+                          {"id": "doc-b", "document": document, "questions": [q, q]}])
+        again = run_batch(jobs, out, store, max_new_tokens=1, progress=False)
+    assert again.already_answered == 2 and again.answered == 1 and len(answers(out)) == 3
+    assert answers(out)[2]["job"] == 1

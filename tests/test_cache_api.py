@@ -291,6 +291,25 @@ def test_windowed_layers_read_their_window_and_full_layers_retrieve(family, wind
             assert_close(logits, model(ids(1, 1), past_key_values=ref).logits)
 
 
+@pytest.mark.parametrize("family, estimated", [("llama", (True, True)), ("mistral-window", (False, False)),
+                                               ("gemma3", (False, True)), ("gemma2", (False, False))])
+def test_only_full_layers_without_soft_capping_estimate_the_blocks_they_skip(family, estimated):
+    """At a 25% budget with estimation on (the default), a full layer adds the estimate of the
+    blocks it does not read; a windowed layer (blocks outside the window weigh nothing) and every
+    layer of soft-capped Gemma 2 (the estimate's lower bound fails under tanh) do not: their logits
+    are those of estimation off, bit for bit."""
+    model = tiny_model(family)
+    config = tiered_config(model, budget=0.25)
+    off = dataclasses.replace(config, retrieval=dataclasses.replace(config.retrieval, estimate=False))
+    caches = [TieredCache(model, config), TieredCache(model, off)]
+    assert caches[0].estimated == estimated and caches[1].estimated == (False, False)
+    with torch.no_grad():
+        for cache in caches:
+            model(ids(1, 80), past_key_values=cache)
+    on_logits, off_logits = steps(model, caches, ids(1, 3, seed=8))
+    assert torch.equal(on_logits, off_logits) != any(estimated)
+
+
 @pytest.mark.parametrize("family", ["mistral-window", "llama4", "gemma2"])
 def test_windowed_and_soft_capped_decode_steps_never_sync(family):
     """Sliding and chunked layers (a padded batch: chunks count from each row's first real

@@ -21,6 +21,7 @@ from tiercache import (
     CorruptBlockError,
     ShapeError,
     StoreError,
+    StoreWarning,
     TierConfig,
 )
 from tiercache.io.codec import CODECS, make_codec
@@ -90,7 +91,7 @@ def test_index_rebuilt_by_scanning_when_manifest_missing_or_garbage(filled):
         assert "missing" in s.recovery_note
         check_all(s)
     (filled / "manifest.json").write_text("{not json")
-    with open_store(filled) as s:
+    with pytest.warns(StoreWarning, match="ignoring its manifest"), open_store(filled) as s:
         assert "unreadable" in s.recovery_note
         check_all(s)
 

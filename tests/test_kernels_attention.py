@@ -80,6 +80,27 @@ def test_paged_attention_matches_dense(seed, dtype, impl, rows, group, kv_heads,
     assert_close(out, lse, *dense_paged(q, slab, slots, bias, scale), dtype)
 
 
+@pytest.mark.parametrize("impl", ["torch", "sdpa"])
+def test_extra_tokens_join_the_same_softmax(impl):
+    """Estimated virtual tokens (keys, values and a score bias) attended beside the blocks read give
+    what one attention over both sets gives."""
+    gen = torch.Generator().manual_seed(7)
+    q, slab, slots, bias = random_paged(gen, torch.float32, 2, 6, 2, 1, 4, 8, 16, 0.8)
+    ek, ev = torch.randn(2, 2, 5, 16, generator=gen), torch.randn(2, 2, 5, 16, generator=gen)
+    ebias = torch.randn(2, 5, generator=gen)
+    ebias[1, 2:] = float("-inf")
+    out, lse = paged_attention(q, slab, slots, bias, 0.3, impl=impl, extra=(ek, ev, ebias))
+    # The same computed by hand: extra tokens as a fifth, dense part merged by log-sum-exp.
+    qg = q.view(2, 2, 3, 16).double()
+    scores = torch.einsum("rhgd,rhtd->rhgt", qg, ek.double()) * 0.3 + ebias.double()[:, None, None]
+    extra_lse = torch.logsumexp(scores, -1)
+    extra_out = torch.einsum("rhgt,rhtd->rhgd", torch.softmax(scores, -1), ev.double())
+    read_out, read_lse = dense_paged(q, slab, slots, bias, 0.3)
+    merged, merged_lse = merge_attention([read_out, extra_out.reshape(2, 6, 1, 16)],
+                                         [read_lse, extra_lse.reshape(2, 6, 1)])
+    assert_close(out, lse, merged, merged_lse.double(), torch.float32)
+
+
 def test_gqa_head_mapping_and_empty_rows():
     """Query heads 0..3 read KV head 0 and 4..7 KV head 1; a row with no valid key gives zeros
     and -inf."""
@@ -226,13 +247,18 @@ def test_triton_paged_decode_matches_torch(dtype, rows, q_heads, kv_heads, head_
                                         p_valid, slots=64, device=device)
     bias[0] = float("-inf")  # a row with nothing to attend
     scale = head_dim**-0.5
-    out, lse = paged_attention(q, slab, slots, bias, scale, impl="triton")
-    ref_out, ref_lse = paged_attention(q, slab, slots, bias, scale, impl="torch")
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
-    finite = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
+    ek = torch.randn(rows, kv_heads, 37, head_dim, generator=gen).to(dtype).to(device)
+    ev = torch.randn(rows, kv_heads, 37, head_dim, generator=gen).to(dtype).to(device)
+    ebias = torch.randn(rows, 37, generator=gen).to(dtype).to(device)
+    ebias[:, 30:] = float("-inf")
+    for extra in (None, (ek, ev, ebias)):
+        out, lse = paged_attention(q, slab, slots, bias, scale, impl="triton", extra=extra)
+        ref_out, ref_lse = paged_attention(q, slab, slots, bias, scale, impl="torch", extra=extra)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(out.float(), ref_out.float(), atol=atol, rtol=rtol)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[finite], ref_lse[finite], atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.gpu
@@ -295,3 +321,32 @@ def test_per_query_bias_and_soft_capping_match_dense(softcap):
     if softcap is not None:
         with pytest.raises(ConfigError, match="impl='torch' only"):
             paged_attention(q, slab, slots, bias, scale, impl="sdpa", softcap=softcap)
+
+
+@pytest.mark.parametrize("impl,softcap", [("torch", None), ("sdpa", None), ("torch", 1.5)])
+def test_extra_tokens_with_a_bias_per_query_and_soft_capping(impl, softcap):
+    """Estimated tokens combine with the other two additions: every query attends them, beside its
+    own bias over the blocks read, and their scores are soft-capped like the others, their bias
+    (log count) added after the cap."""
+    gen = torch.Generator().manual_seed(11)
+    rows, q_heads, kv_heads, q_len, n_read, bt, dim, m = 2, 4, 2, 3, 2, 4, 8, 5
+    q, slab, slots, _ = random_paged(gen, torch.float32, rows, q_heads, kv_heads, q_len, n_read, bt, dim, 1.0)
+    keep = torch.rand(rows, q_len, n_read, bt, generator=gen) < 0.6
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    ek, ev = (torch.randn(rows, kv_heads, m, dim, generator=gen) for _ in range(2))
+    ebias = torch.rand(rows, m, generator=gen).mul(2)
+    ebias[:, 1:4:2] = -math.inf  # blocks read: their estimates weigh nothing
+    out, lse = paged_attention(q, slab, slots, bias, 0.7, impl=impl, extra=(ek, ev, ebias), softcap=softcap)
+    blocks = slab[slots].reshape(rows, n_read * bt, 2, kv_heads, dim)
+    keys = torch.cat([blocks[:, :, 0].transpose(1, 2), ek], 2).double()
+    values = torch.cat([blocks[:, :, 1].transpose(1, 2), ev], 2).double()
+    group = q_heads // kv_heads
+    for r in range(rows):
+        for h in range(q_heads):
+            for i in range(q_len):
+                s = keys[r, h // group] @ q[r, h, i].double() * 0.7
+                s = s if softcap is None else softcap * torch.tanh(s / softcap)
+                s = s + torch.cat([bias[r, i].reshape(-1), ebias[r]]).double()
+                torch.testing.assert_close(out[r, h, i].double(), torch.softmax(s, 0) @ values[r, h // group],
+                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(lse[r, h, i].double(), torch.logsumexp(s, 0), atol=1e-5, rtol=1e-5)

@@ -177,8 +177,8 @@ def test_selection_follows_the_heads_votes(aggregate_):
     for seed in range(5):
         q = torch.randn(1, KV * G, 1, D, generator=torch.Generator().manual_seed(seed))
         got = s.select(plan, q, summaries, None, D**-0.5)
-        assert got.shape == (1, plan.read) and (got.diff(dim=1) > 0).all()
-        assert got[0].tolist() == reference_blocks(s, plan, q[0], summaries[0], D**-0.5)
+        assert got.shape == (1, plan.read)
+        assert sorted(got[0].tolist()) == reference_blocks(s, plan, q[0], summaries[0], D**-0.5)
 
 
 def test_rows_select_independently_and_padding_never_votes():
@@ -188,12 +188,13 @@ def test_rows_select_independently_and_padding_never_votes():
     plan = s.plan(0, 1024)
     both = s.select(plan, q, summaries, None, D**-0.5)
     for row in range(2):
-        assert torch.equal(both[row], s.select(plan, q[row : row + 1], summaries[row : row + 1], None, D**-0.5)[0])
+        alone = s.select(plan, q[row : row + 1], summaries[row : row + 1], None, D**-0.5)[0]
+        assert torch.equal(both[row].sort().values, alone.sort().values)
     # Row 1's first 100 units are padding: no block of theirs is read but the sink.
     bias = torch.zeros(2, 256)
     bias[1, :100] = float("-inf")
     padded = s.select(plan, q, summaries, bias, D**-0.5)
-    assert torch.equal(padded[0], both[0])
+    assert torch.equal(padded[0].sort().values, both[0].sort().values)
     assert ((padded[1] >= 25) | (padded[1] == 0)).all()
 
 
@@ -203,9 +204,12 @@ def test_a_multi_token_query_and_held_blocks():
     plan = s.plan(0, 1024)
     blocks = s.select(plan, torch.randn(1, KV * G, 5, D), summaries, None, D**-0.5)
     assert blocks.shape == (1, plan.read)
+    forced = set(range(plan.sink)) | set(range(plan.n_blocks - plan.window, plan.n_blocks))
+    retrieved = torch.tensor([sorted(set(blocks[0].tolist()) - forced)])
     later = s.plan(0, 1100)
-    held = s.with_held(later, blocks[:, 1:-4])  # the retrieved part
-    assert set(held[0].tolist()) >= set(blocks[0, 1:-4].tolist()) | {0, later.n_blocks - 1}
+    held = s.with_held(later, retrieved)
+    assert set(held[0].tolist()) == set(retrieved[0].tolist()) | set(range(later.sink)) \
+        | set(range(later.n_blocks - later.window, later.n_blocks))
 
 
 def test_selection_is_a_sync_free_tensor_pipeline():

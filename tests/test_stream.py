@@ -227,3 +227,44 @@ def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
             assert decode == ([] if hold else [1] * (3 * layers)), f"hold={hold}: decode-step selections {decode}"
             assert partial.tokens == len(ids) and not partial.cache._held
         assert all(answers.values())
+
+
+def test_saves_a_crash_left_behind_are_removed_never_the_current_one(smollm2, tmp_path, monkeypatch):
+    """Killed after committing a new save but before stream.json named it, or after the switch
+    but before the previous save went: the orphan is removed by the next save, and the save
+    stream.json names always loads."""
+    import tiercache.stream as stream_module
+    from tiercache.io.store import DiskStore
+
+    model, tok = smollm2
+    ids = text_tokens(tok, 45, offset_tokens=100)
+    path = tmp_path / "session"
+
+    def saved() -> list[str]:
+        """The saves in the store; the one stream.json names first (it must load)."""
+        current = json.loads((path / "stream.json").read_text())["context"]
+        with DiskStore(path / "saved", 0, readonly=True) as r:
+            assert r.load_context(current)
+            return [current] + sorted(c for c in r.contexts() if c != current)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with StreamSession(model, tok, stream_config(model, 256, path)) as session:
+        session.append(ids[:20])
+        session.save()
+        session.append(ids[20:30])
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(stream_module, "write_json_atomic", killed)  # before the switch
+            session.save()
+        assert saved() == ["stream-20", "stream-30"]  # the current one, and an orphan
+        session.append(ids[30:40])
+        real_delete = DiskStore.delete_context
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(DiskStore, "delete_context",  # after the switch, removing the previous save
+                      lambda store, name: killed() if name == "stream-20" else real_delete(store, name))
+            session.save()
+        assert saved() == ["stream-40", "stream-20"]  # stream-30 went first
+        session.append(ids[40:45])
+        session.save()
+        assert saved() == ["stream-45"]

@@ -14,6 +14,7 @@ from .errors import (
     PinnedBlockError,
     ShapeError,
     StoreError,
+    StoreWarning,
     TiercacheError,
     UnsupportedModelError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "RetrievalConfig",
     "ShapeError",
     "StoreError",
+    "StoreWarning",
     "StreamSession",
     "TierConfig",
     "TierManager",

@@ -7,9 +7,11 @@ process, loading the KV instead of recomputing the prefill.
   Records live in a ``DiskStore`` (persistent index, checksums on every read, single writer);
   a JSON sidecar keeps what was measured at encode time (tokens, prefill seconds, bytes).
 - ``run_batch``: a JSON-lines jobs file (``{"document": text | "path": file, "questions": [...]}``
-  per line) answered into a JSON-lines answers file, one line per answer, flushed and fsynced as
-  it is written. A rerun skips the (line, question) pairs already answered; a bad job line is
-  reported with its number and skipped.
+  per line, with an optional ``"id"``) answered into a JSON-lines answers file, one line per
+  answer, flushed and fsynced as it is written. Answers are keyed by job (its ``"id"``, else its
+  line number) and question index, so a question asked twice is answered twice; a rerun skips the
+  answers already written. A bad job line (not UTF-8, not JSON, not a job) is reported with its
+  number and skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -195,11 +197,13 @@ class ContextStore:
 
 @dataclass(frozen=True)
 class Job:
-    """One valid line of a jobs file: ``line`` (1-based), the document text, its questions."""
+    """One valid line of a jobs file: ``line`` (1-based), the document text, its questions, and
+    ``id``: the line's ``"id"`` (a str) if it has one, else ``line`` (an int)."""
 
     line: int
     document: str
     questions: list[str]
+    id: str | int
 
 
 @dataclass
@@ -232,21 +236,34 @@ class BatchReport:
 
 def read_jobs(path: str | os.PathLike) -> tuple[list[Job], list[tuple[int, str]]]:
     """The valid jobs of JSON-lines file ``path`` and the bad lines as (line number, reason).
+    Each line is decoded on its own, so one that is not UTF-8 is a bad line like any other.
     ``"path"`` documents are read relative to the jobs file. ``ConfigError`` if the file itself
     cannot be read."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read jobs file {path}: {exc}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read jobs file {path}: {exc.strerror or exc}") from exc
     jobs, bad = [], []
-    for number, text in enumerate(lines, start=1):
+    lines_of: dict[str | int, int] = {}
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.append((number, f"not UTF-8 text ({exc.reason} at byte {exc.start})"))
+            continue
         if not text.strip():
             continue
         try:
-            jobs.append(_parse_job(number, text, path.parent))
+            job = _parse_job(number, text, path.parent)
         except _BadJob as exc:
             bad.append((number, str(exc)))
+            continue
+        if job.id in lines_of:
+            bad.append((number, f"job id {job.id!r} is taken by line {lines_of[job.id]}"))
+            continue
+        lines_of[job.id] = number
+        jobs.append(job)
     return jobs, bad
 
 
@@ -266,6 +283,11 @@ def _parse_job(number: int, text: str, base: Path) -> Job:
     questions = doc.get("questions")
     if not isinstance(questions, list) or not questions or not all(isinstance(q, str) and q.strip() for q in questions):
         raise _BadJob('"questions" must be a non-empty list of non-empty strings')
+    job_id = doc.get("id", number)
+    if "id" in doc:
+        if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or not str(job_id).strip():
+            raise _BadJob('"id" must be a non-empty string or an integer')
+        job_id = str(job_id)  # a str, so that it never collides with another line's number
     if "document" in doc:
         document = doc["document"]
         if not isinstance(document, str):
@@ -276,24 +298,41 @@ def _parse_job(number: int, text: str, base: Path) -> Job:
             document = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise _BadJob(f"cannot read document {file}: {exc}") from None
-    return Job(number, document, questions)
+    return Job(number, document, questions, job_id)
 
 
-def _answered(out: Path) -> set[tuple[int, str]]:
-    """The (line, question) pairs ``out`` holds. A torn last line (a crash mid-write) is cut off,
-    so appending continues on a line boundary."""
+def check_answers_path(out: str | os.PathLike) -> Path:
+    """``out`` as a path the answers file can be appended at; ``ConfigError`` saying why not."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"answers file {out} is a directory; name a file (JSON lines) to write")
+    if not out.parent.is_dir():
+        raise ConfigError(f"answers file {out}: directory {out.parent} does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise ConfigError(f"answers file {out} is not writable")
+    return out
+
+
+def _answered(out: Path) -> set[tuple[str | int, int]]:
+    """The (job id, question index) pairs ``out`` holds. A torn last line (a crash mid-write) is
+    cut off, so appending continues on a line boundary."""
     if not out.exists():
         return set()
-    data = out.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(out, "r+b") as f:
-            f.truncate(end)
+    try:
+        data = out.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(out, "r+b") as f:
+                f.truncate(end)
+    except OSError as exc:
+        raise ConfigError(f"cannot read answers file {out}: {exc.strerror or exc}") from exc
     done = set()
     for raw in data[:end].splitlines():
         try:
             rec = json.loads(raw)
-            done.add((int(rec["line"]), str(rec["question"])))
+            job = rec["job"]
+            if isinstance(job, (str, int)) and not isinstance(job, bool):
+                done.add((job, int(rec["index"])))
         except (ValueError, KeyError, TypeError):
             continue
     return done
@@ -302,24 +341,30 @@ def _answered(out: Path) -> set[tuple[int, str]]:
 def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: ContextStore, *,
               max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
               progress: bool = True, on_answer: Callable[[dict], None] | None = None) -> BatchReport:
-    """Answer every question of ``jobs_path`` into ``out_path`` (JSON lines ``{"line",
-    "question", "answer", "context"}``), skipping those answered by an earlier run. Each
-    document is encoded once into ``store``; its questions are answered from the loaded KV, one
-    after the other (the cache is truncated back after each); answers end as
-    ``stream.greedy_answer`` says (``max_new_tokens``, ``stop``). ``on_answer`` sees each record
-    after it is durably written. Bad lines go to stderr and ``BatchReport.bad_lines``."""
+    """Answer every question of ``jobs_path`` into ``out_path`` (JSON lines ``{"job", "index",
+    "line", "question", "answer", "context"}``: the job's id, the question's index in it, the
+    job's line), skipping those answered by an earlier run. Each document is encoded once into
+    ``store``; its questions are answered from the loaded KV, one after the other (the cache is
+    truncated back after each); answers end as ``stream.greedy_answer`` says (``max_new_tokens``,
+    ``stop``). ``on_answer`` sees each record after it is durably written. Bad lines go to stderr
+    and ``BatchReport.bad_lines``. ``ConfigError`` if ``out_path`` cannot be written."""
     from tqdm import tqdm
 
+    out = check_answers_path(out_path)
     jobs, bad = read_jobs(jobs_path)
-    out = Path(out_path)
     done = _answered(out)
     report = BatchReport(bad_lines=bad)
     for number, reason in bad:
         print(f"{jobs_path}:{number}: skipped: {reason}", file=sys.stderr)
-    pending = [(job, [q for q in job.questions if (job.line, q) not in done]) for job in jobs]
+    pending = [(job, [(i, q) for i, q in enumerate(job.questions) if (job.id, i) not in done])
+               for job in jobs]
     report.already_answered = sum(len(job.questions) - len(qs) for job, qs in pending)
     bar = tqdm(total=sum(len(qs) for _, qs in pending), unit="q", disable=not progress, desc="answering")
-    with open(out, "a", encoding="utf-8") as sink:
+    try:
+        sink = open(out, "a", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot open answers file {out}: {exc.strerror or exc}") from exc
+    with sink:
         for job, questions in pending:
             if not questions:
                 continue
@@ -331,8 +376,8 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
                 bar.update(len(questions))
                 continue
             try:
-                for question in questions:
-                    record = _answer(store, cache, job, key, question, max_new_tokens, stop, report)
+                for index, question in questions:
+                    record = _answer(store, cache, job, key, index, question, max_new_tokens, stop, report)
                     sink.write(json.dumps(record) + "\n")
                     sink.flush()
                     os.fsync(sink.fileno())
@@ -369,8 +414,8 @@ def _prepare(store: ContextStore, job: Job, report: BatchReport) -> tuple[str, T
     return key, cache
 
 
-def _answer(store: ContextStore, cache: TieredCache, job: Job, key: str, question: str, max_new_tokens: int,
-            stop: str | Sequence[str] | None, report: BatchReport) -> dict:
+def _answer(store: ContextStore, cache: TieredCache, job: Job, key: str, index: int, question: str,
+            max_new_tokens: int, stop: str | Sequence[str] | None, report: BatchReport) -> dict:
     start = time.perf_counter()
     answer = ask_cache(store.model, store.tokenizer, cache, question, max_new_tokens, stop)
     report.answer_seconds += time.perf_counter() - start
@@ -379,7 +424,8 @@ def _answer(store: ContextStore, cache: TieredCache, job: Job, key: str, questio
     info = store.info(key)
     if info is not None:
         report.saved_seconds += info.prefill_seconds
-    return {"line": job.line, "question": question, "answer": answer, "context": key}
+    return {"job": job.id, "index": index, "line": job.line, "question": question, "answer": answer,
+            "context": key}
 
 
 def _postfix(store: ContextStore, report: BatchReport, cache: TieredCache) -> dict[str, str]:

@@ -27,6 +27,14 @@ window: a step reads the blocks the window covers, and the positions before it a
 blocks are never read again (they stay in the slower tiers, so ``crop`` can move back). Full
 layers go through retrieval.
 
+**Estimated tails** (``RetrievalConfig.estimate``): a full layer's decode step, and a
+``"retrieval"`` prefill, adds each sealed block it does not read as one virtual token (its mean
+key and value, ``tiercache.retrieval.estimate``). Layers where that would be wrong do not
+estimate, and attend exactly what they read (``TieredCache.estimated`` lists the layers that do):
+windowed layers, whose blocks outside the window must weigh nothing; and soft-capped models
+(Gemma 2), where the estimate's guarantee, a lower bound by Jensen's inequality on ``exp``,
+fails: ``exp(c * tanh(s / c))`` is not convex in the score ``s`` once ``s`` is large.
+
 **generate's Cache methods.** Beam search (``reorder_cache``), ``batch_repeat_interleave`` and
 ``batch_select_indices`` rewrite the rows of the block table: rows share their blocks, and only
 the open block of a row that now shares it is copied (copy-on-write); the unit summaries are
@@ -53,6 +61,7 @@ from .families import ModelSpec, model_spec
 from .hf_attention import ATTN_NAME, attach, note_update
 from .kernels.attention import causal_attention, merge_attention, paged_attention
 from .manager import TierManager
+from .retrieval.estimate import BlockEstimates
 from .retrieval.index import UnitIndex
 from .retrieval.selector import Selector
 from .retrieval.summaries import make_summary
@@ -96,6 +105,9 @@ class TieredCache(Cache):
         #: Per layer: its ``families.Window`` (sliding or chunked), or None (full attention).
         self.windows = spec.windows
         self.config = config or default_config(model)
+        #: Per layer: whether its reads add the estimate of the blocks they skip (module docstring).
+        self.estimated = tuple(self.config.retrieval.estimate and window is None and spec.softcap is None
+                               for window in self.windows)
         self.layout = self.config.layout(self.kv_heads, self.head_dim, model.dtype)
         if self.layout.dtype != model.dtype:
             raise ConfigError(f"config dtype {self.layout.dtype} differs from the model's {model.dtype}")
@@ -114,6 +126,7 @@ class TieredCache(Cache):
         self._check_room(1)
         self.table: BlockTable | None = None
         self.index: UnitIndex | None = None
+        self.estimates: BlockEstimates | None = None
         self.lengths = [0] * self.n_layers
         self._open: list[torch.Tensor | None] = [None] * self.n_layers  # open blocks' slots (rows,)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -124,6 +137,7 @@ class TieredCache(Cache):
         self._left_pad: torch.Tensor | None = None  # (rows, 1) leading padding tokens, for chunked layers
         self._ar = torch.arange(256, device=self.manager.device)
         self._model = weakref.ref(model)
+        self._all_on_device = True
         self._read_tokens = 0
         self._cached_tokens = 0
         attach(model, TieredCache)
@@ -205,7 +219,7 @@ class TieredCache(Cache):
         """Forget every cached token (and the batch size: the next forward may use another)."""
         if self.table is not None:
             self.manager.free(self.table.clear())
-        self.table = self.index = None
+        self.table = self.index = self.estimates = None
         self.lengths = [0] * self.n_layers
         self._open = [None] * self.n_layers
         self._pending.clear()
@@ -292,6 +306,8 @@ class TieredCache(Cache):
         keep_open = self.lengths[0] % bt and self.lengths[0] // bt == tokens // bt
         self.manager.free(self.table.cut(tokens))
         self.index.cut(tokens // self.unit)
+        if self.estimates is not None:
+            self.estimates.cut(tokens // bt)
         self._held.clear()
         self._left_pad = None
         self.lengths = [tokens] * self.n_layers
@@ -375,15 +391,17 @@ class TieredCache(Cache):
                 blocks = self._window_blocks(layer, past, past)
                 lower = (past - window.tokens + 1 if window.kind == "sliding" else
                          self._lower(layer, past, 1, valid)[:, :, None])
-            out, _ = self._read(layer, query, blocks, scaling, lse=False, lower=lower, softcap=softcap)
+            out, _ = self._read(layer, query, blocks, scaling, lse=False, lower=lower, softcap=softcap,
+                                estimate=past + 1 if self.estimated[layer] else None, decode=True)
         else:
             lower = None if window is None else self._lower(layer, past, new, valid)
             parts = []
             if past:
                 blocks = (self._prefill_blocks(layer, query, past, scaling) if window is None else
                           self._window_blocks(layer, past, past - 1))
-                parts.append(self._read(layer, query, blocks, scaling, limit=past,
-                                        lower=None if lower is None else lower[:, :, None, None], softcap=softcap))
+                estimate = past if self.prefill == "retrieval" and self.estimated[layer] else None
+                parts.append(self._read(layer, query, blocks, scaling, limit=past, softcap=softcap,
+                                        lower=None if lower is None else lower[:, :, None, None], estimate=estimate))
             parts += self._attend_new(query, keys, values, valid, scaling, softcap,
                                       None if lower is None else (lower - past, window.tokens))
             out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
@@ -490,13 +508,17 @@ class TieredCache(Cache):
         return self.index.bias if self._padded else None
 
     def _read(self, layer: int, query: torch.Tensor, blocks: torch.Tensor, scaling: float, lse: bool = True,
-              limit: int | None = None, lower: int | torch.Tensor | None = None, softcap: float | None = None):
+              limit: int | None = None, lower: int | torch.Tensor | None = None, softcap: float | None = None,
+              estimate: int | None = None, decode: bool = False):
         """``(out, lse)`` of ``query`` over ``blocks`` ``(rows, n)`` of ``layer``, streamed through
         the device slots in groups when they do not fit at once (``lse``: False skips it when
         there is a single group). ``limit``: read only tokens before it (a prefill reads the past
         while the first layer has already grown the table for its new tokens). ``lower``: the
         first position attended (a window): an int, ``(rows, 1, 1)``, or ``(rows, q_len, 1, 1)``
-        per query."""
+        per query. ``softcap``: the scores' soft-capping (Gemma 2), or None. ``estimate``: the
+        context's tokens, whose whole blocks not read are estimated (``estimate`` in
+        ``RetrievalConfig``; only for the layers in ``estimated``); ``decode``: a decode step's read
+        (which always covers its last block)."""
         rows, n = blocks.shape
         bt = self.layout.block_tokens
         pids = self.table.pids.gather(1, blocks)
@@ -509,15 +531,24 @@ class TieredCache(Cache):
                 if isinstance(lower, torch.Tensor) and lower.dim() == 4:  # one bias per query
                     position, bias = position[:, None], bias[:, None]
                 bias = bias.masked_fill(position < lower, float("-inf"))
+        extra = None
+        if estimate and self.estimates is not None and n < -(-estimate // bt):
+            extra = self.estimates.extra(layer, -(-estimate // bt), blocks, sealed=None if decode else estimate // bt)
         slab = self.manager.layer_slab(layer)
+        if self._all_on_device and self._fits(self.table.blocks):
+            # Every block is on the device: no residency to manage, only slots to look up.
+            slots = self.manager.slots_of(layer, pids)
+            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra, softcap=softcap)
+        self._all_on_device = False  # from here on, blocks may be evicted
         group = max(1, self.manager.free_slots(layer) // rows)
         if n <= group:
             slots = self.manager.resident(layer, pids.view(-1)).view(rows, n)
-            return paged_attention(query, slab, slots, bias, scaling, lse=lse, softcap=softcap)
+            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra, softcap=softcap)
         parts = []
         for a in range(0, n, group):
             slots = self.manager.resident(layer, pids[:, a : a + group].reshape(-1)).view(rows, -1)
-            parts.append(paged_attention(query, slab, slots, bias[..., a : a + group, :], scaling, softcap=softcap))
+            parts.append(paged_attention(query, slab, slots, bias[..., a : a + group, :], scaling,
+                                         extra=extra if a == 0 else None, softcap=softcap))
         return merge_attention([p[0] for p in parts], [p[1] for p in parts])
 
     def _attend_new(self, query, keys, values, valid, scaling, softcap=None, window=None
@@ -599,7 +630,9 @@ class TieredCache(Cache):
         """The open block ``block`` of ``layer`` is full: write it through to host memory and let
         it leave the device (unless it is a sink block)."""
         slots = self._open[layer]
-        self.manager.seal(layer, self.table.host_pids(block), self.manager.layer_slab(layer)[slots])
+        kv = self.manager.layer_slab(layer)[slots]
+        self.manager.seal(layer, self.table.host_pids(block), kv)
+        self._estimate(layer, block, kv[:, None])
         if block >= self.sink_blocks and not self.manager.keeps_sealed_blocks_pinned():
             self.manager.unpin(layer, slots)
         self._open[layer] = None
@@ -609,12 +642,25 @@ class TieredCache(Cache):
         2, kv_heads, head_dim)``) to host memory; sink blocks (every block, without a host tier)
         also go to pinned device slots."""
         rows, n = kv.shape[:2]
+        self._estimate(layer, block, kv)
         pids = self.table.host_pids(slice(block, block + n))
         self.manager.seal(layer, pids.reshape(-1), kv.reshape(rows * n, *kv.shape[2:]))
         pinned = n if self.manager.keeps_sealed_blocks_pinned() else max(0, min(n, self.sink_blocks - block))
-        if pinned:
-            slots = self.manager.open(layer, torch.from_numpy(pids[:, :pinned].reshape(-1)).to(self.manager.device))
-            self.manager.layer_slab(layer)[slots] = kv[:, :pinned].reshape(rows * pinned, *kv.shape[2:])
+        # While every block fits the device, every block goes there too (see _fits).
+        placed = n if self._fits(block + n + 1) else pinned
+        self._all_on_device &= placed == n
+        if placed:
+            device_pids = torch.from_numpy(pids[:, :placed].reshape(-1)).to(self.manager.device)
+            slots = self.manager.open(layer, device_pids) if placed == pinned else self.manager.place(layer, device_pids)
+            self.manager.layer_slab(layer)[slots] = kv[:, :placed].reshape(rows * placed, *kv.shape[2:])
+
+    def _estimate(self, layer: int, block: int, kv: torch.Tensor) -> None:
+        """Record the estimates of sealed blocks ``block, ...`` (``kv`` ``(rows, n, block_tokens, 2,
+        kv_heads, head_dim)``)."""
+        if self.estimates is not None and self.estimated[layer]:
+            bt = self.layout.block_tokens
+            valid = self.table.valid(block * bt, (block + kv.shape[1]) * bt).view(kv.shape[:3]) if self._padded else None
+            self.estimates.seal(layer, block, kv, valid)
 
     # ------------------------------------------------------------ helpers
 
@@ -626,9 +672,19 @@ class TieredCache(Cache):
         # Summaries in the KV dtype: in fp32 they would be half the size of a bf16 cache's keys.
         self.index = UnitIndex(self.summary, self.n_layers, rows, self.kv_heads, self.head_dim, self.unit, device,
                                self.layout.dtype)
+        self.estimates = BlockEstimates(self.n_layers, rows, self.kv_heads, self.head_dim, device, self.layout.dtype) \
+            if any(self.estimated) else None
         self._row_index = torch.arange(rows, device=device)[:, None]
         self._padded = False
         self._left_pad = None
+        self._all_on_device = True
+
+    def _fits(self, blocks: int) -> bool:
+        """Whether ``blocks`` blocks of every row fit the device slots of a layer. While they do,
+        every block written is placed on the device as well (``_store``) and no slot is evicted
+        (free slots go first), so a step only looks its slots up, as long as ``_all_on_device``
+        says that has held since the cache started."""
+        return self.table.rows * blocks <= self.manager.slots
 
     def _check_settled(self, what: str) -> None:
         """``ShapeError`` in the middle of a forward (some layers hold more tokens than others)."""
@@ -657,6 +713,8 @@ class TieredCache(Cache):
         opened = [slots[idx] for slots in self._open] if block is not None else None
         self.manager.free(self.table.reorder(index))
         self.index.reorder(idx)
+        if self.estimates is not None:
+            self.estimates.reorder(idx)
         self._row_index = torch.arange(len(index), device=self.manager.device)[:, None]
         self._held = {layer: held[idx] for layer, held in self._held.items()}
         self._step_blocks.clear()

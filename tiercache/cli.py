@@ -340,12 +340,14 @@ def _inspect_store(path: Path, model: _Geometry | None) -> None:
 
 def _batch(args: argparse.Namespace) -> int:
     """Answer the questions of a JSON-lines jobs file ({"document": text | "path": file,
-    "questions": [...]} per line) into a JSON-lines answers file. Each document's KV is encoded
-    once and stored on disk; reruns skip what is answered already; bad lines are reported."""
-    from .batch import ContextStore, run_batch
+    "questions": [...], "id": optional} per line) into a JSON-lines answers file, one answer per
+    (job id or line number, question index). Each document's KV is encoded once and stored on
+    disk; reruns skip what is answered already; bad lines are reported and skipped."""
+    from .batch import ContextStore, check_answers_path, run_batch
     from .config import RetrievalConfig
     from .models import cache_home
 
+    check_answers_path(args.out)  # before the model loads: a bad --out is reported at once
     model, tok = _load(args)
     store_path = args.store or cache_home() / "contexts"
     retrieval = RetrievalConfig(budget=args.budget)

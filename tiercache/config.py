@@ -63,37 +63,47 @@ class RetrievalConfig:
       ``layer_budgets`` overrides it for some layers ({layer: budget}).
     - ``sink_tokens`` / ``window_tokens``: the first and the most recent tokens, always read
       (rounded up to whole blocks).
+    - ``prefill_window_tokens``: the recent window a ``"window"`` prefill attends (a stream's
+      chunks: sink + this window, a flat cost per chunk).
     - ``summary``: how units are summarised for scoring (``tiercache.retrieval.make_summary``);
       ``unit_tokens``: tokens per unit (a divisor of the block size; ``None``: whole blocks). The
       heads' best units vote for the storage blocks that are read.
     - ``gqa_aggregate``: how the scores of query heads sharing a KV head combine: ``"max"``,
       ``"sum"`` or ``"softmax"``.
+    - ``estimate``: add to each decode step's attention an estimate of the blocks it does not read:
+      each sealed block as one virtual token, its mean key weighted by its count of tokens, with
+      its mean value (RetroInfer's estimation zone; ``tiercache.retrieval.estimate``).
     - ``full_attention_layers``: layers that read every block.
     - ``selection_layers``: when set, the only layers that score units; every other layer reads
       the blocks of the nearest selecting layer below it at the same step (TidalDecode).
 
-    Defaults follow benchmarks/bench_retrieval.py on SmolLM2 (4K and 8K tokens): the Quest bound
-    (``minmax``) beats mean keys and landmarks, and the ``softmax`` aggregate beats ``max`` and
-    ``sum``; 4-token units voted into storage blocks beat selecting the blocks directly.
+    Defaults follow benchmarks/bench_retrieval.py and bench_quality.py on SmolLM2 (the reasons are
+    in docs/architecture.md): the Quest bound (``minmax``) beats mean keys; the ``max`` aggregate
+    finds needles and planted facts the ``softmax`` one misses (needle 6/8 against 3/8, stream QA
+    4/14 against 2/14 at 10%); units the size of the (8-token) blocks score within 0.005 of
+    4-token units; sink 8 and window 32 tokens leave most of a small budget to retrieval.
     """
 
-    sink_tokens: int = 32
-    window_tokens: int = 128
+    sink_tokens: int = 8
+    window_tokens: int = 32
+    prefill_window_tokens: int = 128
     budget: float | int = 0.1
     summary: str = "minmax"
-    gqa_aggregate: str = "softmax"
+    gqa_aggregate: str = "max"
     full_attention_layers: tuple[int, ...] = ()
     layer_budgets: dict[int, float | int] = field(default_factory=dict)
     selection_layers: tuple[int, ...] | None = None
-    unit_tokens: int | None = 4
+    unit_tokens: int | None = None
+    estimate: bool = True
 
     def __post_init__(self) -> None:
         if self.unit_tokens is not None and (isinstance(self.unit_tokens, bool) or not isinstance(self.unit_tokens, int)
                                              or self.unit_tokens < 1):
             raise ConfigError(f"unit_tokens must be a positive int or None, got {self.unit_tokens!r}")
-        if self.sink_tokens < 0 or self.window_tokens < 0:
+        if self.sink_tokens < 0 or self.window_tokens < 0 or self.prefill_window_tokens < 0:
             raise ConfigError(
-                f"sink_tokens ({self.sink_tokens}) and window_tokens ({self.window_tokens}) must be >= 0"
+                f"sink_tokens ({self.sink_tokens}), window_tokens ({self.window_tokens}) and "
+                f"prefill_window_tokens ({self.prefill_window_tokens}) must be >= 0"
             )
         budgets = [("budget", self.budget)]
         budgets += [(f"layer_budgets[{k}]", v) for k, v in self.layer_budgets.items()]
@@ -138,7 +148,7 @@ class TierConfig:
     device_budget_bytes: int
     host_budget_bytes: int
     disk_budget_bytes: int = 0
-    block_tokens: int = 16
+    block_tokens: int = 8
     dtype: torch.dtype | str | None = None
     host_codec: str = "raw"
     host_codec_params: dict = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""The exception hierarchy. Every error tiercache raises on bad input is a ``TiercacheError``.
+"""The exception hierarchy (and one warning). Every error tiercache raises on bad input is a
+``TiercacheError``.
 
 Messages say what was wrong and where (which block, file, offset or setting), so a user can act
 on them without reading the source.
@@ -39,6 +40,10 @@ class CorruptBlockError(TiercacheError):
 
 class StoreError(TiercacheError):
     """A persistent store cannot be opened or written (missing directory, lock held, disk full)."""
+
+
+class StoreWarning(UserWarning):
+    """A persistent store found damage it worked around (an ignored manifest, damaged frames)."""
 
 
 class UnsupportedModelError(TiercacheError):

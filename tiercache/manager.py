@@ -175,6 +175,17 @@ class TierManager:
         self._add_moved("device->device", pids.numel() * self.layout.nbytes)
         return new
 
+    def place(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """Device slots ``(n,)`` for sealed blocks ``pids`` of ``layer`` that the caller also writes
+        to the device (evictable; free slots go first)."""
+        return self.residency.claim(layer, pids, pin=False)
+
+    def slots_of(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """The device slots of ``pids`` ``(rows, n)`` of ``layer``, which the caller knows are all
+        on the device (counted as device hits)."""
+        self._lookups += pids.numel()
+        return self.residency.slot_of(layer, pids)
+
     def pin(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Bring ``pids`` of ``layer`` to the device and pin them there; returns their slots."""
         if pids.numel() > self.free_slots(layer):

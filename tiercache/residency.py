@@ -78,6 +78,10 @@ class Residency:
 
     # ------------------------------------------------------------------ the step's pipeline
 
+    def slot_of(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """The device slots of ``pids`` of ``layer`` as they are (-1: not on the device)."""
+        return self._device_slot[layer][pids]
+
     def resident(self, layer: int, pids: torch.Tensor, read_rows) -> torch.Tensor:
         """Device slots ``(n,)`` holding ``pids`` ``(n,)`` of ``layer``, loading the misses from
         their host rows with ``read_rows(rows) -> (n, block_tokens, 2, kv_heads, head_dim)``
@@ -87,19 +91,20 @@ class Residency:
         self.now.add_(1)
         slot = device_slot[pids]
         miss = slot < 0
-        # Slots this call reads are not victims: pin them in a copy of the clock.
-        busy = clock.index_put((torch.where(miss, self._scratch, slot),), self._pinned)
+        # Slots this call reads are not victims: pin them in a copy of the clock (a miss's -1
+        # indexes the scratch slot, pinned already).
+        busy = clock.index_put((slot,), self._pinned)
         victims = busy.topk(pids.numel(), largest=False).indices
         # The k-th miss takes the k-th least recently used slot; hits write to the scratch slot.
         victim = torch.where(miss, victims[miss.cumsum(0) - 1], self._scratch)
+        slots = torch.where(miss, victim, slot)
         # The victims' old pids lose their slot (-1, a free slot's pid, indexes the scratch
-        # column); the misses get theirs.
+        # column); the misses get theirs (hits write their own slot back).
         device_slot.index_put_((slot_pid[victim],), self._minus_one)
-        device_slot.index_put_((torch.where(miss, pids, self._minus_one),), victim)
+        device_slot.index_put_((pids,), slots)
         slot_pid.index_put_((victim,), torch.where(miss, pids, self._minus_one))
         # Hits copy their host row (or the scratch row) to the scratch slot: a fixed shape.
         self.layer_kv[layer].index_copy_(0, victim, read_rows(self._host_row[layer][pids]))
-        slots = torch.where(miss, victim, slot)
         # max(): pinned slots the step reads (the open block, sinks) stay pinned.
         clock.scatter_reduce_(0, slots, self.now.expand(slots.numel()), "amax")
         self.device_misses.add_(miss.sum())

@@ -215,26 +215,32 @@ class StreamSession:
     def save(self) -> int:
         """Persist the stream's KV (with the config's disk codec) and its manifest under
         ``path``; returns the bytes the saved KV takes on disk. A crash leaves the previous save
-        readable: the new context is committed before the manifest is switched to it."""
+        readable: the new context is committed before the manifest is switched to it. Saves a
+        crash left behind (committed, but never or no longer named by the manifest) are removed."""
         if self.path is None:
             raise ConfigError("save() needs a session directory: pass path= or set config.disk_path")
         kv = self.cache.export_kv()
         name = f"stream-{kv.shape[3]}"
         try:
             old = self._read_manifest(self.path)["context"]
-        except StoreError:  # no earlier save, or an unreadable one: nothing to replace
+        except StoreError:  # no earlier save, or an unreadable manifest
             old = None
+        # Which saves the manifest names is known unless it is there but unreadable.
+        known = old is not None or not (self.path / MANIFEST_NAME).exists()
         # Room for the previous save and this one during the switch, whatever their encoding.
         budget = 3 * kv.numel() * kv.element_size() + (64 << 20)
         with DiskStore(self.path / SAVED_DIR, budget) as store:
+            if known:  # orphans first, so that making room never evicts the current save
+                for orphan in [c for c in store.contexts() if c not in (old, name)]:
+                    store.delete_context(orphan)
             codec = make_codec(self.config.disk_codec, **self.config.disk_codec_params)
             nbytes = save_kv_context(store, name, kv, codec, _SAVE_CHUNK_TOKENS)
             write_json_atomic(self.path / MANIFEST_NAME, {
                 "format": _FORMAT, "version": _VERSION, "model_id": model_id(self.model),
                 "tokens": kv.shape[3], "context": name, "config": config_to_json(self.config),
             })
-            if old and old != name and store.has_context(old):
-                store.delete_context(old)
+            for previous in [c for c in store.contexts() if c != name]:
+                store.delete_context(previous)
         return nbytes
 
     @classmethod

@@ -1,28 +1,36 @@
-"""The disk store's manifest: a JSON checkpoint of its index, written atomically.
+"""The disk store's manifest: a checksummed JSON checkpoint of its index, written atomically.
 
 The segments are the source of truth; the manifest only saves scanning them. It records, as of
-one moment, every live entry, how far each segment had been committed, the last sequence number
-and the saved contexts' LRU order. On open the store loads it and scans each segment from the
-recorded end to pick up later batches; with no (or an unreadable) manifest it scans everything.
+one moment, every live entry, how far each segment had been committed (and the number of its
+last batch there), the last sequence number, the saved contexts' LRU order and the places where
+damage hid frames. On open the store checks it against the segment files (every segment it names
+exists, every batch end it records holds that batch's commit trailer, every entry lies inside
+its segment's committed part) and scans each segment from the recorded end to pick up later
+batches. A manifest that is missing, fails its checksum or disagrees with the segments is
+ignored, with a warning when it was there, and the index is rebuilt by scanning.
 
-Written as: temporary file, fsync, rename over ``manifest.json``, fsync of the directory, so a
-crash leaves either the old or the new manifest, never a torn one. No pickle.
+File layout: one text line ``tiercache-disk-store <version> <crc32 hex> <body bytes>``, then
+the JSON body. Written as: temporary file, fsync, rename over ``manifest.json``, fsync of the
+directory, so a crash leaves either the old or the new manifest, never a torn one; a temporary
+file a crash left behind is removed by the next writer. No pickle.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import StoreError
-from .frames import HEADER_SIZE, StoreKey, key_from_json, key_to_json
+from .frames import FORMAT_VERSION, HEADER_SIZE, StoreKey, key_from_json, key_to_json
 from .segments import fsync_dir
 
 MANIFEST_NAME = "manifest.json"
-_FORMAT = "tiercache-disk-store"
-_VERSION = 1
+_MAGIC = "tiercache-disk-store"
+_TEMP_PREFIX = f"{MANIFEST_NAME}.tmp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,33 +62,44 @@ class Manifest:
     seq: int = 0
     #: id the next new segment gets (ids are never reused).
     next_segment: int = 1
-    #: segment id -> bytes committed in it (offset just past its last COMMIT frame) when written.
-    segments: dict[int, int] = field(default_factory=dict)
+    #: segment id -> (bytes committed in it, the number of the batch that ends there; 0 if none).
+    segments: dict[int, tuple[int, int]] = field(default_factory=dict)
     entries: dict[StoreKey, IndexEntry] = field(default_factory=dict)
     #: saved contexts, least recently used first.
     contexts_lru: list[str] = field(default_factory=list)
+    #: (place, highest sequence number) of frames that damage made unknowable.
+    unresolved: list[tuple[str, int]] = field(default_factory=list)
+
+
+class ManifestRead(NamedTuple):
+    """What ``read_manifest`` found: the manifest, or None and why not (``present``: whether a
+    manifest file was there at all)."""
+
+    manifest: Manifest | None
+    problem: str
+    present: bool
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Atomically replace ``directory/manifest.json`` with ``manifest``; ``StoreError`` (the old
     manifest intact) if it cannot be written."""
-    doc = {
-        "format": _FORMAT,
-        "version": _VERSION,
+    body = json.dumps({
         "seq": manifest.seq,
         "next_segment": manifest.next_segment,
-        "segments": [[s, end] for s, end in sorted(manifest.segments.items())],
+        "segments": [[s, end, batch] for s, (end, batch) in sorted(manifest.segments.items())],
         "entries": [
             [key_to_json(k), e.segment, e.offset, e.frame_len, e.key_len, e.record_len, e.crc, e.seq]
             for k, e in manifest.entries.items()
         ],
         "contexts_lru": manifest.contexts_lru,
-    }
+        "unresolved": [[where, seq] for where, seq in manifest.unresolved],
+    }, separators=(",", ":")).encode()
+    head = f"{_MAGIC} {FORMAT_VERSION} {zlib.crc32(body):08x} {len(body)}\n".encode()
     final = directory / MANIFEST_NAME
-    tmp = directory / f"{MANIFEST_NAME}.tmp{os.getpid()}"
+    tmp = directory / f"{_TEMP_PREFIX}{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, separators=(",", ":"))
+        with open(tmp, "wb") as f:
+            f.write(head + body)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -92,27 +111,49 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
         ) from exc
 
 
-def read_manifest(directory: Path) -> tuple[Manifest | None, str]:
-    """The manifest of ``directory``, or ``(None, why)`` if it is missing or unreadable (the store
-    then rebuilds its index from the segments)."""
+def read_manifest(directory: Path) -> ManifestRead:
+    """The manifest of ``directory`` if it is there, whole and well-formed (the store then checks
+    it against the segments); else why not."""
     path = directory / MANIFEST_NAME
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
-        return None, f"{path} is missing"
-    except (OSError, ValueError) as exc:
-        return None, f"{path} is unreadable: {exc}"
+        return ManifestRead(None, f"{path} is missing", False)
+    except OSError as exc:
+        return ManifestRead(None, f"{path} is unreadable: {exc.strerror}", True)
+    head, _, body = data.partition(b"\n")
+    fields = head.decode("ascii", errors="replace").split(" ")
+    if len(fields) != 4 or fields[0] != _MAGIC:
+        return ManifestRead(None, f"{path} is unreadable: not a {_MAGIC} manifest", True)
+    if fields[1] != str(FORMAT_VERSION):
+        return ManifestRead(None, f"{path} is format {fields[1]!r}; this tiercache reads {FORMAT_VERSION}",
+                            True)
+    if fields[3] != str(len(body)) or fields[2] != f"{zlib.crc32(body):08x}":
+        return ManifestRead(None, f"{path} fails its checksum (damaged or torn)", True)
     try:
-        if doc["format"] != _FORMAT or doc["version"] != _VERSION:
-            return None, (f"{path}: format {doc['format']!r} version {doc['version']}, "
-                          f"expected {_FORMAT!r} {_VERSION}")
+        doc = json.loads(body)
         entries = {key_from_json(row[0]): IndexEntry(*(int(x) for x in row[1:8])) for row in doc["entries"]}
-        return Manifest(
+        manifest = Manifest(
             seq=int(doc["seq"]),
             next_segment=int(doc["next_segment"]),
-            segments={int(s): int(end) for s, end in doc["segments"]},
+            segments={int(s): (int(end), int(batch)) for s, end, batch in doc["segments"]},
             entries=entries,
             contexts_lru=[str(c) for c in doc["contexts_lru"]],
-        ), ""
+            unresolved=[(str(where), int(seq)) for where, seq in doc["unresolved"]],
+        )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        return None, f"{path} is malformed: {exc!r}"
+        return ManifestRead(None, f"{path} is malformed: {exc!r}", True)
+    return ManifestRead(manifest, "", True)
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Remove temporary manifests that writers killed mid-checkpoint left; return how many.
+    Only the writer (holding the store's lock) may call this: no one else writes them."""
+    removed = 0
+    for p in directory.glob(f"{_TEMP_PREFIX}*"):
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            pass  # harmless: it is never read, and the next writer tries again
+    return removed

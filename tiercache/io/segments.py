@@ -1,4 +1,5 @@
-"""Segment files: large append-only files of frames, and the positioned I/O on them.
+"""Segment files: large append-only files of frames after a segment header, and the positioned
+I/O on them.
 
 Reads go through ``O_DIRECT`` where the filesystem allows it, so the store reads from the drive
 at its own pace instead of through (and evicting) the page cache; where it does not (tmpfs,
@@ -11,10 +12,12 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 import threading
 from pathlib import Path
 
 from ..errors import CorruptBlockError, StoreError
+from .frames import SEGMENT_HEADER_SIZE, pack_segment_header, parse_segment_header
 
 SEGMENT_SUFFIX = ".tcseg"
 #: Bytes joined into one write call; bounds the memory a large batch takes while being written.
@@ -50,20 +53,68 @@ class Segment:
     compaction retires is closed only once no read is using its descriptors.
     """
 
-    def __init__(self, path: Path, seg_id: int, align: int, direct: bool, writable: bool = False) -> None:
+    def __init__(self, path: Path, seg_id: int, align: int, direct: bool,
+                 create_salt: int | None = None) -> None:
+        """Open segment file ``path`` for reading, or with ``create_salt`` create it (empty: its
+        header goes out with its first batch) as the writer's active segment. ``StoreError`` if
+        it cannot be opened or is not a regular file; ``FileNotFoundError`` if it does not exist
+        (compaction removed it)."""
         self.path = path
         self.id = seg_id
         self.align = align
-        flags = os.O_RDWR | os.O_CREAT if writable else os.O_RDONLY
-        try:
-            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise StoreError(f"cannot open segment {path}: {exc.strerror}") from exc
-        self.direct_fd = _open_direct(path) if direct else None
+        #: The segment's salt (None while unknown: a damaged header) and first batch's offset.
+        self.salt: int | None = create_salt
+        self.data_start = align
+        #: Why the segment header could not be read ("" if it could).
+        self.header_damage = ""
         self._stale_fds: list[int] = []
         self._refs = 0
         self._retired = False
         self._lock = threading.Lock()
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL if create_salt is not None else os.O_RDONLY
+        try:
+            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot open segment {path}: {exc.strerror}") from exc
+        self.direct_fd = None
+        try:
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                raise StoreError(f"{path} is named like a segment file but is not a regular file; "
+                                 "move it out of the store directory")
+            if create_salt is None:
+                self.read_header()
+            self.direct_fd = _open_direct(path) if direct else None
+        except OSError as exc:
+            self._close()
+            if create_salt is not None:
+                path.unlink(missing_ok=True)
+            raise StoreError(f"cannot {'create' if create_salt is not None else 'read'} segment {path}: "
+                             f"{exc.strerror}") from exc
+        except BaseException:
+            self._close()
+            raise
+
+    def header(self) -> bytes:
+        """The segment header the writer puts in front of the segment's first batch."""
+        return pack_segment_header(self.id, self.salt, self.align)
+
+    def read_header(self) -> None:
+        """Learn the salt and first batch's offset from the segment header (``header_damage``
+        says why not, if it is unreadable)."""
+        data = os.pread(self.fd, SEGMENT_HEADER_SIZE + 4096, 0)
+        try:
+            header = parse_segment_header(data, self.path)
+        except CorruptBlockError as exc:
+            self.header_damage = str(exc)
+            return
+        if header.seg_id != self.id:
+            raise StoreError(f"{self.path} holds segment {header.seg_id} (a renamed or copied file); "
+                             "segment files must keep their names")
+        self.salt = header.salt
+        self.data_start = header.data_start
+        self.header_damage = ""
 
     @property
     def direct(self) -> bool:
@@ -96,8 +147,9 @@ class Segment:
 
     def _close(self) -> None:
         for fd in [self.fd, self.direct_fd, *self._stale_fds]:
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
+        self.fd = -1
         self.direct_fd = None
         self._stale_fds = []
 
@@ -180,13 +232,14 @@ class ScratchBuffer:
 
 
 def _open_direct(path: Path) -> int | None:
-    """An ``O_DIRECT`` read descriptor of ``path``, or None where the filesystem refuses it."""
+    """An ``O_DIRECT`` read descriptor of ``path``, or None where the filesystem refuses it (or
+    the file was removed since its buffered descriptor was opened: that one still reads it)."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
         return os.open(path, os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT):
             return None
         raise StoreError(f"cannot open segment {path}: {exc.strerror}") from exc

@@ -2,22 +2,32 @@
 
 - **Layout.** Records go into append-only segment files (``seg-NNNNNNNN.tcseg``, up to
   ``segment_bytes`` each) as frames (``tiercache.io.frames``); each write is a batch of frames
-  closed by a COMMIT frame and, with ``sync=True``, one ``fdatasync``. A batch is all or nothing.
+  closed by a COMMIT frame holding the batch's directory (``tiercache.io.commits``) and, with
+  ``sync=True``, one ``fdatasync``. A batch is all or nothing.
 - **Index.** In memory: key -> (segment, offset, length, crc32, seq), for ``BlockKey``\\ s and for
-  the parts of saved contexts (``ContextPart``). Checkpointed to ``manifest.json``
-  (``tiercache.io.manifest``) and rebuilt by scanning segments past the checkpoint on open, so a
-  writer killed at any point loses at most its uncommitted batch.
+  the parts of saved contexts (``ContextPart``). Checkpointed to a checksummed ``manifest.json``
+  (``tiercache.io.manifest``) that is checked against the segments before it is used, and
+  rebuilt by scanning segments past the checkpoint on open, so a writer killed at any point
+  loses at most its uncommitted batch.
+- **Damage.** Scans find frames again after damaged bytes (``tiercache.io.scan``): every intact
+  committed record after the damage is kept, a damaged one is listed in ``damage`` and raises
+  ``CorruptBlockError`` naming the file and offset when read, and a newer version is never
+  shadowed by an older one. Where damage makes frames unknowable, reads they could affect are
+  refused rather than served possibly stale.
 - **Reads.** Concurrent positioned reads on a thread pool (``O_DIRECT`` where the filesystem
   allows it); every record's crc32 is checked and a mismatch raises ``CorruptBlockError`` naming
   the segment file and offset. Nothing is ever returned unverified unless asked (``verify=False``,
-  for callers that verify while decoding).
+  for callers that verify while decoding). A saved context is read as one version or not at all.
 - **Capacity.** ``budget_bytes`` bounds the bytes of live frames. Saved contexts are a cache:
   when a write does not fit, the least recently used ones are evicted. Blocks are never evicted:
   a write that does not fit raises ``CapacityError`` and stores nothing. Overwritten and deleted
   records leave dead bytes that compaction reclaims (copying a segment's live records to the
-  active segment, then removing it) whenever the files exceed the budget.
+  active segment, recording its retirement in the log, then removing it) whenever the files
+  exceed the budget. A segment is removed only once the writer's own index holds nothing in it.
 - **Processes.** One writer (an exclusive ``flock``) and any number of readers
-  (``readonly=True``), which see what was committed when they opened or last called ``refresh``.
+  (``readonly=True``), which see what was committed when they opened or last called ``refresh``:
+  always one state the writer passed through. A reader that finds a segment was created and
+  compacted away between two refreshes reloads its index.
 
 Everything on disk is binary structs or JSON; no pickle.
 """
@@ -25,10 +35,9 @@ Everything on disk is binary structs or JSON; no pickle.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import struct
 import threading
+import warnings
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,28 +45,40 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, NamedTuple, Sequence
 
 from ..blocks import BlockKey
-from ..errors import BlockNotFoundError, CapacityError, CorruptBlockError, StoreError, TiercacheError
-from .checksum import crc32
+from ..errors import (
+    BlockNotFoundError,
+    CapacityError,
+    CorruptBlockError,
+    StoreError,
+    StoreWarning,
+    TiercacheError,
+)
+from .commits import TRAILER, DirEntry, commit_length, directory_length, pack_commit, parse_trailer
 from .frames import (
     HEADER_SIZE,
     ContextPart,
-    FrameHeader,
     FrameKind,
     StoreKey,
     check_context_key,
+    check_record,
     frame_length,
-    key_from_json,
     key_to_bytes,
     pack_frame,
     parse_header,
+    record_crc,
 )
 from .lockfile import WriterLock
-from .manifest import IndexEntry, Manifest, read_manifest, write_manifest
+from .manifest import (
+    IndexEntry,
+    Manifest,
+    read_manifest,
+    remove_stale_temporaries,
+    write_manifest,
+)
 from .record import prefix_size, record_length
+from .scan import Batch, SegmentScan
 from .segments import ScratchBuffer, Segment, fsync_dir, segment_id, segment_name
 
-#: Bytes read to parse a frame header and its key while scanning (keys are at most ~6 KiB).
-_SCAN_READ = 8192
 #: Bytes of records copied per compaction batch.
 _COMPACT_BATCH = 64 << 20
 #: Largest read that adjacent records are merged into, in bytes.
@@ -65,16 +86,25 @@ _COALESCE_BYTES = 2 << 20
 #: Compaction only rewrites segments at least this dead, so a store kept full of live records
 #: does not copy the same records over and over.
 _COMPACT_MIN_DEAD = 0.25
+#: Times a reader lists and opens the segments again when the writer's compaction removes one
+#: under it, before it gives up.
+_OPEN_TRIES = 20
 
 
 @dataclass(frozen=True, slots=True)
 class _Frame:
-    """A frame to write: PUT (with its record) or DELETE; ``seq`` None means the batch's own."""
+    """A frame to write: PUT (with its record), DELETE, or RETIRE of segment ``segment``;
+    ``seq`` None means the batch's own."""
 
     kind: FrameKind
-    key: StoreKey
+    key: StoreKey | None
     record: bytes | memoryview = b""
     seq: int | None = None
+    segment: int = 0
+
+
+class _Vanished(Exception):
+    """A segment file was removed (by the writer's compaction) while a reader opened it."""
 
 
 class DiskStore:
@@ -106,23 +136,19 @@ class DiskStore:
         self.checkpoint_every = checkpoint_every
         #: Why the index was rebuilt from the segments on open ("" if the manifest was current).
         self.recovery_note = ""
+        #: Damaged frames and regions found (each naming its segment file and offset), since open.
+        self.damage: list[str] = []
         #: Saved contexts evicted to make room, since open.
         self.evictions = 0
+        #: Times ``refresh`` loaded the index afresh (a segment came and went in between).
+        self.reloads = 0
         #: Why the last periodic checkpoint, or automatic compaction, failed ("" if it did not).
         self.checkpoint_error = ""
         self.compaction_error = ""
 
         self._lock = threading.RLock()
         self._scratch = threading.local()  # each I/O thread's ScratchBuffer
-        self._index: dict[StoreKey, IndexEntry] = {}
-        self._by_seq: dict[int, set[BlockKey]] = {}
-        self._contexts: dict[str, int] = {}  # name -> number of parts
-        self._lru: OrderedDict[str, None] = OrderedDict()
-        self._segments: dict[int, Segment] = {}
-        self._committed: dict[int, int] = {}  # segment id -> bytes committed
-        self._live: dict[int, int] = {}  # segment id -> bytes of live PUT frames
-        self._seq = 0
-        self._next_segment = 1  # segment ids are never reused: readers may hold removed ones open
+        self._reset()
         self._active: Segment | None = None
         self._batches_since_checkpoint = 0
         self._writer_lock: WriterLock | None = None
@@ -130,6 +156,32 @@ class DiskStore:
 
         self._open_directory()
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="tiercache-disk")
+
+    def _reset(self) -> None:
+        """Empty the in-memory index (before loading it)."""
+        self._index: dict[StoreKey, IndexEntry] = {}
+        self._by_seq: dict[int, set[BlockKey]] = {}
+        self._contexts: dict[str, int] = {}  # name -> number of parts
+        self._lru: OrderedDict[str, None] = OrderedDict()
+        self._segments: dict[int, Segment] = {}
+        self._committed: dict[int, int] = {}  # segment id -> bytes committed
+        self._last_batch: dict[int, int] = {}  # segment id -> number of its last committed batch
+        self._live: dict[int, int] = {}  # segment id -> bytes of live PUT frames
+        self._seq = 0
+        self._next_segment = 1  # segment ids are never reused: readers may hold removed ones open
+        #: Segments that RETIRE frames declare dead (their live records were copied forward).
+        self._retired: set[int] = set()
+        #: Retired segments whose file could not be removed: their tombstones still matter.
+        self._zombies: set[int] = set()
+        #: Segments compaction must leave alone (they hold damage it cannot copy), and why.
+        self._pinned: dict[int, str] = {}
+        #: (place, highest seq) of frames damage made unknowable (see ``_check_unresolved``).
+        self._unresolved: list[tuple[str, int]] = []
+        #: Batches at a segment's end whose commit was unreadable (not cut short): segment id ->
+        #: ``SegmentScan.doubtful``; the batch numbers replayed since; the places judged already.
+        self._doubtful: dict[int, tuple[int, str, bool]] = {}
+        self._replayed: set[int] = set()
+        self._judged: set[str] = set()
 
     # ------------------------------------------------------------------ opening and recovery
 
@@ -147,100 +199,229 @@ class DiskStore:
             self._writer_lock = WriterLock(self.path)
         try:
             self._load()
+            if not self.readonly:
+                self._clean_up()
         except BaseException:
             self._release()
             raise
 
     def _load(self) -> None:
-        """Load the manifest and replay the committed batches written after it."""
-        for _ in range(3):
-            manifest, why = read_manifest(self.path)
+        """Load the index: from the manifest if it checks out, plus the batches committed after
+        it; else by scanning every segment. A reader whose segments the writer's compaction
+        removes while it opens them starts again."""
+        for attempt in range(_OPEN_TRIES):
             try:
-                files = sorted((segment_id(p), p) for p in self.path.iterdir() if segment_id(p) is not None)
-            except OSError as exc:
-                raise StoreError(f"cannot list disk store directory {self.path}: {exc.strerror}") from exc
-            # A writer removes a segment only after writing a manifest without it; a reader that
-            # raced that removal reads the manifest again.
-            if not (self.readonly and manifest and not set(manifest.segments) <= {s for s, _ in files}):
-                break
-        manifest = manifest or Manifest()
+                # A reader may race the writer's compaction: it trusts a manifest that disagrees
+                # with the directory listing only once re-reading no longer helps.
+                self._load_once(insist=not self.readonly or attempt >= _OPEN_TRIES // 2)
+                return
+            except _Vanished:
+                for seg in self._segments.values():
+                    seg.retire()
+                self._reset()
+        raise StoreError(f"disk store {self.path}: segment files kept vanishing while opening it "
+                         f"({_OPEN_TRIES} tries); is a writer compacting it continuously?")
+
+    def _list_segments(self) -> dict[int, Path]:
+        try:
+            return {segment_id(p): p for p in self.path.iterdir() if segment_id(p) is not None}
+        except OSError as exc:
+            raise StoreError(f"cannot list disk store directory {self.path}: {exc.strerror}") from exc
+
+    def _open_segment(self, seg_id: int, path: Path) -> Segment:
+        try:
+            return Segment(path, seg_id, self.align, self.direct)
+        except FileNotFoundError:
+            if self.readonly:
+                raise _Vanished from None
+            raise StoreError(f"segment {path} vanished while the store was opening it") from None
+
+    def _load_once(self, insist: bool) -> None:
+        got = read_manifest(self.path)
+        files = self._list_segments()
+        manifest, why, warn = got.manifest, got.problem, got.present
+        if manifest is not None:
+            why, warn = self._listing_problem(manifest, files)
+            if why and not insist:
+                raise _Vanished
+        for seg_id, path in sorted(files.items()):
+            self._segments[seg_id] = self._open_segment(seg_id, path)
+        if manifest is not None and not why:
+            why, warn = self._segments_problem(manifest), True
+        if why and warn:
+            warnings.warn(f"disk store {self.path}: ignoring its manifest ({why}); the index is rebuilt by "
+                          "scanning the segments", StoreWarning, stacklevel=5)
+        whole = manifest  # ignored or not, a whole manifest is the writer's word on what committed
+        if why:
+            manifest = Manifest()
         self.recovery_note = why
         self._seq = manifest.seq
-        self._next_segment = max([manifest.next_segment] + [s + 1 for s, _ in files])
-        for seg_id, path in files:
-            if seg_id < manifest.next_segment and seg_id not in manifest.segments:
-                # Compacted before the checkpoint; the writer died before unlinking it. Its dead
-                # records must not be replayed.
-                if not self.readonly:
-                    path.unlink()
-                continue
-            try:
-                self._segments[seg_id] = Segment(path, seg_id, self.align, self.direct)
-            except StoreError:
-                if self.readonly:  # removed by the writer's compaction meanwhile
-                    continue
-                raise
-            self._committed[seg_id] = 0
-            self._live[seg_id] = 0
+        self._next_segment = max([manifest.next_segment] + [s + 1 for s in files])
+        self._unresolved = list(whole.unresolved) if whole is not None else []
+        for seg in self._segments.values():
+            self._committed[seg.id] = seg.data_start
+            self._last_batch[seg.id] = 0
+            self._live[seg.id] = 0
+        for seg_id, (end, batch) in manifest.segments.items():
+            self._committed[seg_id], self._last_batch[seg_id] = end, batch
         for key, entry in manifest.entries.items():
             self._apply_put(key, entry)
-        for seg_id, seg in self._segments.items():
-            start = manifest.segments.get(seg_id, 0)
+        for seg in list(self._segments.values()):
+            start = self._committed[seg.id]
             if start > seg.size():
-                self.recovery_note += f"; {seg.path} is shorter ({seg.size()} bytes) than committed ({start})"
-                self._committed[seg_id] = start
+                self._note(f"{seg.path} is shorter ({seg.size()} bytes) than committed ({start}); "
+                           "records past its end read as damaged")
                 continue
-            end = self._scan(seg, start)
-            self._committed[seg_id] = end
-            if start < end and not self.recovery_note:
+            self._scan(seg, start)
+            if start < self._committed[seg.id] and not self.recovery_note:
                 self.recovery_note = f"replayed batches written after the manifest in {seg.path}"
+        if whole is not None and why:
+            self._check_claims(whole)
+        self._judge_doubtful(manifest.seq)
         for name in manifest.contexts_lru:
             if name in self._contexts:
                 self._lru[name] = None
         for name in self._contexts:  # contexts found only by scanning are the newest
             self._lru.setdefault(name, None)
+        if self.damage:
+            warnings.warn(f"disk store {self.path}: {len(self.damage)} damaged frames or regions found "
+                          f"(first: {self.damage[0]}); see DiskStore.damage", StoreWarning, stacklevel=5)
 
-    def _scan(self, seg: Segment, pos: int) -> int:
-        """Replay the committed batches of ``seg`` from ``pos``; return the end of the last one.
+    def _listing_problem(self, manifest: Manifest, files: dict[int, Path]) -> tuple[str, bool]:
+        """Why the directory listing contradicts ``manifest`` ("" if it does not), and whether
+        that means damage (to warn about) rather than a crash or a race with the writer."""
+        for seg_id in sorted(manifest.segments):
+            if seg_id not in files:  # for a reader, the writer may have compacted it since
+                return f"segment {segment_name(seg_id)} it names is missing", not self.readonly
+        for seg_id in sorted(files):
+            if seg_id < manifest.next_segment and seg_id not in manifest.segments:
+                # Compacted before the checkpoint and not removed yet (a crash, or a reader
+                # racing the writer), or the manifest is wrong: only the segments can say.
+                return f"it does not cover segment {files[seg_id].name}", False
+        if self.readonly:
+            top = max(files, default=0)
+            missing = [s for s in range(manifest.next_segment, top + 1) if s not in files]
+            if missing:  # created after the checkpoint this reader read, and compacted away since
+                return f"segment {segment_name(missing[0])}, newer than the manifest, is missing", False
+        return "", True
 
-        Scanning stops at the first frame that is torn, fails its checksum or belongs to a batch
-        without a COMMIT frame: that is the tail a killed writer left, and it is not committed.
-        """
-        size = seg.size()
-        committed = pos
-        batch: list[tuple[FrameHeader, StoreKey, int]] = []
-        while pos + HEADER_SIZE <= size:
+    def _segments_problem(self, manifest: Manifest) -> str:
+        """Why the opened segments contradict ``manifest`` ("" if they do not)."""
+        for seg_id, (end, batch) in manifest.segments.items():
+            seg = self._segments[seg_id]
+            if end < seg.data_start or seg.salt is None and end > seg.data_start:
+                return f"{seg.path}: cannot check the committed end {end} it records"
+            if end == seg.data_start or end > seg.size():  # a file cut short is reported on read
+                continue
             try:
-                header, key_bytes = parse_header(seg.read(pos, min(_SCAN_READ, size - pos)),
-                                                 f"segment {seg.path} offset {pos}")
-                if pos + header.frame_len > size:
-                    break
-                if header.kind == FrameKind.COMMIT:
-                    if header.body_len != len(batch):
-                        break
-                    for h, key, offset in batch:
-                        self._replay(seg.id, offset, h, key)
-                    self._seq = max(self._seq, header.seq)
-                    batch = []
-                    committed = pos + header.frame_len
-                else:
-                    key = key_from_json(json.loads(key_bytes))
-                    if header.kind == FrameKind.PUT:
-                        self._read_record(seg, pos, header.key_len, header.body_len, header.body_crc)
-                    batch.append((header, key, pos))
-            except (TiercacheError, ValueError):
-                break
-            pos += header.frame_len
-        return committed
+                t = parse_trailer(seg.read(end - TRAILER.size, TRAILER.size), end, seg.salt, str(seg.path))
+            except (OSError, CorruptBlockError):
+                t = None
+            if t is None or t.batch != batch:
+                return f"{seg.path} holds no commit of batch {batch} ending at offset {end}"
+        for key, e in manifest.entries.items():
+            end = manifest.segments.get(e.segment, (0, 0))[0]
+            seg = self._segments.get(e.segment)
+            if seg is None or e.offset < seg.data_start or e.offset + e.frame_len > end:
+                return f"its entry of {key} lies outside the committed part of segment {e.segment}"
+        return ""
 
-    def _replay(self, seg_id: int, offset: int, h: FrameHeader, key: StoreKey) -> None:
-        current = self._index.get(key)
-        if h.kind == FrameKind.PUT:
-            entry = IndexEntry(seg_id, offset, h.frame_len, h.key_len, h.body_len, h.body_crc, h.seq)
-            if current is None or entry.newer_than(current):
-                self._apply_put(key, entry)
-        else:
-            self._delete_older(key, h.seq)
+    def _scan(self, seg: Segment, start: int) -> None:
+        """Replay the committed batches of ``seg`` from ``start``."""
+        scan = SegmentScan(seg, start)
+        for batch in scan.batches():
+            self._replay(seg.id, batch)
+            self._committed[seg.id] = batch.end
+            self._last_batch[seg.id] = batch.seq
+        self.damage += scan.damage
+        self._unresolved += scan.unresolved
+        if scan.doubtful is not None and scan.doubtful[1] not in self._judged:
+            self._doubtful[seg.id] = scan.doubtful
+        if scan.tail and not self.readonly:  # a reader may simply be watching a batch being written
+            self._note(scan.tail)
+
+    def _check_claims(self, manifest: Manifest) -> None:
+        """After a scan that ignored ``manifest`` (whole, but contradicting the segments): where
+        it records more committed than the scan could read, damage destroyed committed batches
+        whose frames are unknowable."""
+        for seg_id, (end, batch) in manifest.segments.items():
+            seg = self._segments.get(seg_id)
+            if seg is not None and self._committed[seg_id] < end:
+                where = f"segment {seg.path} offset {self._committed[seg_id]}"
+                self._unresolved.append((where, batch))
+                self.damage.append(f"{where}: unreadable, but the manifest records batches up to {batch} "
+                                   f"committed up to offset {end}; their frames are unknowable")
+
+    def _judge_doubtful(self, checkpoint_seq: int) -> None:
+        """Settle the batches whose commit was unreadable (``SegmentScan.doubtful``). A writer
+        retries a failed batch under the same number and numbers the next one only after a
+        commit, so: if that number was used again (by a batch replayed, or one a checkpoint
+        covers), the batch never committed; if higher numbers follow, it did, and damage
+        destroyed its COMMIT frame. So it did too if non-zero bytes that are no frame lie where
+        it ends: a killed writer leaves a batch cut short, a lost page reads as zeros, and a
+        reader sees a file's bytes only once written (the size grows behind the copy). A
+        committed batch whose frames are unknowable refuses every read it could have changed."""
+        for seg_id, (seq, where, garbage) in list(self._doubtful.items()):
+            if seq in self._replayed or seq <= checkpoint_seq:
+                verdict = None
+            elif max(self._replayed, default=0) > seq or garbage:
+                verdict = (where, seq)
+            else:
+                continue  # zeros and nothing after: an unfinished write, as far as anyone can tell
+            del self._doubtful[seg_id]
+            self._judged.add(where)
+            if verdict is not None:
+                self._unresolved.append(verdict)
+                self.damage.append(f"{where}: batch {seq} was committed (later batches or bytes follow) but "
+                                   "damage destroyed its commit; its frames are unknowable")
+        if not self._doubtful:
+            self._replayed.clear()
+
+    def _note(self, text: str) -> None:
+        self.recovery_note = f"{self.recovery_note}; {text}" if self.recovery_note else text
+
+    def _replay(self, seg_id: int, batch: Batch) -> None:
+        for f in batch.frames:
+            if f.kind == FrameKind.RETIRE:
+                self._retired.add(f.body_len)
+            elif f.key is None:
+                continue  # unknowable: the batch is unresolved
+            elif f.kind == FrameKind.PUT:
+                entry = IndexEntry(seg_id, f.offset, f.frame_len, f.key_len, f.body_len, f.body_crc, f.seq)
+                current = self._index.get(f.key)
+                if current is None or entry.newer_than(current):
+                    self._apply_put(f.key, entry)
+            else:
+                self._delete_older(f.key, f.seq)
+        self._seq = max(self._seq, batch.seq)
+        self._replayed.add(batch.seq)
+
+    def _clean_up(self) -> None:
+        """Writer, after loading: remove what failures left behind. Temporary manifests; empty
+        segments (a write failed before anything was committed); segments RETIRE frames declare
+        dead, once this index confirms nothing live is left in them."""
+        remove_stale_temporaries(self.path)
+        for seg in list(self._segments.values()):
+            empty = seg.size() <= seg.data_start and self._live[seg.id] == 0
+            if empty or (seg.id in self._retired and self._live[seg.id] == 0):
+                try:
+                    self._remove_segment(seg)
+                except StoreError as exc:
+                    self._note(str(exc))
+
+    def _remove_segment(self, seg: Segment) -> None:
+        """Forget ``seg`` and remove its file (the caller has proven it holds nothing live)."""
+        self._forget_segment(seg.id)
+        seg.retire()
+        try:
+            os.unlink(seg.path)
+            fsync_dir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._zombies.add(seg.id)  # its tombstones still hide older records in older segments
+            raise StoreError(f"could not remove dead segment {seg.path}: {exc.strerror}") from exc
+        self._zombies.discard(seg.id)
 
     # ------------------------------------------------------------------ index bookkeeping
 
@@ -344,6 +525,8 @@ class DiskStore:
             self._check_open()
             reads = []
             for key in keys:
+                if self._unresolved:
+                    self._check_unresolved(key)
                 entry = self.entry(key)
                 seg = self._segments.get(entry.segment)
                 if seg is None:
@@ -363,6 +546,19 @@ class DiskStore:
 
     def get(self, key: StoreKey, verify: bool = True) -> memoryview:
         return self.get_many([key], verify)[0]
+
+    def _check_unresolved(self, key: StoreKey) -> None:
+        """``CorruptBlockError`` if frames that damage made unknowable may hold a newer version of
+        ``key`` than the index has (or hold ``key`` at all, if the index has none): every lost
+        frame was written at or before its batch's sequence number."""
+        entry = self._index.get(key)
+        seq = entry.seq if entry is not None else -1
+        for where, highest in self._unresolved:
+            if seq <= highest:
+                raise CorruptBlockError(
+                    f"{where}: damaged frames of unknown keys (batch {highest} or older) may hold a newer "
+                    f"version of {key} than the one indexed; it is not served"
+                )
 
     def _read_run(self, seg: Segment, run: list["_Read"], verify: bool,
                   then: Callable[[StoreKey, memoryview, str], Any] | None) -> None:
@@ -390,10 +586,11 @@ class DiskStore:
                 header, key_bytes = parse_header(frame, where)
                 if (header.kind != FrameKind.PUT or key_bytes != key_to_bytes(key)
                         or header.body_len != entry.record_len):
-                    raise CorruptBlockError(f"{where}: frame holds {key_bytes!r}, expected the record of {key}")
+                    raise CorruptBlockError(f"{where}: frame holds {key_bytes!r}, expected the record of "
+                                            f"{key}")
                 record = frame[header.body_offset : header.body_offset + entry.record_len]
                 if verify:
-                    _check_crc(record, entry.crc, where)
+                    check_record(record, entry.crc, where)
                 future.set_result(then(key, record, where) if then is not None else record)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
                 future.set_exception(exc)
@@ -402,7 +599,7 @@ class DiskStore:
         """Read and verify the record of the PUT frame at ``offset`` (used while scanning)."""
         data = seg.read(offset, HEADER_SIZE + key_len + record_len)
         record = data[HEADER_SIZE + key_len :]
-        _check_crc(record, crc, f"segment {seg.path} offset {offset}")
+        check_record(record, crc, f"segment {seg.path} offset {offset}")
         return record
 
     # ------------------------------------------------------------------ writes
@@ -470,15 +667,27 @@ class DiskStore:
     def load_context(self, name: str, verify: bool = True,
                      then: Callable[[StoreKey, memoryview, str], Any] | None = None) -> list[Any]:
         """The records of context ``name``, in order, read concurrently (``verify`` and ``then``
-        as in ``read_async``); ``BlockNotFoundError`` if there is no such context. Marks it
-        recently used."""
+        as in ``read_async``); ``BlockNotFoundError`` if there is no such context,
+        ``CorruptBlockError`` if its parts are not those of one save. Marks it recently used."""
         with self._lock:
             count = self._contexts.get(name)
             if count is None:
+                if self._unresolved:  # the unknowable frames may have held it
+                    self._check_unresolved(ContextPart(name, 0))
                 raise BlockNotFoundError(f"disk store {self.path} holds no context {name!r}")
+            parts = [ContextPart(name, i) for i in range(count)]
+            entries = [self._index.get(p) for p in parts]
+            for i, e in enumerate(entries):
+                # One save writes every part in one batch, under one sequence number (copies
+                # keep it): anything else would mix two saves.
+                if e is None or e.seq != entries[0].seq:
+                    odd = (f"segment {self.segment_path(e.segment)} offset {e.offset} holds part {i} of "
+                           f"save {e.seq}, part 0 is of save {entries[0].seq}" if e is not None
+                           else f"part {i} is missing")
+                    raise CorruptBlockError(f"context {name!r} of {count} parts is not one save: {odd}")
             if not self.readonly:
                 self._lru.move_to_end(name)
-            futures = self.read_async([ContextPart(name, i) for i in range(count)], verify, then)
+            futures = self.read_async(parts, verify, then)
         return [f.result() for f in futures]
 
     def delete_context(self, name: str) -> None:
@@ -529,27 +738,31 @@ class DiskStore:
             return []
         seq = self._seq + 1
         frames = sorted(frames, key=lambda f: f.kind)  # PUTs first, so every PUT starts aligned
-        encoded = [(f, key_to_bytes(f.key)) for f in frames]
-        total = sum(frame_length(f.kind, len(k), len(f.record), self.align) for f, k in encoded)
-        total += frame_length(FrameKind.COMMIT, 0, 0, self.align)
-        seg = self._active_segment(total)
+        encoded = [(f, key_to_bytes(f.key) if f.key is not None else b"") for f in frames]
+        lengths = [frame_length(f.kind, len(k), len(f.record), self.align) for f, k in encoded]
+        # The COMMIT frame's exact length depends on where it starts; this bounds it.
+        dir_len = directory_length(len(encoded), sum(len(k) for _, k in encoded))
+        seg = self._active_segment(sum(lengths) + commit_length(0, dir_len, self.align) + self.align)
         start = pos = self._committed[seg.id]
         parts: list[bytes | memoryview] = []
+        entries: list[DirEntry] = []
         applied: list[tuple[_Frame, IndexEntry | None]] = []
-        for f, key_bytes in encoded:
+        for (f, key_bytes), length in zip(encoded, lengths):
             fseq = f.seq if f.seq is not None else seq
-            length = frame_length(f.kind, len(key_bytes), len(f.record), self.align)
-            crc = _record_crc(f.record) if f.kind == FrameKind.PUT else 0
-            parts += pack_frame(f.kind, fseq, key_bytes, f.record, len(f.record), crc, length)
-            entry = (IndexEntry(seg.id, pos, length, len(key_bytes), len(f.record), crc, fseq)
-                     if f.kind == FrameKind.PUT else None)
-            applied.append((f, entry))
+            crc = record_crc(f.record) if f.kind == FrameKind.PUT else 0
+            body_len = len(f.record) if f.kind != FrameKind.RETIRE else f.segment
+            parts += pack_frame(f.kind, fseq, seq, seg.salt, key_bytes, f.record, body_len, crc, length)
+            entries.append(DirEntry(f.kind, key_bytes, pos, length, fseq, body_len, crc))
+            applied.append((f, IndexEntry(seg.id, pos, length, len(key_bytes), len(f.record), crc, fseq)
+                            if f.kind == FrameKind.PUT else None))
             pos += length
-        commit_len = frame_length(FrameKind.COMMIT, 0, 0, self.align)
-        parts += pack_frame(FrameKind.COMMIT, seq, b"", b"", len(frames), 0, commit_len)
-        pos += commit_len
+        commit = pack_commit(pos, seq, seg.salt, entries, self.align)
+        parts += commit
+        pos += sum(map(len, commit))
+        if start == seg.data_start:  # the segment's first batch: its header goes first
+            parts.insert(0, seg.header())
         try:
-            seg.append(parts, start)
+            seg.append(parts, 0 if start == seg.data_start else start)
             if self.sync and sync:
                 seg.sync()
         except OSError as exc:
@@ -560,11 +773,12 @@ class DiskStore:
                 "nothing of this batch was stored, everything committed before is intact"
             ) from exc
         self._committed[seg.id] = pos
+        self._last_batch[seg.id] = seq
         self._seq = seq
         for f, entry in applied:
             if entry is not None:
                 self._apply_put(f.key, entry)
-            else:
+            elif f.kind == FrameKind.DELETE:
                 self._delete_older(f.key, f.seq if f.seq is not None else seq)
         self._batches_since_checkpoint += 1
         if self._batches_since_checkpoint >= self.checkpoint_every:
@@ -577,18 +791,24 @@ class DiskStore:
         return [e for _, e in applied if e is not None]
 
     def _active_segment(self, batch_bytes: int) -> Segment:
-        """The segment to append a batch of ``batch_bytes`` to, starting a new one when the
-        active one would outgrow ``segment_bytes`` (a batch never spans segments)."""
+        """The segment to append a batch of at most ``batch_bytes`` to, starting a new one when
+        the active one would outgrow ``segment_bytes`` (a batch never spans segments)."""
         seg = self._active
-        if seg is not None and (self._committed[seg.id] == 0
+        if seg is not None and (self._committed[seg.id] == seg.data_start
                                 or self._committed[seg.id] + batch_bytes <= self.segment_bytes):
             return seg
         seg_id = self._next_segment
         self._next_segment += 1
-        seg = Segment(self.segment_path(seg_id), seg_id, self.align, self.direct, writable=True)
-        fsync_dir(self.path)  # the new file's directory entry must survive a crash too
+        salt = int.from_bytes(os.urandom(4), "little")
+        seg = Segment(self.segment_path(seg_id), seg_id, self.align, self.direct, create_salt=salt)
+        try:
+            fsync_dir(self.path)  # the new file's directory entry must survive a crash too
+        except OSError as exc:
+            self._remove_segment(seg)
+            raise StoreError(f"cannot make segment {seg.path} durable: {exc.strerror}") from exc
         self._segments[seg_id] = seg
-        self._committed[seg_id] = 0
+        self._committed[seg_id] = seg.data_start
+        self._last_batch[seg_id] = 0
         self._live[seg_id] = 0
         self._active = seg
         return seg
@@ -596,25 +816,32 @@ class DiskStore:
     def _abandon_active(self, seg: Segment, committed: int) -> None:
         # Cut the torn batch off so no scan can ever mistake it for data, and never append to a
         # file that failed a write or a sync again (after a failed fsync the kernel may have
-        # dropped dirty pages).
-        try:
-            seg.truncate(committed)
-        except OSError:
-            pass
+        # dropped dirty pages). A segment left without any batch goes altogether.
         self._active = None
+        try:
+            seg.truncate(committed if committed > seg.data_start else 0)
+        except OSError:
+            return
+        if committed == seg.data_start:  # nothing committed, not even the segment header
+            try:
+                self._remove_segment(seg)
+            except StoreError:
+                pass  # an empty segment: the next writer removes it
 
     # ------------------------------------------------------------------ compaction
 
     def compact(self, target_bytes: int | None = None) -> int:
         """Reclaim dead space until the segment files take at most ``target_bytes`` (default: the
-        budget), emptiest segments first; return the bytes reclaimed."""
+        budget), emptiest segments first; return the bytes reclaimed. Segments holding damaged
+        live records are left as they are (see ``compaction_error``)."""
         with self._lock:
             self._check_writable()
             target = self.budget_bytes if target_bytes is None else target_bytes
             before = self.disk_bytes
             candidates = sorted(
                 (s for s in self._segments.values()
-                 if s is not self._active and s.size() - self._live[s.id] >= _COMPACT_MIN_DEAD * s.size()),
+                 if s is not self._active and s.id not in self._pinned
+                 and s.size() - self._live[s.id] >= _COMPACT_MIN_DEAD * s.size()),
                 key=lambda s: self._live[s.id] / max(1, s.size()),
             )
             for seg in candidates:
@@ -624,44 +851,64 @@ class DiskStore:
             return before - self.disk_bytes
 
     def _compact_segment(self, seg: Segment) -> None:
-        older_exists = any(s < seg.id for s in self._segments)
+        """Copy the live records of ``seg`` (and the tombstones older segments still need) to the
+        active segment, record its retirement, then remove it."""
+        older_exists = any(s < seg.id for s in [*self._segments, *self._zombies])
+        live = self._live[seg.id]
+        copied = 0
         batch: list[_Frame] = []
         batch_bytes = 0
-        pos, end = 0, self._committed[seg.id]
-        while pos < end:
-            header, key_bytes = parse_header(seg.read(pos, min(_SCAN_READ, end - pos)),
-                                             f"segment {seg.path} offset {pos}")
-            if header.kind != FrameKind.COMMIT:
-                key = key_from_json(json.loads(key_bytes))
-                entry = self._index.get(key)
-                live = entry is not None and (entry.segment, entry.offset) == (seg.id, pos)
-                if header.kind == FrameKind.PUT and live:
-                    record = self._read_record(seg, pos, header.key_len, header.body_len, header.body_crc)
-                    batch.append(_Frame(FrameKind.PUT, key, bytes(record), header.seq))
-                    batch_bytes += header.frame_len
-                elif header.kind == FrameKind.DELETE and older_exists:
+        scan = SegmentScan(seg, seg.data_start, limit=self._committed[seg.id])
+        for found in scan.batches():
+            for f in found.frames:
+                entry = self._index.get(f.key) if f.key is not None else None
+                here = entry is not None and (entry.segment, entry.offset) == (seg.id, f.offset)
+                if f.kind == FrameKind.PUT and here:
+                    try:
+                        if f.damage:
+                            raise CorruptBlockError(f.damage)
+                        record = self._read_record(seg, f.offset, f.key_len, f.body_len, f.body_crc)
+                    except CorruptBlockError as exc:
+                        return self._pin(seg, f"it holds a damaged live record ({exc})")
+                    batch.append(_Frame(FrameKind.PUT, f.key, bytes(record), f.seq))
+                    batch_bytes += f.frame_len
+                    copied += f.frame_len
+                elif f.kind == FrameKind.DELETE and older_exists:
                     # It may still hide an older record of its key in an older segment.
-                    batch.append(_Frame(FrameKind.DELETE, key, seq=header.seq))
+                    batch.append(_Frame(FrameKind.DELETE, f.key, seq=f.seq))
+                elif f.kind == FrameKind.RETIRE and f.body_len in self._zombies:
+                    batch.append(_Frame(FrameKind.RETIRE, None, segment=f.body_len))
             if batch_bytes >= _COMPACT_BATCH:
                 self._commit(batch)
                 batch, batch_bytes = [], 0
-            pos += header.frame_len
-        if batch:
+        if scan.unresolved or scan.committed != self._committed[seg.id] or copied != live:
             self._commit(batch)
-        # The manifest must stop naming the segment before the file goes.
+            return self._pin(seg, "damage hides some of its frames; its live records could not all be found")
+        # Proven dead by this index: nothing live is left in it. The log says so before the
+        # manifest stops naming it and before the file goes.
+        self._commit(batch + [_Frame(FrameKind.RETIRE, None, segment=seg.id)])
+        self._retired.add(seg.id)
         self._forget_segment(seg.id)
         self.checkpoint()
         seg.retire()
         try:
             os.unlink(seg.path)
             fsync_dir(self.path)
-        except OSError as exc:  # harmless: the next open removes a segment the manifest dropped
+        except OSError as exc:
+            self._zombies.add(seg.id)
             raise StoreError(f"compaction could not remove {seg.path}: {exc.strerror}") from exc
+
+    def _pin(self, seg: Segment, why: str) -> None:
+        self._pinned[seg.id] = why
+        self.compaction_error = f"compaction leaves {seg.path} as it is: {why}"
 
     def _forget_segment(self, seg_id: int) -> None:
         del self._segments[seg_id]
         del self._committed[seg_id]
+        del self._last_batch[seg_id]
         del self._live[seg_id]
+        if self._active is not None and self._active.id == seg_id:
+            self._active = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -669,30 +916,50 @@ class DiskStore:
         """Write the manifest now (atomically)."""
         with self._lock:
             self._check_writable()
-            write_manifest(self.path, Manifest(self._seq, self._next_segment, dict(self._committed),
-                                               dict(self._index), list(self._lru)))
+            segments = {s: (end, self._last_batch[s]) for s, end in self._committed.items()}
+            write_manifest(self.path, Manifest(self._seq, self._next_segment, segments, dict(self._index),
+                                               list(self._lru), list(self._unresolved)))
             self._batches_since_checkpoint = 0
             self.checkpoint_error = ""
 
     def refresh(self) -> None:
-        """Reader: pick up batches committed since open (or the last refresh)."""
+        """Reader: pick up batches committed since open (or the last refresh). If the writer
+        started and compacted away a segment in between, the index is loaded afresh (its
+        tombstones may be gone with it); either way the reader sees one committed state."""
         with self._lock:
             self._check_open()
-            for path in sorted(self.path.iterdir()):
-                seg_id = segment_id(path)
-                # Only segments started since: an older unknown one was compacted away.
-                if seg_id is not None and seg_id >= self._next_segment:
-                    try:
-                        self._segments[seg_id] = Segment(path, seg_id, self.align, self.direct)
-                    except StoreError:
-                        continue
+            files = self._list_segments()
+            top = max(files, default=0)
+            try:
+                if any(s not in files for s in range(self._next_segment, top + 1)):
+                    raise _Vanished
+                for seg_id in sorted(s for s in files if s >= self._next_segment):
+                    self._segments[seg_id] = self._open_segment(seg_id, files[seg_id])
                     self._next_segment = seg_id + 1
-                    self._committed[seg_id] = 0
+                    self._committed[seg_id] = self._segments[seg_id].data_start
+                    self._last_batch[seg_id] = 0
                     self._live.setdefault(seg_id, 0)
+            except _Vanished:
+                return self._reload()
             for seg_id, seg in sorted(self._segments.items()):
-                self._committed[seg_id] = self._scan(seg, self._committed[seg_id])
+                self._scan(seg, self._committed[seg_id])
+            self._judge_doubtful(-1)
+            for seg_id in [s for s in self._segments if s not in files and not self._live[s]]:
+                self._segments[seg_id].retire()  # compacted away and nothing of it in use: let go
+                self._forget_segment(seg_id)
             for name in self._contexts:
                 self._lru.setdefault(name, None)
+
+    def _reload(self) -> None:
+        self.reloads += 1
+        old = list(self._segments.values())
+        self._reset()
+        self.damage = []
+        try:
+            self._load()
+        finally:
+            for seg in old:  # reads in flight keep theirs open until they finish
+                seg.retire()
 
     def close(self) -> None:
         """Checkpoint (writer), finish reads in flight, close files, release the writer lock."""
@@ -767,15 +1034,6 @@ def _coalesce(reads: list[_Read]) -> list[list[_Read]]:
                 continue
         runs.append([r])
     return runs
-
-
-def _record_crc(record: bytes | memoryview) -> int:
-    return struct.unpack_from("<I", record, len(record) - 4)[0]
-
-
-def _check_crc(record: memoryview, crc: int, where: str) -> None:
-    if len(record) < 4 or crc32(record[:-4]) != crc or _record_crc(record) != crc:
-        raise CorruptBlockError(f"{where}: record checksum mismatch")
 
 
 def _checked_record(key: object, record: bytes | memoryview) -> bytes | memoryview:

@@ -40,7 +40,9 @@ _PROGRAMS_PER_SM = 4
 
 
 def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
-                    scale: float, impl: str = "auto", lse: bool = True, softcap: float | None = None
+                    scale: float, impl: str = "auto", lse: bool = True,
+                    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    softcap: float | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` over the blocks in ``slots`` (module docstring).
 
@@ -53,6 +55,9 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
         scale: factor on ``q . k`` before the softmax.
         impl: ``"auto"``, ``"torch"``, ``"sdpa"`` (CPU) or ``"triton"`` (CUDA, ``q_len == 1``).
         lse: also return the log-sum-exp (needed to merge parts); False returns None for it.
+        extra: more keys and values ``(rows, kv_heads, m, head_dim)`` and their score bias ``(rows,
+            m)``, attended in the same softmax by every query (the estimate of the blocks not read:
+            ``tiercache.retrieval.estimate``); soft-capped like the others, the bias added after.
         softcap: soft-capping of the scaled scores (module docstring), or None.
 
     Returns:
@@ -70,17 +75,23 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
         if not ((q.is_cuda or interpreting()) and _triton() is not None and q.shape[2] == 1 and not per_query):
             raise ConfigError("paged_attention: impl='triton' needs Triton, CUDA tensors, q_len == 1 and one bias per "
                               f"row, got q {tuple(q.shape)} on {q.device}, bias {tuple(bias.shape)}")
-        return _paged_triton(q, slab, slots, bias, float(scale))
+        return _paged_triton(q, slab, slots, bias, float(scale), extra)
     rows, n_read = slots.shape
     bt, kv_heads, head_dim = slab.shape[1], slab.shape[3], slab.shape[4]
     # (rows, n_read, bt, 2, kv_heads, D) -> keys and values (rows, kv_heads, n_read * bt, D): a
     # gather, then views (the slab is token-major, so no copy).
-    kv = slab.index_select(0, slots.reshape(-1)).view(rows, n_read * bt, 2, kv_heads, head_dim)
-    keys, values = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-    if per_query:
-        bias = _query_rows(bias.view(rows, q.shape[2], n_read * bt), q.shape[1] // kv_heads)
+    keys, values = slab.index_select(0, slots.reshape(-1)).view(rows, n_read * bt, 2, kv_heads, head_dim).unbind(2)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    if extra is not None:
+        keys, values = torch.cat([keys, extra[0]], 2), torch.cat([values, extra[1]], 2)
+    if per_query:  # (rows, q_len, tokens); the extra tokens' bias is the same for every query
+        bias = bias.view(rows, q.shape[2], n_read * bt)
+        if extra is not None:
+            bias = torch.cat([bias, extra[2][:, None, :].expand(rows, q.shape[2], -1)], 2)
+        bias = _query_rows(bias, q.shape[1] // kv_heads)
     else:  # the mask does not depend on the query row: (rows, 1, 1, tokens) broadcasts
-        bias = bias.view(rows, 1, 1, n_read * bt)
+        bias = bias.view(rows, -1) if extra is None else torch.cat([bias.view(rows, -1), extra[2]], 1)
+        bias = bias.view(rows, 1, 1, -1)
     return _attend(q, keys, values, bias, float(scale), impl, lse, softcap)
 
 
@@ -216,14 +227,15 @@ def _triton():
         return None
 
     @triton.jit
-    def paged_decode(q_ptr, slab_ptr, slots_ptr, bias_ptr, out_ptr, lse_ptr, scale,
-                     rows, kv_heads, group, n_read, block_tokens, head_dim, per_split,
-                     s_slot, s_tok, s_kv, s_head,
+    def paged_decode(q_ptr, slab_ptr, slots_ptr, bias_ptr, ek_ptr, ev_ptr, ebias_ptr, out_ptr, lse_ptr, scale,
+                     rows, kv_heads, group, n_read, block_tokens, head_dim, per_split, n_split, n_extra,
+                     s_slot, s_tok, s_kv, s_head, se_row, se_head, se_tok,
                      BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr):
-        # Program (row * kv_heads + kh, split): the group's query heads of KV head kh against
-        # blocks [split * per_split, ...) of the row, online softmax; a normalised partial output
-        # and its lse per split, merged afterwards.
+        # Program (row * kv_heads + kh, split): the group's query heads of KV head kh, online
+        # softmax over blocks [split * per_split, ...) of the row read through their slots; the
+        # program with split == n_split walks the extra (estimated) tokens in tiles instead. Each
+        # writes a normalised partial output and its lse, merged afterwards.
         rh = tl.program_id(0)
         split = tl.program_id(1)
         row = rh // kv_heads
@@ -238,24 +250,36 @@ def _triton():
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for j in range(0, per_split):
-            i = split * per_split + j
-            i_ok = i < n_read  # the last split may have fewer blocks: the rest load nothing
-            slot = tl.load(slots_ptr + row * n_read + i, mask=i_ok, other=0)  # int64: offsets pass 2**31
-            t_in = (t < block_tokens) & i_ok
-            bias = tl.load(bias_ptr + (row * n_read + i) * block_tokens + t, mask=t_in, other=float("-inf"))
-            t_ok = t_in & (bias == 0.0)
-            tile = t_ok[:, None] & d_ok[None, :]
-            base = slab_ptr + slot * s_slot + t[:, None] * s_tok + kh * s_head + d[None, :]
-            keys = tl.load(base, mask=tile, other=0.0)
-            s = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-            s = tl.where(t_ok[None, :], s, float("-inf"))
+        is_extra = split == n_split
+        for j in range(0, tl.where(is_extra, tl.cdiv(n_extra, BLOCK_T), per_split)):
+            if is_extra:
+                tok = j * BLOCK_T + t
+                t_in = tok < n_extra
+                bias_ptrs = ebias_ptr + row * n_extra + tok
+                k_ptrs = ek_ptr + row * se_row + kh * se_head + tok[:, None] * se_tok + d[None, :]
+                v_ptrs = ev_ptr + row * se_row + kh * se_head + tok[:, None] * se_tok + d[None, :]
+            else:
+                i = split * per_split + j
+                i_ok = i < n_read  # the last split may have fewer blocks: the rest load nothing
+                slot = tl.load(slots_ptr + row * n_read + i, mask=i_ok, other=0)  # int64: offsets pass 2**31
+                t_in = (t < block_tokens) & i_ok
+                bias_ptrs = bias_ptr + (row * n_read + i) * block_tokens + t
+                k_ptrs = slab_ptr + slot * s_slot + t[:, None] * s_tok + kh * s_head + d[None, :]
+                v_ptrs = k_ptrs + s_kv
+            tile = t_in[:, None] & d_ok[None, :]
+            bias = tl.load(bias_ptrs, mask=t_in, other=float("-inf")).to(tl.float32)
+            keys = tl.load(k_ptrs, mask=tile, other=0.0)
+            s = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale + bias[None, :]
+            s = tl.where(t_in[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
+            # While every score so far is -inf, shift by 0 so exp() gives 0, not NaN.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - shift)
             p = tl.exp(s - shift[:, None])
             l = l * alpha + tl.sum(p, axis=1)
-            values = tl.load(base + s_kv, mask=tile, other=0.0)
+            values = tl.load(v_ptrs, mask=tile, other=0.0)
+            # p is rounded to the value dtype for the tensor-core product (as FlashAttention
+            # does); the sum l stays fp32, so only the weights' 16-bit rounding enters the output.
             acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
             m = m_new
         nonempty = l > 0.0
@@ -268,7 +292,7 @@ def _triton():
     return triton, paged_decode
 
 
-def _paged_triton(q, slab, slots, bias, scale):
+def _paged_triton(q, slab, slots, bias, scale, extra):
     triton, kernel = _triton()
     rows, q_heads, _, head_dim = q.shape
     n_read, bt, kv_heads = slots.shape[1], slab.shape[1], slab.shape[3]
@@ -276,12 +300,19 @@ def _paged_triton(q, slab, slots, bias, scale):
     splits = max(1, min(n_read, -(-_PROGRAMS_PER_SM * sms // (rows * kv_heads))))
     per_split = max(1, -(-n_read // splits))
     splits = -(-n_read // per_split) if n_read else 1
-    out = torch.empty(splits, rows, q_heads, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(splits, rows, q_heads, dtype=torch.float32, device=q.device)
-    kernel[(rows * kv_heads, splits)](
-        q.contiguous(), slab, slots.contiguous(), bias.contiguous(), out, lse, scale,
-        rows, kv_heads, q_heads // kv_heads, n_read, bt, head_dim, per_split,
-        slab.stride(0), slab.stride(1), slab.stride(2), slab.stride(3),
+    if extra is None:
+        ek = ev = torch.zeros(rows, kv_heads, 0, head_dim, dtype=q.dtype, device=q.device)
+        ebias = torch.zeros(rows, 0, dtype=q.dtype, device=q.device)
+    else:
+        # The kernel walks keys and values with one set of strides, the head dimension unit-stride.
+        ek, ev, ebias = (t.contiguous() for t in extra)
+    programs = splits + (1 if ek.shape[2] else 0)
+    out = torch.empty(programs, rows, q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(programs, rows, q_heads, dtype=torch.float32, device=q.device)
+    kernel[(rows * kv_heads, programs)](
+        q.contiguous(), slab, slots.contiguous(), bias.contiguous(), ek, ev, ebias, out, lse, scale,
+        rows, kv_heads, q_heads // kv_heads, n_read, bt, head_dim, per_split, splits, ek.shape[2],
+        slab.stride(0), slab.stride(1), slab.stride(2), slab.stride(3), ek.stride(0), ek.stride(1), ek.stride(2),
         # tl.dot needs every dimension >= 16: the query group and short blocks are padded up.
         BLOCK_G=max(16, triton.next_power_of_2(q_heads // kv_heads)),
         BLOCK_T=max(16, triton.next_power_of_2(bt)),

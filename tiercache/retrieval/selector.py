@@ -14,7 +14,7 @@ host sync:
 3. each KV head ranks its best units, and the unit of rank ``r`` votes ``1 / (r + 1)`` for its
    storage block: a block holds every head, so a step reads the blocks the heads want most;
 4. sink and window blocks are forced in, later blocks win ties, and the top ``read`` blocks come
-   out ascending: ``(rows, read)`` block indices.
+   out, in no particular order: ``(rows, read)`` block indices.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Selector:
 
     def select(self, plan: Plan, queries: torch.Tensor, summaries: torch.Tensor, unit_bias: torch.Tensor | None,
                scaling: float) -> torch.Tensor:
-        """Blocks ``(rows, plan.read)`` (ascending) each row reads for ``queries`` ``(rows,
+        """Blocks ``(rows, plan.read)`` (distinct, unordered) each row reads for ``queries`` ``(rows,
         q_heads, q_len, head_dim)``, given the layer's ``summaries`` ``(rows, kv_heads, >=
         n_units, ...)``, the attention's softmax scale ``scaling``, and ``unit_bias`` ``(rows, >=
         n_units)`` (0, or -inf for a unit of padding only; None when there is no padding)."""
@@ -127,7 +127,9 @@ class Selector:
             hi = min(plan.n_units, (plan.n_blocks - plan.window) * per_block)
             units = summaries[:, :, lo:hi]
             grouped = queries.reshape(rows * kv_heads, -1, head_dim)
-            scores = self.summary.score(grouped, units.reshape(rows * kv_heads, hi - lo, *units.shape[3:]), scaling)
+            # Only the softmax aggregate needs scores in its units; max and sum rank the same unscaled.
+            scale = scaling if self.config.gqa_aggregate == "softmax" else 1.0
+            scores = self.summary.score(grouped, units.reshape(rows * kv_heads, hi - lo, *units.shape[3:]), scale)
             scores = scores.view(rows, kv_heads, -1, hi - lo)
             if unit_bias is not None:
                 scores = scores + unit_bias[:, None, None, lo:hi]
@@ -137,16 +139,17 @@ class Selector:
                 # Units of padding (or fewer eligible ones than top) vote nothing: NaN (an
                 # all-masked softmax) compares False too.
                 weight = weight * (best > (0.0 if self.config.gqa_aggregate == "softmax" else float("-inf"))).view(-1)
-            votes.view(-1).index_add_(0, (unit // per_block + offsets).view(-1), weight)
-        return votes.topk(plan.read, dim=-1).indices.sort(dim=-1).values
+            block = unit if per_block == 1 else unit // per_block
+            votes.view(-1).index_add_(0, (block + offsets).view(-1), weight)
+        return votes.topk(plan.read, dim=-1).indices
 
     def window_blocks(self, n_tokens: int, rows: int) -> torch.Tensor:
-        """The sink and recent-window blocks of a context of ``n_tokens`` tokens, whatever the
-        budget (a stream's window prefill), ``(rows, blocks)`` ascending."""
+        """The sink blocks and the last ``prefill_window_tokens`` of a context of ``n_tokens``
+        tokens, whatever the budget (a stream's window prefill), ``(rows, blocks)`` ascending."""
         bt, cfg = self.block_tokens, self.config
         n_blocks = -(-n_tokens // bt)
         sink = min(n_blocks, -(-cfg.sink_tokens // bt))
-        window = min(n_blocks - sink, max(1, -(-cfg.window_tokens // bt)))
+        window = min(n_blocks - sink, max(1, -(-cfg.prefill_window_tokens // bt)))
         blocks = list(range(sink)) + list(range(n_blocks - window, n_blocks))
         return torch.tensor(blocks, dtype=torch.int64, device=self.device).expand(rows, -1)
 
