@@ -120,11 +120,11 @@ def test_sparse_decode_reads_exactly_its_budget(smollm2):
 
 def test_errors(smollm2):
     model, _ = smollm2
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPTJConfig, GPTJForCausalLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match="model type 'gpt2'"):
-        TieredCache(gpt2)
+    gptj = GPTJForCausalLM(GPTJConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, rotary_dim=8))
+    with pytest.raises(UnsupportedModelError, match="model type 'gptj'"):
+        TieredCache(gptj)
     block = kv_bytes(model, BLOCK) // model.config.num_hidden_layers
     tiny = TierConfig(device_budget_bytes=block * 30 * 2, host_budget_bytes=1 << 24,
                       block_tokens=BLOCK, dtype=torch.float32, device="cpu")

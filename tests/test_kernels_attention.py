@@ -278,3 +278,75 @@ def test_triton_row_copies_read_and_write_pinned_host_memory():
         expect = host.clone()
         expect[[2, 8]] = rows.cpu()
         assert torch.equal(a, expect)
+
+
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_per_query_bias_and_soft_capping_match_dense(softcap):
+    """What windowed layers and Gemma 2 use: a bias per query ``(rows, q_len, n_read, bt)`` in
+    ``paged_attention``, a validity per query ``(rows, q_len, n)`` in ``causal_attention``, and
+    scaled scores soft-capped to ``softcap * tanh(score / softcap)`` (``"auto"`` picks the torch
+    implementation then; the fused ones refuse it)."""
+    gen = torch.Generator().manual_seed(7)
+    rows, q_heads, kv_heads, q_len, n_read, bt, dim = 2, 4, 2, 3, 4, 4, 8
+    q, slab, slots, _ = random_paged(gen, torch.float32, rows, q_heads, kv_heads, q_len, n_read, bt, dim, 1.0)
+    keep = torch.rand(rows, q_len, n_read, bt, generator=gen) < 0.6
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    scale = 0.7
+
+    def dense(keys, values, keep):  # keys/values (rows, kv_heads, n, D), keep (rows, q_len, n)
+        group = q_heads // kv_heads
+        out = torch.zeros(rows, q_heads, q_len, dim, dtype=torch.float64)
+        lse = torch.full((rows, q_heads, q_len), -math.inf, dtype=torch.float64)
+        for r in range(rows):
+            for h in range(q_heads):
+                for i in range(q_len):
+                    k, v = keys[r, h // group][keep[r, i]].double(), values[r, h // group][keep[r, i]].double()
+                    if not len(k):
+                        continue
+                    s = k @ q[r, h, i].double() * scale
+                    s = s if softcap is None else softcap * torch.tanh(s / softcap)
+                    out[r, h, i] = torch.softmax(s, 0) @ v
+                    lse[r, h, i] = torch.logsumexp(s, 0)
+        return out, lse
+
+    blocks = slab[slots].reshape(rows, n_read * bt, 2, kv_heads, dim)
+    keys, values = blocks[:, :, 0].transpose(1, 2), blocks[:, :, 1].transpose(1, 2)
+    out, lse = paged_attention(q, slab, slots, bias, scale, softcap=softcap)
+    assert_close(out, lse, *dense(keys, values, keep.reshape(rows, q_len, -1)), torch.float32)
+    n = n_read * bt
+    valid = torch.rand(rows, q_len, n, generator=gen) < 0.7
+    out, lse = causal_attention(q, keys, values, valid, scale, softcap=softcap)
+    causal = torch.ones(q_len, n, dtype=torch.bool).tril(n - q_len)
+    assert_close(out, lse, *dense(keys, values, valid & causal), torch.float32)
+    if softcap is not None:
+        with pytest.raises(ConfigError, match="impl='torch' only"):
+            paged_attention(q, slab, slots, bias, scale, impl="sdpa", softcap=softcap)
+
+
+@pytest.mark.parametrize("impl,softcap", [("torch", None), ("sdpa", None), ("torch", 1.5)])
+def test_extra_tokens_with_a_bias_per_query_and_soft_capping(impl, softcap):
+    """Estimated tokens combine with the other two additions: every query attends them, beside its
+    own bias over the blocks read, and their scores are soft-capped like the others, their bias
+    (log count) added after the cap."""
+    gen = torch.Generator().manual_seed(11)
+    rows, q_heads, kv_heads, q_len, n_read, bt, dim, m = 2, 4, 2, 3, 2, 4, 8, 5
+    q, slab, slots, _ = random_paged(gen, torch.float32, rows, q_heads, kv_heads, q_len, n_read, bt, dim, 1.0)
+    keep = torch.rand(rows, q_len, n_read, bt, generator=gen) < 0.6
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    ek, ev = (torch.randn(rows, kv_heads, m, dim, generator=gen) for _ in range(2))
+    ebias = torch.rand(rows, m, generator=gen).mul(2)
+    ebias[:, 1:4:2] = -math.inf  # blocks read: their estimates weigh nothing
+    out, lse = paged_attention(q, slab, slots, bias, 0.7, impl=impl, extra=(ek, ev, ebias), softcap=softcap)
+    blocks = slab[slots].reshape(rows, n_read * bt, 2, kv_heads, dim)
+    keys = torch.cat([blocks[:, :, 0].transpose(1, 2), ek], 2).double()
+    values = torch.cat([blocks[:, :, 1].transpose(1, 2), ev], 2).double()
+    group = q_heads // kv_heads
+    for r in range(rows):
+        for h in range(q_heads):
+            for i in range(q_len):
+                s = keys[r, h // group] @ q[r, h, i].double() * 0.7
+                s = s if softcap is None else softcap * torch.tanh(s / softcap)
+                s = s + torch.cat([bias[r, i].reshape(-1), ebias[r]]).double()
+                torch.testing.assert_close(out[r, h, i].double(), torch.softmax(s, 0) @ values[r, h // group],
+                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(lse[r, h, i].double(), torch.logsumexp(s, 0), atol=1e-5, rtol=1e-5)

@@ -182,6 +182,16 @@ class TierManager:
         self._pinned[layer] += n
         return self.residency.claim(layer, pids, pin=True)
 
+    def copy(self, layer: int, slots: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        """Pinned device slots ``(n,)`` for new blocks ``pids`` of ``layer`` holding copies of the
+        blocks in device ``slots`` (copy-on-write of an open block that rows shared); the bytes
+        count as ``moved_bytes["device->device"]``."""
+        new = self.open(layer, pids)
+        slab = self.layer_slab(layer)
+        slab[new] = slab[slots]
+        self._add_moved("device->device", pids.numel() * self.layout.nbytes)
+        return new
+
     def place(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Device slots ``(n,)`` for sealed blocks ``pids`` of ``layer`` that the caller also writes
         to the device (evictable; free slots go first)."""

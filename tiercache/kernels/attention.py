@@ -3,16 +3,19 @@
 ``paged_attention(q, slab, slots, bias, scale)``: exact softmax attention of a batch's queries
 over the blocks each row reads, addressed through the block table (``slots[row, i]`` is a slot of
 one layer's slab ``(slots + 1, block_tokens, 2, kv_heads, head_dim)``), with ``bias[row, i, t]``
-(0, or -inf for a token that does not exist or is padding) added to the scores. Every key read
-precedes every query (decode, or
-a prefill's cached part), so there is no causal mask here; ``causal_attention`` covers a
-prefill's own new tokens. Both return the log-sum-exp so parts merge exactly with
-``merge_attention``.
+(0, or -inf for a token that does not exist or is padding) added to the scores; a prefill may
+give each query its own bias ``bias[row, query, i, t]`` (a sliding window over the cached part).
+Every key read precedes every query (decode, or a prefill's cached part), so there is no causal
+mask here; ``causal_attention`` covers a prefill's own new tokens. Both return the log-sum-exp so
+parts merge exactly with ``merge_attention``.
 
 Semantics, every implementation:
 - GQA: query head ``h`` reads KV head ``h // (q_heads // kv_heads)`` (transformers' order);
 - softmax in fp32; output in ``q.dtype``; ``lse`` fp32 natural log of the scaled scores' sum;
-- a query row with no valid key: zero output and ``lse = -inf`` (it weighs nothing in a merge).
+- a query row with no valid key: zero output and ``lse = -inf`` (it weighs nothing in a merge);
+- ``softcap`` (Gemma 2): scaled scores become ``softcap * tanh(score / softcap)`` before the bias,
+  as transformers' eager attention does; only the ``"torch"`` implementation has it (``"auto"``
+  picks it then).
 
 Implementations (``impl``): ``"torch"`` is the reference, plain matmul and softmax, which defines
 the results; ``"sdpa"`` runs torch's fused CPU flash-attention op on the same view of the slab
@@ -38,7 +41,8 @@ _PROGRAMS_PER_SM = 4
 
 def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
                     scale: float, impl: str = "auto", lse: bool = True,
-                    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    softcap: float | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` over the blocks in ``slots`` (module docstring).
 
@@ -46,62 +50,86 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
         q: ``(rows, q_heads, q_len, head_dim)``, RoPE applied.
         slab: one layer's slots ``(n_slots, block_tokens, 2, kv_heads, head_dim)``, q's dtype.
         slots: ``(rows, n_read)`` int64 slots each row reads.
-        bias: ``(rows, n_read, block_tokens)`` in q's dtype: 0 for a token to attend, -inf not.
+        bias: ``(rows, n_read, block_tokens)`` in q's dtype: 0 for a token to attend, -inf not; or
+            ``(rows, q_len, n_read, block_tokens)``, one per query (not with ``"triton"``).
         scale: factor on ``q . k`` before the softmax.
         impl: ``"auto"``, ``"torch"``, ``"sdpa"`` (CPU) or ``"triton"`` (CUDA, ``q_len == 1``).
         lse: also return the log-sum-exp (needed to merge parts); False returns None for it.
         extra: more keys and values ``(rows, kv_heads, m, head_dim)`` and their score bias ``(rows,
-            m)``, attended in the same softmax (the estimate of the blocks not read:
-            ``tiercache.retrieval.estimate``).
+            m)``, attended in the same softmax by every query (the estimate of the blocks not read:
+            ``tiercache.retrieval.estimate``); soft-capped like the others, the bias added after.
+        softcap: soft-capping of the scaled scores (module docstring), or None.
 
     Returns:
         ``(out, lse)``: ``(rows, q_heads, q_len, head_dim)`` in q's dtype and ``(rows, q_heads,
         q_len)`` fp32 (or None).
     """
     _check(q, slab, slots, bias, impl)
+    per_query = bias.dim() == 4
     if impl == "auto":
-        impl = "triton" if q.is_cuda and q.shape[2] == 1 and _triton() is not None else (
-            "sdpa" if q.device.type == "cpu" else "torch")
+        impl = "torch" if softcap is not None else (
+            "triton" if q.is_cuda and q.shape[2] == 1 and not per_query and _triton() is not None else (
+                "sdpa" if q.device.type == "cpu" else "torch"))
+    _check_softcap(impl, softcap)
     if impl == "triton":
-        if not ((q.is_cuda or interpreting()) and _triton() is not None and q.shape[2] == 1):
-            raise ConfigError("paged_attention: impl='triton' needs Triton, CUDA tensors and q_len == 1, got "
-                              f"q {tuple(q.shape)} on {q.device}")
+        if not ((q.is_cuda or interpreting()) and _triton() is not None and q.shape[2] == 1 and not per_query):
+            raise ConfigError("paged_attention: impl='triton' needs Triton, CUDA tensors, q_len == 1 and one bias per "
+                              f"row, got q {tuple(q.shape)} on {q.device}, bias {tuple(bias.shape)}")
         return _paged_triton(q, slab, slots, bias, float(scale), extra)
     rows, n_read = slots.shape
     bt, kv_heads, head_dim = slab.shape[1], slab.shape[3], slab.shape[4]
     # (rows, n_read, bt, 2, kv_heads, D) -> keys and values (rows, kv_heads, n_read * bt, D): a
     # gather, then views (the slab is token-major, so no copy).
     keys, values = slab.index_select(0, slots.reshape(-1)).view(rows, n_read * bt, 2, kv_heads, head_dim).unbind(2)
-    if extra is None:
-        # The mask does not depend on the query row: (rows, 1, 1, tokens) broadcasts.
-        return _attend(q, keys.transpose(1, 2), values.transpose(1, 2), bias.view(rows, 1, 1, -1), float(scale),
-                       impl, lse)
-    keys, values = torch.cat([keys.transpose(1, 2), extra[0]], 2), torch.cat([values.transpose(1, 2), extra[1]], 2)
-    bias = torch.cat([bias.view(rows, -1), extra[2]], 1)
-    return _attend(q, keys, values, bias.view(rows, 1, 1, -1), float(scale), impl, lse)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
+    if extra is not None:
+        keys, values = torch.cat([keys, extra[0]], 2), torch.cat([values, extra[1]], 2)
+    if per_query:  # (rows, q_len, tokens); the extra tokens' bias is the same for every query
+        bias = bias.view(rows, q.shape[2], n_read * bt)
+        if extra is not None:
+            bias = torch.cat([bias, extra[2][:, None, :].expand(rows, q.shape[2], -1)], 2)
+        bias = _query_rows(bias, q.shape[1] // kv_heads)
+    else:  # the mask does not depend on the query row: (rows, 1, 1, tokens) broadcasts
+        bias = bias.view(rows, -1) if extra is None else torch.cat([bias.view(rows, -1), extra[2]], 1)
+        bias = bias.view(rows, 1, 1, -1)
+    return _attend(q, keys, values, bias, float(scale), impl, lse, softcap)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                     scale: float, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, impl: str = "auto", softcap: float | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a prefill's new tokens over themselves: ``q`` ``(rows, q_heads, q_len,
     head_dim)`` are the last ``q_len`` of the ``n`` tokens of ``k`` / ``v`` ``(rows, kv_heads, n,
-    head_dim)``; ``valid`` ``(rows, n)`` bool (False: padding, never attended). Returns ``(out,
-    lse)`` as ``paged_attention``."""
+    head_dim)``; ``valid`` ``(rows, n)`` bool (False: padding, never attended), or ``(rows, q_len,
+    n)``: the keys each query may attend (a window). Returns ``(out, lse)`` as ``paged_attention``."""
     rows, q_heads, q_len, _ = q.shape
     n, group = k.shape[2], q_heads // k.shape[1]
     causal = torch.ones(q_len, n, dtype=torch.bool, device=q.device).tril(n - q_len)
-    mask = causal & valid[:, None, None, :]                            # (rows, 1, q_len, n)
-    # Each query head of a group is a block of query rows (see _attend): repeat the rows' mask.
-    mask = mask.unsqueeze(2).expand(rows, 1, group, q_len, n).reshape(rows, 1, group * q_len, n)
+    mask = causal & (valid[:, None, :] if valid.dim() == 2 else valid)       # (rows, q_len, n)
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     if impl == "auto":
-        impl = "sdpa" if q.device.type == "cpu" else "torch"
-    return _attend(q, k, v, bias, float(scale), impl, True)
+        impl = "sdpa" if q.device.type == "cpu" and softcap is None else "torch"
+    _check_softcap(impl, softcap)
+    return _attend(q, k, v, _query_rows(bias, group), float(scale), impl, True, softcap)
 
 
-def _attend(q, keys, values, bias, scale, impl, lse):
+def _query_rows(bias: torch.Tensor, group: int) -> torch.Tensor:
+    """A per-query ``bias`` ``(rows, q_len, n)`` as ``_attend`` lays queries out, ``(rows, 1,
+    group * q_len, n)``: each query head of a group is a block of query rows, so the rows' bias
+    repeats per head."""
+    rows, q_len, n = bias.shape
+    return bias.unsqueeze(1).expand(rows, group, q_len, n).reshape(rows, 1, group * q_len, n)
+
+
+def _check_softcap(impl: str, softcap: float | None) -> None:
+    if softcap is not None and impl != "torch":
+        raise ConfigError(f"attention with softcap={softcap} runs on impl='torch' only, got impl={impl!r}")
+
+
+def _attend(q, keys, values, bias, scale, impl, lse, softcap=None):
     """``q`` ``(rows, q_heads, q_len, D)`` over ``keys`` / ``values`` ``(rows, kv_heads, n, D)``
-    with the additive ``bias`` broadcastable to ``(rows, kv_heads, group * q_len, n)``."""
+    with the additive ``bias`` broadcastable to ``(rows, kv_heads, group * q_len, n)``; scores
+    soft-capped by ``softcap`` if given (``"torch"`` only)."""
     rows, q_heads, q_len, head_dim = q.shape
     kv_heads = keys.shape[1]
     # The group's query heads as extra query rows of their KV head: no K/V is repeated.
@@ -115,7 +143,10 @@ def _attend(q, keys, values, bias, scale, impl, lse):
         # The fused op gives a row without keys lse 0 (and output 0): make it -inf.
         empty = torch.isneginf(bias.amax(-1, keepdim=True)).expand(rows, kv_heads, -1, 1)[..., 0]
         return out, total.float().masked_fill(empty.expand_as(total), float("-inf")).view(rows, q_heads, q_len)
-    scores = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale + bias.float()
+    scores = torch.matmul(qg.float(), keys.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + bias.float()
     peak = scores.amax(-1, keepdim=True)
     # A row with no candidate has peak -inf: shift by 0 so exp() gives 0, not NaN.
     peak = torch.where(torch.isneginf(peak), 0.0, peak)
@@ -142,8 +173,9 @@ def _check(q, slab, slots, bias, impl) -> None:
     if slots.dim() != 2 or slots.shape[0] != q.shape[0] or slots.dtype != torch.int64:
         raise ShapeError(f"paged_attention: slots must be int64 (rows={q.shape[0]}, n_read), got "
                          f"{slots.dtype} {tuple(slots.shape)}")
-    if bias.dtype != q.dtype or tuple(bias.shape) != (*slots.shape, slab.shape[1]):
-        raise ShapeError(f"paged_attention: bias must be {q.dtype} {(*slots.shape, slab.shape[1])}, got "
+    per_row, per_query = (*slots.shape, slab.shape[1]), (slots.shape[0], q.shape[2], *slots.shape[1:], slab.shape[1])
+    if bias.dtype != q.dtype or tuple(bias.shape) not in (per_row, per_query):
+        raise ShapeError(f"paged_attention: bias must be {q.dtype} {per_row} or {per_query}, got "
                          f"{bias.dtype} {tuple(bias.shape)}")
 
 
