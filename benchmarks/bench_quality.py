@@ -126,14 +126,15 @@ def qa_cases(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int],
     return out
 
 
-def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalConfig) -> list[dict]:
+def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalConfig,
+              budgets: tuple[float, ...]) -> list[dict]:
     rows = []
     for ids in agreement_cases(tok, contexts):
         n = len(ids)
         ref_cache, first = full_prefill(model, ids)
         kv = exported(ref_cache)
         reference, ref_logps = decode(model, ref_cache, first, n_tokens, "sdpa")
-        for b in BUDGETS:
+        for b in budgets:
             cache = TieredCache(model, tiered(model, n + n_tokens, b, base))
             cache.import_kv(kv)
             chosen, logps = decode(model, cache, first, n_tokens, "tiercache", forced=reference)
@@ -146,8 +147,9 @@ def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalCon
     return rows
 
 
-def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig) -> list[dict]:
-    agree = {(length, b): 0 for length in lengths for b in BUDGETS}
+def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig,
+           budgets: tuple[float, ...]) -> list[dict]:
+    agree = {(length, b): 0 for length in lengths for b in budgets}
     full_found = dict.fromkeys(lengths, 0)
     for context, question, length in needle_cases(tok, lengths, depths):
         ids = context + question
@@ -155,7 +157,7 @@ def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig) -
         kv = exported(ref_cache)
         full = key_of(tok.decode(decode(model, ref_cache, first, 8, "sdpa")[0]))
         full_found[length] += full != ""
-        for b in BUDGETS:
+        for b in budgets:
             cache = TieredCache(model, tiered(model, len(ids) + 8, b, base))
             cache.import_kv(kv)
             agree[(length, b)] += key_of(tok.decode(decode(model, cache, first, 8, "tiercache")[0])) == full
@@ -168,22 +170,22 @@ def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig) -
     return rows
 
 
-def stream_qa(model, tok, base: RetrievalConfig, chunk: int = 128) -> list[dict]:
-    ok = {b: [] for b in BUDGETS}
+def stream_qa(model, tok, base: RetrievalConfig, budgets: tuple[float, ...], chunk: int = 128) -> list[dict]:
+    ok = {b: [] for b in budgets}
     full_ok = []
     for ids, facts in qa_cases(tok):
         questions = [question_text(f) for f in facts]
         full_ok += [f.answer in a for f, a in zip(facts, full_attention_answers(model, tok, questions, input_ids=ids,
                                                                                 max_new_tokens=6))]
         with tempfile.TemporaryDirectory() as tmp:
-            for b in BUDGETS:
+            for b in budgets:
                 config = tiered(model, len(ids) + 64, b, base)
                 with StreamSession(model, tok, config, path=tmp, chunk_tokens=chunk) as s:
                     for a in range(0, len(ids), chunk):
                         s.append(ids[a : a + chunk])
                     ok[b] += [f.answer in s.ask(q, max_new_tokens=6) for f, q in zip(facts, questions)]
     rows = []
-    for b in BUDGETS:
+    for b in budgets:
         both = sum(o and f for o, f in zip(ok[b], full_ok))
         rows.append({"case": "stream_qa", "method": "tiercache", "budget": b, "tokens": len(qa_cases(tok)[0][0]),
                      "agreement": both / max(1, sum(full_ok)), "correct": sum(ok[b]), "full_correct": sum(full_ok)})
@@ -214,6 +216,7 @@ def main() -> None:
     ap.add_argument("--depths", type=int, default=10)
     ap.add_argument("--kvpress-python", default=str(KVPRESS_PYTHON))
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated read budgets")
     ap.add_argument("--unit-tokens", type=int, default=None, help="tiercache's unit_tokens (default: the library's)")
     ap.add_argument("--out", default="bench_quality")
     args = parse_args(ap)
@@ -225,17 +228,18 @@ def main() -> None:
     depths = 4 if args.quick else args.depths
     n_tokens = 64 if args.quick else args.agree_tokens
     base = RetrievalConfig() if args.unit_tokens is None else RetrievalConfig(unit_tokens=args.unit_tokens)
+    budgets = tuple(float(b) for b in args.budgets.split(","))
     start = time.perf_counter()
     rows = []
     if args.agree:
-        rows += agreement(model, tok, contexts, n_tokens, base)
+        rows += agreement(model, tok, contexts, n_tokens, base, budgets)
     if args.needle:
-        rows += needle(model, tok, lengths, depths, base)
+        rows += needle(model, tok, lengths, depths, base, budgets)
     if args.qa:
-        rows += stream_qa(model, tok, base)
+        rows += stream_qa(model, tok, base, budgets)
     if not args.no_peers:
         question = lambda q: tok(q, add_special_tokens=False)["input_ids"]  # noqa: E731
-        spec = {"model": str(default_model_dir()), "budgets": BUDGETS, "threads": args.threads,
+        spec = {"model": str(default_model_dir()), "budgets": budgets, "threads": args.threads,
                 "agree": [{"ids": ids, "new_tokens": n_tokens} for ids in agreement_cases(tok, contexts)]
                 if args.agree else [],
                 "needle": [{"context": c, "question": q, "length": n} for c, q, n in needle_cases(tok, lengths, depths)]
@@ -245,7 +249,7 @@ def main() -> None:
         rows += peers(args, spec)
     print(f"\nquality at read budgets, SmolLM2-135M, on {machine()['device']}, {time.perf_counter() - start:.0f} s")
     print_table(rows, ["case", "method", "budget", "tokens", "agreement", "kl", "read", "correct", "full_correct"])
-    write_results(args.out, rows, budgets=BUDGETS, retrieval=asdict(base))
+    write_results(args.out, rows, budgets=budgets, retrieval=asdict(base))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
     kv_bytes = per_token * len(ids)
     device = next(model.parameters()).device
     cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=kv_bytes // 4,
-                     disk_budget_bytes=4 * kv_bytes, disk_path=store, disk_codec="cachegen", block_tokens=32,
+                     disk_budget_bytes=4 * kv_bytes, disk_path=store, disk_codec="cachegen",
                      dtype=model.dtype, device=device, retrieval=RetrievalConfig(budget=args.budget))
     print(f"stream: {len(ids)} tokens of Python's reference docs with {len(FACTS)} facts planted; KV "
           f"{kv_bytes / 2**20:.1f} MiB; device budget {cfg.device_budget_bytes / 2**20:.1f} MiB, host "
