@@ -40,6 +40,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_disk import drop_cache  # noqa: E402
 from common import parse_args, print_table, write_results  # noqa: E402
 
 from tiercache.batch import ContextStore, prefill  # noqa: E402
@@ -72,17 +73,6 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
         except redis.ConnectionError:
             time.sleep(0.05)
     return proc, f"redis://127.0.0.1:{port}/0"
-
-
-def drop_cache(directory: Path) -> None:
-    """Evict a store's segment files from the page cache (as bench_disk does, unprivileged)."""
-    for p in directory.glob("seg-*"):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def timed(fn, server=None) -> tuple[float, float, object]:
@@ -178,7 +168,7 @@ def main() -> None:
             data_trip = (backend.records_read - records) / args.repeats
             warm_s, warm_cpu = best(lambda: disk_store.load(key), args.repeats)
             cold_s, _ = best(lambda: disk_store.load(key), args.repeats,
-                             lambda: drop_cache(work / f"disk-{codec}"))
+                             lambda: drop_cache(list((work / f"disk-{codec}").glob("seg-*"))))
             if not parsers:
                 manifest = backend.manifest(key)
                 parsers = parser_speed(url, [backend.key("part", key, d) for d, _ in manifest["parts"]],

@@ -85,7 +85,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = TierConfig(device_budget_bytes=kv // 8, host_budget_bytes=kv // 4, disk_budget_bytes=4 * kv,
-                            disk_path=tmp, disk_codec="cachegen", block_tokens=32, dtype=torch.float32,
+                            disk_path=tmp, disk_codec="cachegen", dtype=torch.float32,
                             retrieval=RetrievalConfig(budget=args.budget))
         with StreamSession(model, tok, config, chunk_tokens=args.chunk) as session:
             stream_s = timed_chunks(lambda x: session.append(x), ids, args.chunk)

@@ -10,11 +10,10 @@ import pytest
 import redis
 import torch
 
-from tiercache import BlockLayout, BlockNotFoundError, ConfigError, CorruptBlockError, TierConfig
+from tiercache import BlockNotFoundError, ConfigError, CorruptBlockError, TierConfig
 from tiercache.manager import TierManager
 
-LAYOUT = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)
-LAYERS = 2
+from test_manager import LAYERS, LAYOUT, block, pids
 
 
 def make(redis_url: str, host_blocks: int, disk_path=None) -> TierManager:
@@ -26,16 +25,6 @@ def make(redis_url: str, host_blocks: int, disk_path=None) -> TierManager:
     m = TierManager(cfg, LAYOUT, LAYERS)
     m.reserve(64)
     return m
-
-
-def block(seed: int, n: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    shape = (n, LAYOUT.block_tokens, 2, LAYOUT.kv_heads, LAYOUT.head_dim)
-    return torch.randn(shape, generator=g).to(LAYOUT.dtype)
-
-
-def pids(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64)
 
 
 def block_keys(client, m) -> list[bytes]:
