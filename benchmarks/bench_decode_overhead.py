@@ -9,8 +9,9 @@ cache. Per cache kind it reports, for one decode step:
 
 - ``ops`` / ``ops_per_layer``: aten ops dispatched (``tiercache.opcount.OpCounter``), views
   included; ``syncs``: ops whose result the host must wait for (``.item()``, ``nonzero``, ...);
-- ``step_ms`` (median of ``--steps``) and ``speed_vs_dynamic`` (DynamicCache's step time over
-  this one's, same run);
+- ``step_ms`` (median of ``--steps``; the caches of one context take turns step by step, so a
+  change in the machine's load hits all alike) and ``speed_vs_dynamic`` (DynamicCache's step
+  time over this one's, same run);
 - ``python_ms``: wall time of the step outside aten ops (measured under a timing dispatch mode);
   its slope against context length is printed at the end.
 
