@@ -206,6 +206,17 @@ def peers(args, spec: dict) -> list[dict]:
     return json.loads(out.read_text())
 
 
+def field_value(text: str) -> tuple[str, object]:
+    """``"name=value"`` -> ``(name, value)``, the value an int, a float or a string."""
+    name, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2K agreement over 64 tokens, needle at 1K/2K x 4 depths")
@@ -217,7 +228,9 @@ def main() -> None:
     ap.add_argument("--kvpress-python", default=str(KVPRESS_PYTHON))
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="comma-separated read budgets")
-    ap.add_argument("--unit-tokens", type=int, default=None, help="tiercache's unit_tokens (default: the library's)")
+    ap.add_argument("--retrieval", default="",
+                    help="tiercache's RetrievalConfig fields changed from the library's defaults, e.g. "
+                         "'unit_tokens=4,gqa_aggregate=softmax'")
     ap.add_argument("--out", default="bench_quality")
     args = parse_args(ap)
     if not (args.agree or args.needle or args.qa):
@@ -227,7 +240,7 @@ def main() -> None:
     lengths = [1024, 2048] if args.quick else [1024, 2048, 4096, 8192]
     depths = 4 if args.quick else args.depths
     n_tokens = 64 if args.quick else args.agree_tokens
-    base = RetrievalConfig() if args.unit_tokens is None else RetrievalConfig(unit_tokens=args.unit_tokens)
+    base = RetrievalConfig(**dict(field_value(kv) for kv in args.retrieval.split(",") if kv))
     budgets = tuple(float(b) for b in args.budgets.split(","))
     start = time.perf_counter()
     rows = []
