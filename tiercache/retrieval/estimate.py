@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .index import grown
+
 
 class BlockEstimates:
     """Mean keys and values of ``layers`` layers' sealed blocks for ``rows`` rows."""
@@ -71,12 +73,6 @@ class BlockEstimates:
     def _reserve(self, blocks: int) -> None:
         if blocks <= self.log_count.shape[1]:
             return
-        cap = max(blocks, 2 * self.log_count.shape[1], 64)
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
-                grown = t.new_zeros(t.shape[0], t.shape[1], cap, t.shape[3])
-                grown[:, :, : t.shape[2]] = t
-                store[i] = grown
-        grown = self.log_count.new_full((self.log_count.shape[0], cap), float("-inf"))
-        grown[:, : self.log_count.shape[1]] = self.log_count
-        self.log_count = grown
+        self.keys = [grown(t, 2, blocks) for t in self.keys]
+        self.values = [grown(t, 2, blocks) for t in self.values]
+        self.log_count = grown(self.log_count, 1, blocks, float("-inf"))

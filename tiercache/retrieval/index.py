@@ -61,11 +61,18 @@ class UnitIndex:
     def _reserve(self, units: int) -> None:
         if units <= self.bias.shape[1]:
             return
-        cap = max(units, 2 * self.bias.shape[1], 64)
-        for i, d in enumerate(self.data):
-            grown = d.new_zeros(d.shape[0], d.shape[1], cap, *d.shape[3:])
-            grown[:, :, : d.shape[2]] = d
-            self.data[i] = grown
-        bias = self.bias.new_zeros((self.bias.shape[0], cap))
-        bias[:, : self.bias.shape[1]] = self.bias
-        self.bias = bias
+        self.data = [grown(d, 2, units) for d in self.data]
+        self.bias = grown(self.bias, 1, units)
+
+
+def grown(t: torch.Tensor, dim: int, needed: int, fill: float = 0.0) -> torch.Tensor:
+    """``t`` with its capacity along ``dim`` raised to at least ``needed`` (doubling, 64 at
+    least, so that growing one entry at a time is amortised O(1)); new entries hold ``fill``."""
+    size = t.shape[dim]
+    if needed <= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = max(needed, 2 * size, 64)
+    out = t.new_full(shape, fill)
+    out.narrow(dim, 0, size).copy_(t)
+    return out
