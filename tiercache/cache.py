@@ -400,11 +400,11 @@ class TieredCache(Cache):
                 blocks = (self._prefill_blocks(layer, query, past, scaling) if window is None else
                           self._window_blocks(layer, past, past - 1))
                 estimate = past if self.prefill == "retrieval" and self.estimated[layer] else None
-                parts.append(self._read(layer, query, blocks, scaling, limit=past, softcap=softcap,
+                parts.append(self._read(layer, query, blocks, scaling, limit=past, softcap=softcap, merged=True,
                                         lower=None if lower is None else lower[:, :, None, None], estimate=estimate))
             parts += self._attend_new(query, keys, values, valid, scaling, softcap,
                                       None if lower is None else (lower - past, window.tokens))
-            out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+            out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts], query.dtype)
             self._append(layer, keys, values, valid)
         return out.transpose(1, 2)
 
@@ -509,7 +509,7 @@ class TieredCache(Cache):
 
     def _read(self, layer: int, query: torch.Tensor, blocks: torch.Tensor, scaling: float, lse: bool = True,
               limit: int | None = None, lower: int | torch.Tensor | None = None, softcap: float | None = None,
-              estimate: int | None = None, decode: bool = False):
+              estimate: int | None = None, decode: bool = False, merged: bool = False):
         """``(out, lse)`` of ``query`` over ``blocks`` ``(rows, n)`` of ``layer``, streamed through
         the device slots in groups when they do not fit at once (``lse``: False skips it when
         there is a single group). ``limit``: read only tokens before it (a prefill reads the past
@@ -518,7 +518,8 @@ class TieredCache(Cache):
         per query. ``softcap``: the scores' soft-capping (Gemma 2), or None. ``estimate``: the
         context's tokens, whose whole blocks not read are estimated (``estimate`` in
         ``RetrievalConfig``; only for the layers in ``estimated``); ``decode``: a decode step's read
-        (which always covers its last block)."""
+        (which always covers its last block); ``merged``: the caller merges the result with other
+        parts (it stays fp32, to be rounded once after the merge)."""
         rows, n = blocks.shape
         bt = self.layout.block_tokens
         pids = self.table.pids.gather(1, blocks)
@@ -535,21 +536,24 @@ class TieredCache(Cache):
         if estimate and self.estimates is not None and n < -(-estimate // bt):
             extra = self.estimates.extra(layer, -(-estimate // bt), blocks, sealed=None if decode else estimate // bt)
         slab = self.manager.layer_slab(layer)
+        out_dtype = torch.float32 if merged else None
         if self._all_on_device and self._fits(self.table.blocks):
             # Every block is on the device: no residency to manage, only slots to look up.
             slots = self.manager.slots_of(layer, pids)
-            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra, softcap=softcap)
+            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra, softcap=softcap,
+                                   out_dtype=out_dtype)
         self._all_on_device = False  # from here on, blocks may be evicted
         group = max(1, self.manager.free_slots(layer) // rows)
         if n <= group:
             slots = self.manager.resident(layer, pids.view(-1)).view(rows, n)
-            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra, softcap=softcap)
+            return paged_attention(query, slab, slots, bias, scaling, lse=lse, extra=extra, softcap=softcap,
+                                   out_dtype=out_dtype)
         parts = []
         for a in range(0, n, group):
             slots = self.manager.resident(layer, pids[:, a : a + group].reshape(-1)).view(rows, -1)
             parts.append(paged_attention(query, slab, slots, bias[..., a : a + group, :], scaling,
-                                         extra=extra if a == 0 else None, softcap=softcap))
-        return merge_attention([p[0] for p in parts], [p[1] for p in parts])
+                                         extra=extra if a == 0 else None, softcap=softcap, out_dtype=torch.float32))
+        return merge_attention([p[0] for p in parts], [p[1] for p in parts], out_dtype or query.dtype)
 
     def _attend_new(self, query, keys, values, valid, scaling, softcap=None, window=None
                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -569,7 +573,7 @@ class TieredCache(Cache):
                 lo = max(0, a - span + 1)
                 ok = valid[:, None, lo:b] & (self._arange(lo, b) >= first[:, a:b, None])    # (rows, b - a, b - lo)
             o, l = causal_attention(query[:, :, a:b], keys[:, :, lo:b], values[:, :, lo:b], ok, scaling,
-                                    softcap=softcap)
+                                    softcap=softcap, out_dtype=torch.float32)
             outs.append(o)
             lses.append(l)
         return [(torch.cat(outs, dim=2), torch.cat(lses, dim=2)) if len(outs) > 1 else (outs[0], lses[0])]

@@ -42,7 +42,7 @@ _PROGRAMS_PER_SM = 4
 def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bias: torch.Tensor,
                     scale: float, impl: str = "auto", lse: bool = True,
                     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    softcap: float | None = None
+                    softcap: float | None = None, out_dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` over the blocks in ``slots`` (module docstring).
 
@@ -59,9 +59,11 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
             m)``, attended in the same softmax by every query (the estimate of the blocks not read:
             ``tiercache.retrieval.estimate``); soft-capped like the others, the bias added after.
         softcap: soft-capping of the scaled scores (module docstring), or None.
+        out_dtype: dtype of the output (None: q's). A part that will be merged with others asks
+            for fp32, so that the merged result is rounded to q's dtype once, not once per part.
 
     Returns:
-        ``(out, lse)``: ``(rows, q_heads, q_len, head_dim)`` in q's dtype and ``(rows, q_heads,
+        ``(out, lse)``: ``(rows, q_heads, q_len, head_dim)`` in ``out_dtype`` and ``(rows, q_heads,
         q_len)`` fp32 (or None).
     """
     _check(q, slab, slots, bias, impl)
@@ -75,7 +77,7 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
         if not ((q.is_cuda or interpreting()) and _triton() is not None and q.shape[2] == 1 and not per_query):
             raise ConfigError("paged_attention: impl='triton' needs Triton, CUDA tensors, q_len == 1 and one bias per "
                               f"row, got q {tuple(q.shape)} on {q.device}, bias {tuple(bias.shape)}")
-        return _paged_triton(q, slab, slots, bias, float(scale), extra)
+        return _paged_triton(q, slab, slots, bias, float(scale), extra, out_dtype or q.dtype)
     rows, n_read = slots.shape
     bt, kv_heads, head_dim = slab.shape[1], slab.shape[3], slab.shape[4]
     # (rows, n_read, bt, 2, kv_heads, D) -> keys and values (rows, kv_heads, n_read * bt, D): a
@@ -92,16 +94,17 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
     else:  # the mask does not depend on the query row: (rows, 1, 1, tokens) broadcasts
         bias = bias.view(rows, -1) if extra is None else torch.cat([bias.view(rows, -1), extra[2]], 1)
         bias = bias.view(rows, 1, 1, -1)
-    return _attend(q, keys, values, bias, float(scale), impl, lse, softcap)
+    return _attend(q, keys, values, bias, float(scale), impl, lse, softcap, out_dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                     scale: float, impl: str = "auto", softcap: float | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, impl: str = "auto", softcap: float | None = None,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a prefill's new tokens over themselves: ``q`` ``(rows, q_heads, q_len,
     head_dim)`` are the last ``q_len`` of the ``n`` tokens of ``k`` / ``v`` ``(rows, kv_heads, n,
     head_dim)``; ``valid`` ``(rows, n)`` bool (False: padding, never attended), or ``(rows, q_len,
-    n)``: the keys each query may attend (a window). Returns ``(out, lse)`` as ``paged_attention``."""
+    n)``: the keys each query may attend (a window). ``out_dtype`` and the returned ``(out, lse)``
+    as ``paged_attention``'s."""
     rows, q_heads, q_len, _ = q.shape
     n, group = k.shape[2], q_heads // k.shape[1]
     causal = torch.ones(q_len, n, dtype=torch.bool, device=q.device).tril(n - q_len)
@@ -110,7 +113,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     if impl == "auto":
         impl = "sdpa" if q.device.type == "cpu" and softcap is None else "torch"
     _check_softcap(impl, softcap)
-    return _attend(q, k, v, _query_rows(bias, group), float(scale), impl, True, softcap)
+    return _attend(q, k, v, _query_rows(bias, group), float(scale), impl, True, softcap, out_dtype)
 
 
 def _query_rows(bias: torch.Tensor, group: int) -> torch.Tensor:
@@ -126,15 +129,19 @@ def _check_softcap(impl: str, softcap: float | None) -> None:
         raise ConfigError(f"attention with softcap={softcap} runs on impl='torch' only, got impl={impl!r}")
 
 
-def _attend(q, keys, values, bias, scale, impl, lse, softcap=None):
+def _attend(q, keys, values, bias, scale, impl, lse, softcap=None, out_dtype=None):
     """``q`` ``(rows, q_heads, q_len, D)`` over ``keys`` / ``values`` ``(rows, kv_heads, n, D)``
     with the additive ``bias`` broadcastable to ``(rows, kv_heads, group * q_len, n)``; scores
-    soft-capped by ``softcap`` if given (``"torch"`` only)."""
+    soft-capped by ``softcap`` if given (``"torch"`` only); the output in ``out_dtype`` (None:
+    q's)."""
     rows, q_heads, q_len, head_dim = q.shape
     kv_heads = keys.shape[1]
+    out_dtype = out_dtype or q.dtype
     # The group's query heads as extra query rows of their KV head: no K/V is repeated.
     qg = q.reshape(rows, kv_heads, -1, head_dim)
     if impl == "sdpa":
+        if out_dtype != q.dtype:  # the fused op answers in its inputs' dtype
+            qg, keys, values, bias = (t.to(out_dtype) for t in (qg, keys, values, bias))
         out, total = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, keys, values, attn_mask=bias,
                                                                                scale=scale)
         out = out.view(rows, q_heads, q_len, head_dim)
@@ -153,7 +160,7 @@ def _attend(q, keys, values, bias, scale, impl, lse, softcap=None):
     weights = torch.exp(scores - peak)
     total = weights.sum(-1)
     out = torch.matmul(weights, values.float()) / torch.where(total > 0, total, 1.0)[..., None]
-    out = out.to(q.dtype).view(rows, q_heads, q_len, head_dim)
+    out = out.to(out_dtype).view(rows, q_heads, q_len, head_dim)
     if not lse:
         return out, None
     return out, torch.where(total > 0, peak[..., 0] + torch.log(total), float("-inf")).view(rows, q_heads, q_len)
@@ -182,10 +189,12 @@ def _check(q, slab, slots, bias, impl) -> None:
 # ---------------------------------------------------------------------- merge
 
 
-def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly merge attentions of the same queries over disjoint key sets: ``outs[i]`` ``(...,
     head_dim)`` with ``lses[i]`` ``outs[i].shape[:-1]`` (``-inf``: an empty part). Returns the
-    output in ``outs[0]``'s dtype and the fp32 lse, as if one attention ran over the union."""
+    output in ``dtype`` (None: ``outs[0]``'s) and the fp32 lse, as if one attention ran over the
+    union."""
     if not outs or len(outs) != len(lses):
         raise ShapeError(f"merge_attention: need as many lses as outs (at least one), got "
                          f"{len(outs)} outs and {len(lses)} lses")
@@ -196,10 +205,11 @@ def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple
         if l.shape != o.shape[:-1] or l.device != o.device:
             raise ShapeError(f"merge_attention: lses[{i}] has shape {tuple(l.shape)} on {l.device}, "
                              f"expected {tuple(o.shape[:-1])} on {o.device}")
+    dtype = dtype or outs[0].dtype
     if len(outs) == 1:
-        return outs[0], lses[0].float()
+        return outs[0].to(dtype), lses[0].float()
     out, lse = merge_stacked(torch.stack(outs), torch.stack(lses))
-    return out.to(outs[0].dtype), lse
+    return out.to(dtype), lse
 
 
 def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +302,7 @@ def _triton():
     return triton, paged_decode
 
 
-def _paged_triton(q, slab, slots, bias, scale, extra):
+def _paged_triton(q, slab, slots, bias, scale, extra, out_dtype):
     triton, kernel = _triton()
     rows, q_heads, _, head_dim = q.shape
     n_read, bt, kv_heads = slots.shape[1], slab.shape[1], slab.shape[3]
@@ -320,7 +330,7 @@ def _paged_triton(q, slab, slots, bias, scale, extra):
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     merged, total = merge_stacked(out, lse)
-    return merged.to(q.dtype).unsqueeze(2), total.unsqueeze(2)
+    return merged.to(out_dtype).unsqueeze(2), total.unsqueeze(2)
 
 
 def interpreting() -> bool:
