@@ -28,7 +28,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig, TierName
-from tiercache.cache import TieredCache
+from tiercache.hf.cache import TieredCache
 
 SHAPES = {
     # SmolLM2-135M's attention geometry with fewer layers, so CPU runs stay short.

@@ -33,7 +33,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.cache import TieredCache
+from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
 from tiercache.stream import attention_implementation
 

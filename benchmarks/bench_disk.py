@@ -39,7 +39,7 @@ from common import print_table, write_results  # noqa: E402
 
 from tiercache.blocks import BlockKey, BlockLayout  # noqa: E402
 from tiercache.io.codec import CODECS, make_codec  # noqa: E402
-from tiercache.io.disk import DiskStore, DiskTier, content_key  # noqa: E402
+from tiercache.tiers.disk import DiskStore, DiskTier, content_key  # noqa: E402
 from tiercache.io.record import encode_record  # noqa: E402
 
 RECORD_KIB = (64, 256, 1024, 4096)

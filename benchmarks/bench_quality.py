@@ -44,7 +44,7 @@ from transformers import DynamicCache
 
 from common import RESULTS, machine, needle_parts, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.cache import TieredCache
+from tiercache.hf.cache import TieredCache
 from tiercache.cli import QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
 from tiercache.models import default_model_dir, load_default_model

@@ -20,7 +20,7 @@ import torch
 
 from common import best_of, machine, parse_args, print_table, write_results
 from tiercache import BlockLayout, TierConfig
-from tiercache.manager import TierManager
+from tiercache.tiers.manager import TierManager
 
 SHAPES = {"smollm2-135m": (3, 64), "llama3-8b": (8, 128)}  # (kv_heads, head_dim)
 

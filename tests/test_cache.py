@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from tiercache import ConfigError, RetrievalConfig, ShapeError, TierConfig, TierName, UnsupportedModelError
-from tiercache.cache import TieredCache
+from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
 
 pytestmark = pytest.mark.model

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask, create_sliding_window_causal_mask
 
 from tiercache import ConfigError, ShapeError, UnsupportedModelError
-from tiercache.cache import TieredCache, default_config
+from tiercache.hf.cache import TieredCache, default_config
 from tiercache.opcount import OpCounter
 from tiny_models import CHUNK, WINDOW, kv_bytes, tiered_config, tiny_model
 

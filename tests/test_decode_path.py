@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.cache import TieredCache
+from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
 
 LAYERS, BLOCK = 8, 32

@@ -26,7 +26,8 @@ from tiercache import (
 )
 from tiercache.io.codec import CODECS, make_codec
 from tiercache.io.contexts import content_key
-from tiercache.io.disk import DiskStore, DiskTier
+from tiercache.io.store import DiskStore
+from tiercache.tiers.disk import DiskTier
 from tiercache.io.frames import ContextPart
 from tiercache.io.record import decode_record, encode_record
 
@@ -230,7 +231,9 @@ def test_context_saved_in_one_process_loads_in_another(tmp_path, fingerprint_for
     assert key == content_key(fingerprint.digest, list(range(300))) != content_key("x", list(range(300)))
     proc = run_python(f"""
         import torch
-        from tiercache.io.disk import DiskStore, DiskTier, content_key
+        from tiercache.io.contexts import content_key
+        from tiercache.io.store import DiskStore
+        from tiercache.tiers.disk import DiskTier
         from tiercache.io.codec import make_codec
         from tiercache.blocks import BlockLayout
         from tiercache.fingerprint import Fingerprint
@@ -255,7 +258,7 @@ def test_second_writer_refused_readers_see_commits(tmp_path):
         with pytest.raises(StoreError, match=r"already open for writing by pid \d+.*writer.lock"):
             open_store(tmp_path)
         proc = run_python(f"""
-            from tiercache.io.disk import DiskStore
+            from tiercache.io.store import DiskStore
             from tiercache.errors import StoreError
             try:
                 DiskStore({str(tmp_path)!r}, 1 << 20)

@@ -20,7 +20,7 @@ import torch
 
 from tiercache import BlockKey, BlockLayout, BlockNotFoundError
 from tiercache.io.codec import make_codec
-from tiercache.io.disk import DiskStore
+from tiercache.io.store import DiskStore
 from tiercache.io.record import decode_record, encode_record
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=16, head_dim=32, dtype=torch.float32)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tiercache.cache import ATTN_NAME, TieredCache
+from tiercache.hf.cache import ATTN_NAME, TieredCache
 from tiny_models import FAMILIES, tiered_config, tiny_model
 
 MODES = ("greedy", "sampling", "return_sequences", "beam", "padded", "multi_turn", "prompt_lookup", "assisted",
@@ -177,7 +177,7 @@ def test_half_precision_stays_within_the_models_own_noise(family, dtype, monkeyp
     that flips on one rounding, as Llama 4's did on some CPUs), which is not tiercache's doing."""
     from transformers import AttentionInterface
 
-    from tiercache.families import model_spec
+    from tiercache.hf.families import model_spec
 
     model = model_of(family, dtype)
     windows = model_spec(model).windows

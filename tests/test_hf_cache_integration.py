@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tiercache.cache import TieredCache
+from tiercache.hf.cache import TieredCache
 from tiny_models import tiered_config
 
 pytestmark = pytest.mark.model

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tiercache import BlockLayout, CapacityError, ConfigError, TierConfig, TierName
-from tiercache.manager import TierManager
+from tiercache.tiers.manager import TierManager
 from tiercache.opcount import OpCounter
-from tiercache.pools import HostSlab
-from tiercache.residency import PINNED
+from tiercache.tiers.host import HostSlab
+from tiercache.tiers.residency import PINNED
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=4, head_dim=8, dtype=torch.float16)
 LAYERS = 2

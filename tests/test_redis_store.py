@@ -160,7 +160,9 @@ def test_tampered_and_foreign_records_are_refused_and_counted(redis_url, fingerp
 
 
 def test_eviction_by_maxmemory_is_a_clean_miss(redis_servers, fingerprint_for):
-    server = redis_servers("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-random")
+    # The policy the README recommends, sampling enough keys that the newest contexts (saved
+    # last) are kept: allkeys-random could evict a part of every one, and leave nothing whole.
+    server = redis_servers("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru", "--maxmemory-samples", "64")
     fingerprint = fingerprint_for(context_kv(0), RAW, chunk_tokens=64)
     with RedisStore(server.url()) as store:
         for i in range(24):  # 24 x 80 KB of records, 3 MB of memory: Redis evicts

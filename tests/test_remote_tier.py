@@ -11,7 +11,7 @@ import redis
 import torch
 
 from tiercache import BlockNotFoundError, ConfigError, CorruptBlockError, TierConfig
-from tiercache.manager import TierManager
+from tiercache.tiers.manager import TierManager
 
 from test_manager import LAYERS, LAYOUT, block, pids
 
@@ -98,7 +98,7 @@ def test_remote_settings_are_checked():
 
 @pytest.mark.model
 def test_a_model_answers_the_same_with_a_remote_tier(smollm2, redis_url, tmp_path):
-    from tiercache.cache import TieredCache
+    from tiercache.hf.cache import TieredCache
     from tiercache.corpus import text_tokens
     from tiercache.stream import greedy_answer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiercache.errors import ShapeError
-from tiercache.table import BlockTable
+from tiercache.decode.table import BlockTable
 
 
 def make(rows: int = 2, block_tokens: int = 4) -> BlockTable:

@@ -19,7 +19,7 @@ from .errors import (
     UnsupportedModelError,
 )
 
-from .manager import TierManager, TierStats
+from .tiers.manager import TierManager, TierStats
 
 __version__ = "0.1.0"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import ATTN_NAME, TieredCache, default_config
+from .hf.cache import ATTN_NAME, TieredCache, default_config
 from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import BlockNotFoundError, ConfigError, CorruptBlockError, ShapeError, StoreError, TiercacheError

@@ -501,7 +501,7 @@ def _model_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", metavar="PATH_OR_DIR", default=None,
                    help="a transformers checkpoint directory with its tokenizer (save_pretrained of both; "
-                        "a family of tiercache.families.SUPPORTED_MODEL_TYPES); default: the embedded "
+                        "a family of tiercache.hf.families.SUPPORTED_MODEL_TYPES); default: the embedded "
                         "SmolLM2-135M-Instruct")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: CUDA if present)")

@@ -143,7 +143,7 @@ class TierConfig:
       with their parameters in ``host_codec_params`` / ``disk_codec_params``.
     - ``disk_path``: directory of the disk tier (created if missing; must be writable).
     - ``remote_url``: a Redis server (``redis://host:port/db``) for a remote tier below host
-      memory and disk, written through as blocks are sealed (``tiercache.io.remote``);
+      memory and disk, written through as blocks are sealed (``tiercache.tiers.remote``);
       ``remote_budget_bytes`` bounds the bytes it may hold there (in ``remote_codec``'s encoding,
       with ``remote_codec_params``). Its blocks are live data: give such a server
       ``maxmemory-policy noeviction`` (an evicted block is a clear ``BlockNotFoundError``).

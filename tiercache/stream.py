@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import ATTN_NAME, TieredCache
+from .hf.cache import ATTN_NAME, TieredCache
 from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import ConfigError, FingerprintError, ShapeError, StoreError
@@ -154,7 +154,7 @@ def full_attention_answers(model, tokenizer, questions: Sequence[str], *,
 class StreamSession:
     """A stream appended chunk by chunk into a ``TieredCache`` and questioned at any time.
 
-    ``config``: the tiers (``tiercache.cache.default_config(model)`` if None). ``path``: the
+    ``config``: the tiers (``tiercache.hf.cache.default_config(model)`` if None). ``path``: the
     session directory for ``save`` (default ``config.disk_path``; it may also hold the disk
     tier). ``chunk_tokens``: the largest piece one forward encodes; longer appends are split, so
     memory and time per forward stay bounded (tokens).

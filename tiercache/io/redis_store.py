@@ -1,7 +1,7 @@
 """``RedisStore``: records in a Redis server, the tier many processes and machines share.
 
 It is a ``ContextBackend`` (saved contexts, for ``ContextStore("redis://host:port/db", ...)``)
-and holds the blocks of ``tiercache.io.remote.RemoteTier`` (a backing tier of the manager). It
+and holds the blocks of ``tiercache.tiers.remote.RemoteTier`` (a backing tier of the manager). It
 speaks to Redis through the ``redis`` client (with the ``hiredis`` reply parser: 1.25-1.7x
 faster than the pure-Python one on a context's records, see benchmarks/RESULTS.md).
 

@@ -1,6 +1,6 @@
 """Block retrieval: unit summaries, the per-row unit index, and the per-step selector.
 
-The decode path (``tiercache.cache``) keeps one ``UnitIndex`` per batch and one ``Selector``::
+The decode path (``tiercache.hf.cache``) keeps one ``UnitIndex`` per batch and one ``Selector``::
 
     index.seal(layer, first_unit, keys, valid)    # post-RoPE keys of units that filled
     plan = selector.plan(layer, n_tokens)         # host integers: blocks read, sink, window, top

@@ -8,8 +8,8 @@ bookkeeping of the slower tiers:
   copy is always clean and evicting it writes nothing. Open blocks (being appended to) and sink
   blocks are pinned on the device.
 - **Backing tiers.** Below host memory, an ordered list: the disk tier (the ``DiskStore``
-  records of ``tiercache.io.disk``) if ``disk_budget_bytes``, then the remote tier
-  (``tiercache.io.remote``, Redis) if ``remote_url``; blocks are keyed ``BlockKey(0, layer,
+  records of ``tiercache.tiers.disk``) if ``disk_budget_bytes``, then the remote tier
+  (``tiercache.tiers.remote``, Redis) if ``remote_url``; blocks are keyed ``BlockKey(0, layer,
   pid)``. A write-through tier (the remote one) gets every block as it is sealed. When host
   memory is full, its oldest rows are demoted to the first backing tier (the disk, whose copies
   are never evicted, if there is one; written only if it does not hold them yet); a block read
@@ -31,13 +31,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .blocks import BlockKey, BlockLayout, TierName
-from .config import TierConfig
-from .errors import CapacityError, ConfigError
-from .io.codec import make_codec
-from .pools import DeviceSlab
+from ..blocks import BlockKey, BlockLayout, TierName
+from ..config import TierConfig
+from ..errors import CapacityError, ConfigError
+from ..io.codec import make_codec
+from .base import BackingTier
+from .device import DeviceSlab
+from .host import HostTier
 from .residency import PINNED, Residency
-from .tiers import BackingTier, HostTier
 
 
 @dataclass
@@ -100,11 +101,11 @@ class TierManager:
         self.backing: list[BackingTier] = []
         try:
             if config.disk_budget_bytes > 0:
-                from .io.disk import DiskTier
+                from .disk import DiskTier
 
                 self.backing.append(DiskTier.from_config(config, layout))
             if config.remote_url is not None:
-                from .io.remote import RemoteTier
+                from .remote import RemoteTier
 
                 self.backing.append(RemoteTier.from_config(config, layout))
         except BaseException:

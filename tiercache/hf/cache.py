@@ -2,7 +2,7 @@
 
 transformers calls ``Cache.update(key, value, layer_idx)`` and then the model's attention function
 with the query; ``update`` never sees the query, so the work happens in the ``"tiercache"``
-attention function (``tiercache.hf_attention``), which the model runs only for forwards that use a
+attention function (``tiercache.hf.attention``), which the model runs only for forwards that use a
 TieredCache. ``update`` only hands this step's new keys and values over; the mask that arrives
 is the 2-D padding mask, so the attention knows which new tokens are padding.
 
@@ -22,7 +22,7 @@ by log-sum-exp. Its tokens are then written: full blocks go to host memory, the 
 block becomes the open block on the device. When the blocks to read do not fit the device slots
 at once, they are streamed through them in groups.
 
-**Windowed layers** (``tiercache.families``: sliding or chunked attention) attend exactly their
+**Windowed layers** (``tiercache.hf.families``: sliding or chunked attention) attend exactly their
 window: a step reads the blocks the window covers, and the positions before it are masked; older
 blocks are never read again (they stay in the slower tiers, so ``crop`` can move back). Full
 layers go through retrieval.
@@ -55,17 +55,17 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
-from .config import TierConfig
-from .errors import ConfigError, ShapeError, UnsupportedModelError
+from ..config import TierConfig
+from ..decode.table import BlockTable
+from ..errors import ConfigError, ShapeError, UnsupportedModelError
+from ..kernels.attention import causal_attention, merge_attention, paged_attention
+from ..retrieval.estimate import BlockEstimates
+from ..retrieval.index import UnitIndex
+from ..retrieval.selector import Selector
+from ..retrieval.summaries import make_summary
+from ..tiers.manager import TierManager
+from .attention import ATTN_NAME, attach, note_update
 from .families import ModelSpec, model_spec
-from .hf_attention import ATTN_NAME, attach, note_update
-from .kernels.attention import causal_attention, merge_attention, paged_attention
-from .manager import TierManager
-from .retrieval.estimate import BlockEstimates
-from .retrieval.index import UnitIndex
-from .retrieval.selector import Selector
-from .retrieval.summaries import make_summary
-from .table import BlockTable
 
 __all__ = ["ATTN_NAME", "PREFILL_MODES", "TieredCache", "default_config", "wrap"]
 
@@ -84,7 +84,7 @@ class TieredCache(Cache):
     on its base module, ``hf_attention.attach``), and put back on its own implementation at the end
     of each, so the model behaves as before with any other cache. A batch's rows may be padded
     (left or right): padding tokens are cached but never attended and never enter retrieval.
-    Supported families and how each of their layers attends: ``tiercache.families``.
+    Supported families and how each of their layers attends: ``tiercache.hf.families``.
 
     ``prefill``: how a forward of several new tokens attends the tokens cached before it:
     ``"full"`` (every block: exact), ``"window"`` (sink + recent window only: constant cost per
@@ -419,7 +419,7 @@ class TieredCache(Cache):
             raise UnsupportedModelError(
                 f"layer {layer} attends with sliding_window={sliding_window}, softcap={softcap}, but its config "
                 f"reads as {window or 'full attention'}, softcap={self.spec.softcap}: this model's layers are not "
-                "what tiercache.families expects")
+                "what tiercache.hf.families expects")
 
     def _new_valid(self, mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
         """Which of the ``new`` tokens are real (not padding), from the 2-D mask; None: all."""

@@ -14,12 +14,12 @@ import torch
 from ..blocks import BlockKey, BlockLayout, TierName
 from ..config import TierConfig
 from ..errors import ConfigError, CorruptBlockError
-from ..tiers import BackingTier
-from .codec import Codec, make_codec
+from .base import BackingTier
+from ..io.codec import Codec, make_codec
 from ..fingerprint import Fingerprint
-from .contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
-from .record import decode_record, encode_record, prefix_size
-from .store import DiskStore
+from ..io.contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
+from ..io.record import decode_record, encode_record, prefix_size
+from ..io.store import DiskStore
 
 __all__ = ["DiskStore", "DiskTier", "content_key"]
 

@@ -25,7 +25,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
 from transformers.masking_utils import prepare_padding_mask
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 ATTN_NAME = "tiercache"
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 #: Model types whose attention TieredCache takes over, with what they need (module docstring).
 SUPPORTED_MODEL_TYPES = {

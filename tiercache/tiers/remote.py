@@ -20,10 +20,10 @@ import torch
 from ..blocks import BlockKey, BlockLayout, TierName
 from ..config import TierConfig
 from ..errors import BlockNotFoundError, CapacityError, ConfigError, CorruptBlockError, StoreError
-from ..tiers import BackingTier
-from .codec import Codec, make_codec
-from .record import decode_record, encode_record, prefix_size
-from .redis_store import RedisStore
+from .base import BackingTier
+from ..io.codec import Codec, make_codec
+from ..io.record import decode_record, encode_record, prefix_size
+from ..io.redis_store import RedisStore
 
 #: Upper bound of a record's JSON header, in bytes (it is about 230).
 _MAX_RECORD_HEADER = 1024

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .pools import DeviceSlab
+from .device import DeviceSlab
 
 #: Clock value of a slot that may not be evicted.
 PINNED = 1 << 62

@@ -1,18 +1,18 @@
-"""Where block bytes live: the device slab, and host memory taken as it is used.
+"""The warm tier: host memory.
 
-- ``DeviceSlab``: every layer's device slots in one tensor ``(layers, slots + 1, block_tokens, 2,
-  kv_heads, head_dim)`` allocated once; slot ``slots`` of each layer is a scratch slot that
-  masked writes of the decode path land in, so a step never needs a data-dependent shape. The
-  layout is token-major so that a gather of blocks views as keys ``(kv_heads, tokens,
-  head_dim)`` without a copy; tiers below store blocks as ``(2, kv_heads, block_tokens,
-  head_dim)`` (``BlockLayout``), and the copies between them permute.
-- ``HostSlab``: the warm tier's rows of ``row_nbytes`` bytes (one encoded block each). The budget
-  is a ceiling, not a reservation: the rows are one virtual range that the OS backs with memory
-  only where rows are written, and rows are handed out lowest first, so the memory taken is the
-  high-water mark of rows in use. With CUDA, each slab of ``SLAB_NBYTES`` is pinned
-  (``cudaHostRegister``) when the first row in it is handed out, so copies to the device run as
-  DMA and kernels can read rows in place; pinning all of a large budget up front would take
-  seconds and all of that memory.
+- ``HostSlab``: rows of ``row_nbytes`` bytes (one encoded block each). The budget is a ceiling,
+  not a reservation: the rows are one virtual range that the OS backs with memory only where
+  rows are written, and rows are handed out lowest first, so the memory taken is the high-water
+  mark of rows in use. With CUDA, each slab of ``SLAB_NBYTES`` is pinned (``cudaHostRegister``)
+  when the first row in it is handed out, so copies to the device run as DMA and kernels can
+  read rows in place; pinning all of a large budget up front would take seconds and all of that
+  memory.
+- ``HostTier``: blocks encoded by a fixed-size codec (``raw`` or ``quant``) in the rows of a
+  ``HostSlab``. The decode step reads rows by a device tensor of row indices (``read``), so it is
+  addressed by rows, not keys; the manager keeps which (layer, pid) each row holds, in numpy, off
+  the step's path. It takes and gives blocks in the device slab's token-major layout ``(n,
+  block_tokens, 2, kv_heads, head_dim)``; with the raw codec a row is exactly those bytes, so a
+  copy to the device needs no transpose.
 """
 
 from __future__ import annotations
@@ -22,33 +22,14 @@ import math
 import numpy as np
 import torch
 
-from .blocks import BlockLayout
-from .errors import CapacityError
+from ..blocks import BlockLayout, TierName
+from ..errors import CapacityError, ConfigError
+from ..io.codec import Codec
+from ..kernels.rows import gather_rows, scatter_rows
 
 #: Granularity of pinning host memory with CUDA: 64 MiB.
 SLAB_NBYTES = 64 << 20
 _PAGE = 4096
-
-
-class DeviceSlab:
-    """``slots`` block slots per layer on ``device``, plus one scratch slot per layer."""
-
-    def __init__(self, layout: BlockLayout, layers: int, slots: int, device: torch.device) -> None:
-        self.layout = layout
-        self.slots = slots
-        # Zeroed once so positions past a partial block's tokens never hold NaN bit patterns.
-        self.kv = torch.zeros((layers, slots + 1, layout.block_tokens, 2, layout.kv_heads, layout.head_dim),
-                              dtype=layout.dtype, device=device)
-
-    @property
-    def scratch(self) -> int:
-        """Index of each layer's scratch slot."""
-        return self.slots
-
-    @property
-    def capacity_bytes(self) -> int:
-        """Bytes of the usable slots (the scratch slots excluded)."""
-        return self.kv.shape[0] * self.slots * self.layout.nbytes
 
 
 class HostSlab:
@@ -129,3 +110,52 @@ class HostSlab:
             if int(err) != 0:
                 raise CapacityError(f"host tier: pinning {size} bytes failed (cudaError {int(err)})")
             self._pinned.add(slab)
+
+
+class HostTier:
+    """Rows of host memory, one encoded block each (``codec`` must have a fixed size), up to
+    ``budget_bytes`` of them."""
+
+    name = TierName.HOST
+
+    def __init__(self, layout: BlockLayout, budget_bytes: int, codec: Codec, pin: bool | None = None) -> None:
+        row_nbytes = codec.fixed_nbytes(layout, layout.block_tokens)
+        if row_nbytes is None:
+            raise ConfigError(
+                f"host codec {codec.name!r} has data-dependent sizes; the host tier needs a fixed-size "
+                "codec such as 'raw' or 'quant'"
+            )
+        self.layout = layout
+        self.codec = codec
+        # Raw rows are blocks in the slab's layout and dtype, so reading one is a plain gather.
+        self._raw = codec.name == "raw"
+        shape, dtype = ((layout.block_tokens, 2, layout.kv_heads, layout.head_dim), layout.dtype) if self._raw \
+            else ((row_nbytes,), torch.uint8)
+        self.slab = HostSlab(shape, dtype, budget_bytes // row_nbytes, pin)
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one encoded block."""
+        return self.slab.row_nbytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.slab.rows * self.slab.row_nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.slab.used_rows * self.slab.row_nbytes
+
+    def write(self, rows: np.ndarray, kv: torch.Tensor) -> None:
+        """Encode blocks ``kv`` ``(n, block_tokens, 2, kv_heads, head_dim)`` into ``rows``."""
+        index = torch.from_numpy(rows).to(kv.device)
+        payload = kv if self._raw else self.codec.encode_many(kv.permute(0, 2, 3, 1, 4), self.layout)
+        scatter_rows(self.slab.data, index, payload)
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor:
+        """The blocks in ``rows`` (a tensor of row indices; ``slab.scratch`` is the scratch row)
+        decoded to ``(n, block_tokens, 2, kv_heads, head_dim)`` on ``rows``' device."""
+        payload = gather_rows(self.slab.data, rows)
+        if self._raw:
+            return payload
+        return self.codec.decode_many(payload, self.layout, rows.device).permute(0, 3, 1, 2, 4)
