@@ -58,8 +58,8 @@ def watch(cache) -> list[dict]:
 
     def timed(beam_idx: torch.Tensor) -> None:
         if isinstance(cache, TieredCache):
-            before, index = cache.manager.stats().moved_bytes.get("device->device", 0), cache.index.data
-            estimates = cache.estimates.keys if cache.estimates is not None else None
+            before, index = cache.manager.stats().moved_bytes.get("device->device", 0), cache.step.kv.index.data
+            estimates = cache.step.kv.estimates.keys if cache.step.kv.estimates is not None else None
         else:
             dense = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
         start = time.perf_counter()
@@ -67,9 +67,9 @@ def watch(cache) -> list[dict]:
         seconds = time.perf_counter() - start
         if isinstance(cache, TieredCache):
             kv = cache.manager.stats().moved_bytes.get("device->device", 0) - before
-            gathered = cache.index.data is not index  # an identity reorder gathers nothing
-            summaries = sum(d.nbytes for d in cache.index.data) + cache.index.bias.nbytes if gathered else 0
-            est = cache.estimates
+            gathered = cache.step.kv.index.data is not index  # an identity reorder gathers nothing
+            summaries = sum(d.nbytes for d in cache.step.kv.index.data) + cache.step.kv.index.bias.nbytes if gathered else 0
+            est = cache.step.kv.estimates
             means = (sum(t.nbytes for t in est.keys + est.values) + est.log_count.nbytes
                      if est is not None and est.keys is not estimates else 0)
             calls.append({"kv": kv, "summaries": summaries, "estimates": means, "seconds": seconds})

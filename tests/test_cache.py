@@ -109,7 +109,7 @@ def test_sparse_decode_reads_exactly_its_budget(smollm2):
         model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
     model.set_attn_implementation("sdpa")
     per_layer = (cache.manager.stats().lookups - before) / model.config.num_hidden_layers
-    plan = cache.selector.plan(0, n + 1)
+    plan = cache.step.selector.plan(0, n + 1)
     # 10% of 2049 tokens is 204: the open block (1 token) and 6 whole blocks of 32.
     assert (plan.read, plan.sink, plan.window) == (7, 1, 2)
     assert per_layer == plan.read

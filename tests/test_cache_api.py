@@ -63,9 +63,9 @@ def test_the_model_keeps_its_own_attention_outside_tiered_forwards(llama):
     seen = []
     original = TieredCache.attend
 
-    def spy(self, layer, query, mask, scaling):
+    def spy(self, layer, query, keys, values, mask, scaling):
         seen.append(llama.config._attn_implementation)
-        return original(self, layer, query, mask, scaling)
+        return original(self, layer, query, keys, values, mask, scaling)
 
     TieredCache.attend = spy
     try:
@@ -138,11 +138,11 @@ def test_reorder_cache_shares_blocks_and_copies_only_open_blocks(llama):
         assert_close(b, a)
     # 51 tokens. The rows forked from row 1 at 45 tokens share its 11 full blocks; block 11, open
     # then, was copied for two rows; block 12 was opened after the last reorder.
-    held = cache.table.host_pids(slice(0, cache.table.blocks))
+    held = cache.step.kv.table.host_pids(slice(0, cache.step.kv.table.blocks))
     assert cache.get_seq_length() == ref.get_seq_length() == 51
     assert len(set(held[:, :11].reshape(-1).tolist())) == 11
     assert len(set(held[:, 11].tolist())) == len(set(held[:, 12].tolist())) == 3
-    assert cache.manager.pinned(0) == 1 + 3  # the shared sink block, each row's open block
+    assert cache.manager.residency.pinned[0] == 1 + 3  # the shared sink block, each row's open block
 
 
 def test_batch_repeat_interleave_and_select_indices(llama):
@@ -161,7 +161,7 @@ def test_batch_repeat_interleave_and_select_indices(llama):
         c.batch_select_indices(torch.tensor([False, True]))
     a, b = steps(llama, [ref, cache], ids(1, 2, seed=5))
     assert_close(b, a)
-    assert cache.table.rows == 1 and cache.get_seq_length() == ref.get_seq_length()
+    assert cache.step.kv.table.rows == 1 and cache.get_seq_length() == ref.get_seq_length()
 
 
 def test_a_batch_the_device_holds_never_fails_midway(llama):
@@ -183,7 +183,7 @@ def test_a_batch_the_device_holds_never_fails_midway(llama):
     assert full.table is None and full.get_seq_length() == 0
     with pytest.raises(ConfigError, match="a batch of 6 needs"):
         cache.batch_repeat_interleave(2)
-    assert cache.table.rows == 3
+    assert cache.step.kv.table.rows == 3
     steps(llama, [cache], ids(3, 2))  # still usable
 
 
@@ -246,8 +246,8 @@ def test_reset_forgets_everything(llama):
     with torch.no_grad():
         llama(ids(2, 30), past_key_values=cache)
     cache.reset()
-    assert cache.get_seq_length() == 0 and cache.table is None
-    assert all(cache.manager.pinned(layer) == 0 for layer in range(2))
+    assert cache.get_seq_length() == 0 and cache.step.kv.table is None
+    assert all(cache.manager.residency.pinned[layer] == 0 for layer in range(2))
     ref = DynamicCache(config=llama.config)
     with torch.no_grad():
         a = llama(ids(3, 20), past_key_values=ref).logits
@@ -279,11 +279,11 @@ def test_windowed_layers_read_their_window_and_full_layers_retrieve(family, wind
         lookups.clear()
         logits = model(ids(1, 1), past_key_values=cache).logits
     per_layer = {layer: sum(n for l, n in lookups if l == layer) for layer in range(2)}
-    for layer, w in enumerate(cache.windows):
+    for layer, w in enumerate(cache.spec.windows):
         if w is not None:
             assert per_layer[layer] <= -(-window // 4) + 1
         else:
-            assert per_layer[layer] == cache.selector.plan(layer, 81).read
+            assert per_layer[layer] == cache.step.selector.plan(layer, 81).read
     if family == "mistral-window":  # every layer slides: exact at any budget
         ref = DynamicCache(config=model.config)
         with torch.no_grad():

@@ -83,10 +83,10 @@ def test_one_layers_decode_attention_compiles_without_graph_breaks(model):
     inputs = {}
     original = TieredCache.attend
 
-    def spy(self, layer, query, mask, scaling):
+    def spy(self, layer, query, keys, values, mask, scaling):
         if layer == 0:
-            inputs.update(query=query, keys=self._pending[0][0], values=self._pending[0][1], scaling=scaling)
-        return original(self, layer, query, mask, scaling)
+            inputs.update(query=query, keys=keys, values=values, scaling=scaling)
+        return original(self, layer, query, keys, values, mask, scaling)
 
     with torch.no_grad():
         ids = torch.randint(0, 1000, (1, 1000), generator=torch.Generator().manual_seed(2))
@@ -99,13 +99,12 @@ def test_one_layers_decode_attention_compiles_without_graph_breaks(model):
     model.set_attn_implementation("sdpa")
 
     def layer_step(query, keys, values):
-        cache._pending[0] = (keys, values)
-        return cache.attend(0, query, None, inputs["scaling"])
+        return cache.step.attend(0, query, keys, values, None, inputs["scaling"])
 
     compiled = torch.compile(layer_step, fullgraph=True, backend="eager", dynamic=False)
     for _ in range(3):  # positions 1001..1003: 1003 fills unit 250
         out = compiled(inputs["query"], inputs["keys"], inputs["values"])
-        cache.lengths[1:] = [cache.lengths[0]] * (LAYERS - 1)
+        cache.step.kv.lengths[1:] = [cache.step.kv.lengths[0]] * (LAYERS - 1)
     assert out.shape == (1, 1, 8, 32) and torch.isfinite(out).all()
     torch._dynamo.reset()
 

@@ -67,7 +67,7 @@ def test_pinned_blocks_never_leave_and_open_blocks_are_written_in_place():
     m = make(device_slots=3, host_blocks=8)
     open_slots = m.open(1, pids(7))
     m.layer_slab(1)[open_slots] = block(9)
-    assert m.pinned(1) == 1 and m.free_slots(1) == 2
+    assert m.residency.pinned[1] == 1 and m.residency.free_slots(1) == 2
     m.seal(1, np.arange(4), block(2, 4))
     for round_ in range(3):  # every sealed block passes through the two free slots
         for pid in range(4):
@@ -78,7 +78,7 @@ def test_pinned_blocks_never_leave_and_open_blocks_are_written_in_place():
     with pytest.raises(CapacityError, match="3 more blocks to pin .* 2 slots free of 3 .1 pinned."):
         m.open(1, pids(8, 9, 10))
     m.unpin(1, open_slots)
-    assert m.pinned(1) == 0
+    assert m.residency.pinned[1] == 0
 
 
 def test_a_step_reading_every_slot_copies_misses_without_evicting_its_own_blocks():
@@ -141,7 +141,7 @@ def test_free_releases_every_tier_and_pinned_slots(tmp_path):
     m.open(1, pids(4))
     m.free(np.arange(5))
     assert m.block_counts() == {"device": 0, "host": 0, "disk": 0, "remote": 0}
-    assert m.pinned(1) == 0 and m.used_bytes(TierName.HOST) == 0
+    assert m.residency.pinned[1] == 0 and m.used_bytes(TierName.HOST) == 0
     m.close()
 
 
@@ -176,7 +176,7 @@ class ManagerMachine(RuleBasedStateMachine):
         mine = sorted(p for (l, p) in self.truth if l == layer and (l, p) not in self.opened)
         if not mine:
             return
-        chosen = data.draw(st.lists(st.sampled_from(mine), min_size=1, max_size=self.m.free_slots(layer),
+        chosen = data.draw(st.lists(st.sampled_from(mine), min_size=1, max_size=self.m.residency.free_slots(layer),
                                     unique=True))
         slots = self.m.resident(layer, torch.tensor(chosen))
         for slot, pid in zip(slots.tolist(), chosen):
@@ -184,7 +184,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @rule(layer=layers, pid=st.integers(8, 11))
     def open_block(self, layer, pid):
-        if (layer, pid) in self.opened or self.m.free_slots(layer) <= 1:
+        if (layer, pid) in self.opened or self.m.residency.free_slots(layer) <= 1:
             return
         slot = self.m.open(layer, pids(pid))
         self.seed += 1
@@ -210,7 +210,7 @@ class ManagerMachine(RuleBasedStateMachine):
         for (layer, pid), slot in self.opened.items():
             assert int(m.residency.device_slot[layer, pid]) == slot
         for layer in range(LAYERS):
-            assert m.pinned(layer) == sum(1 for (l, _) in self.opened if l == layer)
+            assert m.residency.pinned[layer] == sum(1 for (l, _) in self.opened if l == layer)
 
     def teardown(self):
         for (layer, pid), kv in self.truth.items():

@@ -213,8 +213,8 @@ def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
     with StreamSession(session.model, session.tokenizer, config) as partial:
         partial.cache.import_kv(kv)
         calls = []
-        select = partial.cache.selector.select
-        partial.cache.selector.select = lambda plan, q, *rest: calls.append(q.shape[2]) or select(plan, q, *rest)
+        select = partial.cache.step.selector.select
+        partial.cache.step.selector.select = lambda plan, q, *rest: calls.append(q.shape[2]) or select(plan, q, *rest)
         question = question_text(FACTS[0])
         n_question = len(session.tokenizer(question, add_special_tokens=False)["input_ids"])
         answers = {}
@@ -225,7 +225,7 @@ def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
             prefill, decode = calls[:layers], calls[layers:]
             assert prefill == [n_question] * layers, "the question's queries select, all positions at once"
             assert decode == ([] if hold else [1] * (3 * layers)), f"hold={hold}: decode-step selections {decode}"
-            assert partial.tokens == len(ids) and not partial.cache._held
+            assert partial.tokens == len(ids) and not partial.cache.step.held
         assert all(answers.values())
 
 

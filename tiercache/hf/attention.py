@@ -92,9 +92,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     cache = ref() if ref is not None else None
     scaling = module.scaling if scaling is None else scaling
     layer = module.layer_idx
-    if cache is not None and layer in cache._pending and cache._pending[layer][0] is key:
+    if cache is not None and cache.received(layer, key):
         cache.check_layer(layer, sliding_window, softcap)
-        return cache.attend(layer, query, attention_mask, scaling), None
+        return cache.attend(layer, query, key, value, attention_mask, scaling), None
     if softcap is not None or sliding_window is not None:
         raise UnsupportedModelError(f"layer {layer}: the tiercache attention without a TieredCache attends plainly "
                                     "causally, not with soft-capping or a sliding window; leave the model on its own "

@@ -33,9 +33,8 @@ each other through a custom mask function), and every family not listed below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..errors import UnsupportedModelError
+from ..spec import ModelSpec, Window, kv_geometry
 
 #: Model types whose attention TieredCache takes over, with what they need (module docstring).
 SUPPORTED_MODEL_TYPES = {
@@ -68,34 +67,6 @@ _SOFTCAPPED = ("gemma2",)
 _WINDOW_KINDS = {"sliding_attention": "sliding", "chunked_attention": "chunked"}
 
 
-@dataclass(frozen=True)
-class Window:
-    """What a windowed layer attends: ``kind`` ``"sliding"`` (the last ``tokens`` positions, its
-    own included) or ``"chunked"`` (the positions of its ``tokens``-token chunk up to its own)."""
-
-    kind: str
-    tokens: int
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A supported model's KV geometry; per layer, its window (None: full attention, which goes
-    through retrieval); and the soft-capping of attention scores its modules ask for (None: none)."""
-
-    model_type: str
-    layers: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    windows: tuple[Window | None, ...]
-    softcap: float | None = None
-
-    @property
-    def widest_window(self) -> int:
-        """Tokens of the widest window of any layer (0 without windowed layers)."""
-        return max((w.tokens for w in self.windows if w is not None), default=0)
-
-
 def model_spec(model) -> ModelSpec:
     """The ``ModelSpec`` of ``model`` (a transformers causal LM), or ``UnsupportedModelError``
     naming why tiercache cannot take over its attention."""
@@ -111,13 +82,10 @@ def model_spec(model) -> ModelSpec:
     if getattr(mcfg, "use_bidirectional_attention", False) or not getattr(mcfg, "is_causal", True):
         raise UnsupportedModelError(f"{model_type} with bidirectional attention is not supported: the cache "
                                     "attends causally")
-    q_heads = mcfg.num_attention_heads
     # Only Gemma 2's modules pass their config's soft-capping to the attention (Gemma 3's have the
     # setting and do not); the attention function checks what each module passes against this.
     softcap = mcfg.attn_logit_softcapping if model_type in _SOFTCAPPED else None
-    return ModelSpec(model_type, mcfg.num_hidden_layers, q_heads,
-                     getattr(mcfg, "num_key_value_heads", None) or q_heads,
-                     getattr(mcfg, "head_dim", None) or mcfg.hidden_size // q_heads, _windows(mcfg), softcap)
+    return ModelSpec(model_type, *kv_geometry(mcfg), _windows(mcfg), softcap)
 
 
 def _windows(mcfg) -> tuple[Window | None, ...]:

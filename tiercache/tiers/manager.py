@@ -38,7 +38,7 @@ from ..io.codec import make_codec
 from .base import BackingTier
 from .device import DeviceSlab
 from .host import HostTier
-from .residency import PINNED, Residency
+from .residency import Residency
 
 
 @dataclass
@@ -96,7 +96,7 @@ class TierManager:
         if config.host_budget_bytes > 0:
             host = HostTier(layout, config.host_budget_bytes, make_codec(config.host_codec, **config.host_codec_params))
             self.host = host if host.slab.rows else None
-        self.residency = Residency(self.slab, layers, self.host.slab.scratch if self.host else 0)
+        self.residency = Residency(self.slab, layers, self.host)
         #: The tiers below host memory, fastest first.
         self.backing: list[BackingTier] = []
         try:
@@ -122,8 +122,6 @@ class TierManager:
         self._rows = np.full((layers, 0), -1, dtype=np.int64)
         self._held = np.zeros((layers, 0), dtype=np.uint8)
         self._below = [0] * layers  # blocks of each layer held below host memory only
-        self._pinned = [0] * layers
-        self._lookups = 0
         self._stats = TierStats()
 
     # ------------------------------------------------------------------ sizes
@@ -132,14 +130,6 @@ class TierManager:
     def slots(self) -> int:
         """Device slots per layer."""
         return self.slab.slots
-
-    def pinned(self, layer: int) -> int:
-        """Device slots of ``layer`` pinned now (open and sink blocks)."""
-        return self._pinned[layer]
-
-    def free_slots(self, layer: int) -> int:
-        """Device slots of ``layer`` that one ``resident`` call may use."""
-        return self.slab.slots - self._pinned[layer]
 
     def reserve(self, pid_capacity: int) -> None:
         """Make room for pids below ``pid_capacity``."""
@@ -157,30 +147,19 @@ class TierManager:
     # ------------------------------------------------------------------ the step's reads
 
     def resident(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
-        """Device slots ``(n,)`` holding ``pids`` ``(n,)`` (distinct, ``n <= free_slots(layer)``)
-        of ``layer``. No host sync unless the layer has blocks held only below host memory."""
+        """Device slots ``(n,)`` holding ``pids`` ``(n,)`` (distinct, ``n <=
+        residency.free_slots(layer)``) of ``layer`` (``Residency.resident``). No host sync
+        unless the layer has blocks held only below host memory: those are read into host
+        memory first, and the step waits (``TierStats.disk_waits``)."""
         if self._below[layer]:
             self._load_from_backing(layer, pids)
-        self._lookups += pids.numel()
-        return self.residency.resident(layer, pids, self._read_rows)
-
-    def _read_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.host is None:  # every block is pinned on the device: nothing can miss
-            return self.slab.kv[0, : rows.numel()]
-        return self.host.read(rows)
+        return self.residency.resident(layer, pids)
 
     # ------------------------------------------------------------------ the write path
 
     def open(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Pinned device slots ``(n,)`` for new blocks ``pids`` of ``layer`` (open or sink
         blocks); the caller writes their data."""
-        n = pids.numel()
-        if n > self.free_slots(layer):
-            raise CapacityError(
-                f"layer {layer}: {n} more blocks to pin on the device, {self.free_slots(layer)} slots free of "
-                f"{self.slots} ({self._pinned[layer]} pinned); raise device_budget_bytes"
-            )
-        self._pinned[layer] += n
         return self.residency.claim(layer, pids, pin=True)
 
     def copy(self, layer: int, slots: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
@@ -193,31 +172,33 @@ class TierManager:
         self._add_moved("device->device", pids.numel() * self.layout.nbytes)
         return new
 
-    def place(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
-        """Device slots ``(n,)`` for sealed blocks ``pids`` of ``layer`` that the caller also writes
-        to the device (evictable; free slots go first)."""
-        return self.residency.claim(layer, pids, pin=False)
-
-    def slots_of(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
-        """The device slots of ``pids`` ``(rows, n)`` of ``layer``, which the caller knows are all
-        on the device (counted as device hits)."""
-        self._lookups += pids.numel()
-        return self.residency.slot_of(layer, pids)
+    def place_sealed(self, layer: int, pids: np.ndarray, kv: torch.Tensor, pin: int, blocks: int) -> None:
+        """Put sealed blocks on the device too (they are already in host memory: ``seal``):
+        ``pids`` ``(rows, n)``, ``kv`` ``(rows * n, block_tokens, 2, kv_heads, head_dim)``. The
+        first ``pin`` of each row go to pinned slots (sink blocks; every block without a host
+        tier); all ``n`` go (evictable) while every row's ``blocks`` blocks after this write, plus
+        an open one, fit the device, so that reads only look slots up (``Residency.read_plan``);
+        otherwise only the pinned ones, and ``all_on_device`` ends."""
+        rows, n = pids.shape
+        placed = n if self.residency.fits(rows, blocks + 1) else pin
+        self.residency.all_on_device &= placed == n
+        if placed:
+            device_pids = torch.from_numpy(pids[:, :placed].reshape(-1)).to(self.device)
+            slots = self.residency.claim(layer, device_pids, pin=placed == pin)
+            self.layer_slab(layer)[slots] = kv.reshape(rows, n, *kv.shape[1:])[:, :placed].reshape(-1, *kv.shape[1:])
 
     def pin(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Bring ``pids`` of ``layer`` to the device and pin them there; returns their slots."""
-        if pids.numel() > self.free_slots(layer):
+        if pids.numel() > self.residency.free_slots(layer):
             raise CapacityError(f"layer {layer}: cannot pin {pids.numel()} more blocks, "
-                                f"{self.free_slots(layer)} device slots free")
+                                f"{self.residency.free_slots(layer)} device slots free")
         slots = self.resident(layer, pids)
         self.residency.pin(layer, slots)
-        self._pinned[layer] += pids.numel()
         return slots
 
     def unpin(self, layer: int, slots: torch.Tensor) -> None:
         """Make pinned ``slots`` of ``layer`` evictable again."""
         self.residency.unpin(layer, slots)
-        self._pinned[layer] -= slots.numel()
 
     def seal(self, layer: int, pids: np.ndarray, kv: torch.Tensor) -> None:
         """Write sealed blocks ``pids`` of ``layer`` (``kv`` ``(n, block_tokens, 2, kv_heads,
@@ -397,12 +378,7 @@ class TierManager:
             return
         self._note_device()
         pids = np.asarray(pids, dtype=np.int64)
-        index = torch.from_numpy(pids).to(self.device)
-        slots = self.residency.device_slot[:, index]
-        pinned = (self.residency.clock.gather(1, slots.clamp(min=0)) == PINNED) & (slots >= 0)
-        for layer, n in enumerate(pinned.sum(1).tolist()):
-            self._pinned[layer] -= n
-        self.residency.forget(index)
+        self.residency.forget(torch.from_numpy(pids).to(self.device))
         layers = np.repeat(np.arange(self.layers), len(pids))
         self._forget(layers, np.tile(pids, self.layers))
 
@@ -453,9 +429,9 @@ class TierManager:
     def stats(self) -> TierStats:
         """A snapshot of the counters (reads the device counters: one sync)."""
         s = self._stats.copy()
-        s.lookups = self._lookups
+        s.lookups = self.residency.lookups
         misses = int(self.residency.device_misses)
-        s.hits[TierName.DEVICE.value] = self._lookups - misses
+        s.hits[TierName.DEVICE.value] = s.lookups - misses
         s.hits[TierName.HOST.value] = misses - sum(s.hits[t.name.value] for t in self.backing)
         if self.host is not None:
             s.moved_bytes["host->device"] = misses * self.layout.nbytes
