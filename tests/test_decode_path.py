@@ -4,6 +4,8 @@ layer's decode attention captured whole by torch.compile, and padded batches in 
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -60,19 +62,21 @@ def test_decode_steps_never_sync_with_the_host(model, budget):
 
 
 def test_aten_ops_per_layer_are_at_most_twice_dynamic_cache_and_flat_in_context(model):
-    """Averaged over two block cycles of the default blocks at a 10% budget: at most 2x
-    DynamicCache's ops per layer (each a GPU kernel launch), and the same at 2K and 8K tokens."""
-    dense = decode_counts(model, DynamicCache(config=model.config), 2048, 2)
+    """Over two block cycles of the default blocks at a 10% budget: on average at most 2x
+    DynamicCache's ops per layer (each a GPU kernel launch), and a typical step (the median) costs
+    the same at 1K and 4K tokens: the smallest context where the 10% read holds retrieved blocks
+    beside sink and window, and 4x it. (Steps that open a block, or change the plan's shape, add a
+    few ops; which steps those are depends on where the context ends, not on its length.)"""
+    dense = decode_counts(model, DynamicCache(config=model.config), 1024, 2)
     dense_per_layer = dense[-1].ops / LAYERS
     block = TierConfig.__dataclass_fields__["block_tokens"].default
-    per_layer = {}
-    for context in (2048, 8192):
+    typical, mean = {}, {}
+    for context in (1024, 4096):
         cache = TieredCache(model, config(model, context + 2 * block + 1, 0.1, block=block))
-        counters = decode_counts(model, cache, context, 2 * block)
-        model.set_attn_implementation("sdpa")
-        per_layer[context] = sum(c.ops for c in counters) / len(counters) / LAYERS
-    assert per_layer[2048] == per_layer[8192], per_layer
-    assert per_layer[2048] <= 2 * dense_per_layer, (per_layer, dense_per_layer)
+        ops = [c.ops / LAYERS for c in decode_counts(model, cache, context, 2 * block)]
+        typical[context], mean[context] = statistics.median(ops), statistics.fmean(ops)
+    assert typical[1024] == typical[4096], typical
+    assert max(mean.values()) <= 2 * dense_per_layer, (mean, dense_per_layer)
 
 
 def test_one_layers_decode_attention_compiles_without_graph_breaks(model):

@@ -17,9 +17,9 @@ ROOT = Path(tiercache.__file__).parent
 LAYERS = {
     "tiercache.errors": 0, "tiercache.blocks": 0, "tiercache.paths": 0, "tiercache.capacity": 0,
     "tiercache.io": 1, "tiercache.kernels": 1, "tiercache.opcount": 1,
-    "tiercache.spec": 2, "tiercache.config": 2,
+    "tiercache.spec": 2, "tiercache.config": 2, "tiercache.fingerprint": 2,
     "tiercache.tiers": 3, "tiercache.retrieval": 3,
-    "tiercache.decode": 4, "tiercache.fingerprint": 4,
+    "tiercache.decode": 4,
     "tiercache.hf": 5, "tiercache.contexts": 5,
     "tiercache.generation": 6, "tiercache.stream": 6, "tiercache.jobs": 6, "tiercache.batch": 6,
     "tiercache.distributed": 6, "tiercache.evaluation": 6, "tiercache.corpus": 6, "tiercache.stopping": 6,

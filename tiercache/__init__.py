@@ -2,16 +2,20 @@
 
 Hot KV blocks live on the compute device, warm ones in (pinned) host memory, cold ones on disk;
 block retrieval picks, at each decode step, the blocks the attention must read.
+
+Configuration, block geometry and errors load with the package; everything else loads on first
+use (``tiercache.TieredCache`` needs transformers, the ``hf`` extra), so importing a small part
+of tiercache does not import all of it.
 """
 
-from .blocks import BlockKey, BlockLayout, BlockMeta, TierName
+from .blocks import BlockKey, BlockLayout, TierName
 from .config import RetrievalConfig, TierConfig
 from .errors import (
     BlockNotFoundError,
     CapacityError,
     ConfigError,
     CorruptBlockError,
-    PinnedBlockError,
+    FingerprintError,
     ShapeError,
     StoreError,
     StoreWarning,
@@ -19,12 +23,11 @@ from .errors import (
     UnsupportedModelError,
 )
 
-from .tiers.manager import TierManager, TierStats
-
 __version__ = "0.1.0"
 
-# These need transformers (the `hf` extra); import them on first use only.
-_LAZY = {"TieredCache": "cache", "wrap": "cache", "StreamSession": "stream", "ContextStore": "batch"}
+#: Names imported on first use, and their modules.
+_LAZY = {"TierManager": "tiers.manager", "TierStats": "tiers.manager", "TieredCache": "hf.cache",
+         "wrap": "hf.cache", "StreamSession": "stream", "ContextStore": "batch"}
 
 
 def __getattr__(name: str):
@@ -38,13 +41,12 @@ def __getattr__(name: str):
 __all__ = [
     "BlockKey",
     "BlockLayout",
-    "BlockMeta",
     "BlockNotFoundError",
     "CapacityError",
     "ConfigError",
     "ContextStore",
     "CorruptBlockError",
-    "PinnedBlockError",
+    "FingerprintError",
     "RetrievalConfig",
     "ShapeError",
     "StoreError",

@@ -2,7 +2,7 @@
 
 A block holds ``block_tokens`` consecutive tokens of one layer of one sequence, for every KV head:
 keys and values each of shape ``(kv_heads, block_tokens, head_dim)``. ``BlockKey`` names it,
-``BlockLayout`` gives its geometry and size, ``BlockMeta`` is the manager's record of it.
+and ``BlockLayout`` gives its geometry and size.
 """
 
 from __future__ import annotations
@@ -97,20 +97,3 @@ class BlockLayout:
         if not 1 <= tokens <= self.block_tokens:
             raise ShapeError(f"{what}: {tokens} tokens, expected 1..{self.block_tokens}")
         return tokens
-
-
-@dataclass(slots=True)
-class BlockMeta:
-    """The manager's record of one block.
-
-    ``tokens`` is how many of the block's ``block_tokens`` positions hold data (the open block of a
-    sequence is partial). ``stored_nbytes`` is its size in its current tier's encoding. ``slot`` is the block's slot in its tier's pool, when the tier has slots.
-    ``pinned`` blocks (attention sinks, open blocks) never leave the device tier.
-    """
-
-    key: BlockKey
-    tokens: int
-    tier: TierName
-    slot: int = -1
-    pinned: bool = False
-    stored_nbytes: int = 0

@@ -53,6 +53,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def parse_summary(spec: str) -> tuple[str, int]:
+    """A unit summary's config name as ``(kind, rows)``: ``"mean"`` and ``"minmax"`` (one row),
+    ``"landmarks"`` (4 rows) or ``"landmarks:R"`` (``R`` >= 1 rows); ``ConfigError`` otherwise.
+    ``tiercache.retrieval.summaries.make_summary`` builds the summary."""
+    name, _, arg = str(spec).partition(":")
+    if name in ("mean", "minmax") and not arg:
+        return name, 1
+    if name == "landmarks" and (not arg or (arg.isdigit() and int(arg) >= 1)):
+        return name, int(arg) if arg else 4
+    raise ConfigError(f"unknown summary {spec!r}; use 'mean', 'minmax', 'landmarks' or 'landmarks:R' (R >= 1 "
+                      "landmarks per unit)")
+
+
 @dataclass(frozen=True)
 class RetrievalConfig:
     """What the decode step reads for each layer (see ``tiercache.retrieval.selector``).
@@ -123,9 +136,7 @@ class RetrievalConfig:
                 raise ConfigError(f"{name} must be layer indices >= 0, got {layers}")
         if any(not isinstance(i, int) or i < 0 for i in self.layer_budgets):
             raise ConfigError(f"layer_budgets keys must be layer indices >= 0: {list(self.layer_budgets)}")
-        from .retrieval.summaries import make_summary  # late: the retrieval package imports this module
-
-        make_summary(self.summary)
+        parse_summary(self.summary)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,3 @@ class StoreWarning(UserWarning):
 
 class UnsupportedModelError(TiercacheError):
     """A model whose attention tiercache cannot take over."""
-
-
-class PinnedBlockError(TiercacheError):
-    """An operation would move a pinned block (attention sink, open block) off the device."""

@@ -29,6 +29,7 @@ import torch
 
 from .blocks import BlockLayout
 from .errors import FingerprintError, StoreError
+from .paths import cache_home
 
 #: Config entries that do not change what the model computes (runtime switches, provenance).
 _RUNTIME_CONFIG_KEYS = frozenset({"name_or_path", "transformers_version", "dtype", "torch_dtype",
@@ -207,7 +208,6 @@ def files_digest(files: list[Path]) -> str:
     """sha256 over ``files`` (names and bytes, in name order), cached in
     ``$TIERCACHE_HOME/fingerprints`` under the files' paths, sizes and modification times."""
     from .io.jsonfile import write_json_atomic
-    from .models import cache_home
 
     files = sorted(Path(f).resolve() for f in files)
     stats = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]

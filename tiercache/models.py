@@ -16,16 +16,12 @@ import torch
 
 from .errors import ConfigError
 from .fingerprint import note_source
+from .paths import cache_home
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Checkpoints ``load_model`` loaded in this process (batch workers report it: one each).
 _loads = 0
-
-
-def cache_home() -> Path:
-    """Directory where tiercache keeps converted models (``$TIERCACHE_HOME`` or ~/.cache/tiercache)."""
-    return Path(os.environ.get("TIERCACHE_HOME", Path.home() / ".cache" / "tiercache"))
 
 
 def _gguf_dir() -> Path:

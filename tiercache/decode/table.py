@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..capacity import grown
 from ..errors import ShapeError
 
 
@@ -78,7 +79,7 @@ class BlockTable:
         old, new = self.blocks, -(-tokens // self.block_tokens)
         if tokens > self.bias.shape[1]:
             # Whole blocks of tokens, so the decode step can view it as (rows, blocks, block_tokens).
-            self.bias = _grown(self.bias, 1, tokens, float("-inf"), self.block_tokens)
+            self.bias = grown(self.bias, 1, tokens, float("-inf"), self.block_tokens)
         self.bias[:, self.tokens : tokens] = self._zero if valid is None else torch.where(
             valid, self._zero, self._minus_inf)
         self.tokens = tokens
@@ -86,9 +87,9 @@ class BlockTable:
             return np.zeros((self.rows, 0), dtype=np.int64)
         if new > self._pids.shape[1]:
             cap = max(new, 2 * self._pids.shape[1], 16)
-            grown = np.full((self.rows, cap), -1, dtype=np.int64)
-            grown[:, :old] = self._pids[:, :old]
-            self._pids = grown
+            pids = np.full((self.rows, cap), -1, dtype=np.int64)
+            pids[:, :old] = self._pids[:, :old]
+            self._pids = pids
         fresh = self._take_pids(self.rows * (new - old)).reshape(self.rows, new - old)
         self._pids[:, old:new] = fresh
         self._upload()
@@ -159,14 +160,3 @@ class BlockTable:
         dead = np.unique(pids[self._refs[pids] == 0])
         self._free_pids.extend(dead[::-1].tolist())
         return dead
-
-
-def _grown(t: torch.Tensor, dim: int, size: int, fill, multiple: int = 1) -> torch.Tensor:
-    """``t`` with dimension ``dim`` grown to at least ``size`` (doubling; a multiple of
-    ``multiple``), new entries ``fill``."""
-    cap = -(-max(size, 2 * t.shape[dim], 64) // multiple) * multiple
-    shape = list(t.shape)
-    shape[dim] = cap
-    out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
-    out.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return out

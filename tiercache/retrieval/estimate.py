@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .index import grown
+from ..capacity import grown
 
 
 class BlockEstimates:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..capacity import grown
 from ..errors import ShapeError
 from .summaries import Summary
 
@@ -63,16 +64,3 @@ class UnitIndex:
             return
         self.data = [grown(d, 2, units) for d in self.data]
         self.bias = grown(self.bias, 1, units)
-
-
-def grown(t: torch.Tensor, dim: int, needed: int, fill: float = 0.0) -> torch.Tensor:
-    """``t`` with its capacity along ``dim`` raised to at least ``needed`` (doubling, 64 at
-    least, so that growing one entry at a time is amortised O(1)); new entries hold ``fill``."""
-    size = t.shape[dim]
-    if needed <= size:
-        return t
-    shape = list(t.shape)
-    shape[dim] = max(needed, 2 * size, 64)
-    out = t.new_full(shape, fill)
-    out.narrow(dim, 0, size).copy_(t)
-    return out

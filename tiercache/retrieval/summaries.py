@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..config import parse_summary
 from ..errors import ConfigError, ShapeError
 
 
@@ -134,18 +135,6 @@ class LandmarkSummary(Summary):
 
 
 def make_summary(spec: str) -> Summary:
-    """Summary from its config name: ``"mean"``, ``"minmax"``, ``"landmarks"`` (4 rows) or
-    ``"landmarks:R"`` (R rows)."""
-    name, _, arg = spec.partition(":")
-    if name == "mean" and not arg:
-        return MeanSummary()
-    if name == "minmax" and not arg:
-        return MinMaxSummary()
-    if name == "landmarks":
-        try:
-            return LandmarkSummary(int(arg) if arg else 4)
-        except ValueError:
-            pass
-    raise ConfigError(
-        f"unknown summary {spec!r}; use 'mean', 'minmax', 'landmarks' or 'landmarks:R' (R per unit)"
-    )
+    """Summary from its config name (``tiercache.config.parse_summary``)."""
+    name, rows = parse_summary(spec)
+    return {"mean": MeanSummary, "minmax": MinMaxSummary}[name]() if name != "landmarks" else LandmarkSummary(rows)
