@@ -61,7 +61,8 @@ from common import machine, parse_args, print_table, write_results
 from tiercache.cli import question_text
 from tiercache.config import RetrievalConfig
 from tiercache.models import load_default_model
-from tiercache.retrieval import MinMaxSummary, Selector, make_summary
+from tiercache.retrieval.selector import Selector
+from tiercache.retrieval.summaries import MinMaxSummary, make_summary
 from tiercache.retrieval.evaluate import capture
 from tiercache.retrieval.selector import Plan
 

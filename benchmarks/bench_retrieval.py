@@ -37,7 +37,8 @@ from common import machine, parse_args, print_table, write_results
 from tiercache.config import RetrievalConfig, TierConfig
 from tiercache.corpus import text_tokens
 from tiercache.models import load_default_model
-from tiercache.retrieval import Selector, make_summary
+from tiercache.retrieval.selector import Selector
+from tiercache.retrieval.summaries import make_summary
 from tiercache.retrieval.evaluate import Capture, attention_probs, capture, read_attention
 
 BUDGETS = (0.05, 0.1, 0.2)

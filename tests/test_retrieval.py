@@ -11,15 +11,9 @@ import torch
 from tiercache.config import RetrievalConfig
 from tiercache.errors import ConfigError, ShapeError
 from tiercache.opcount import OpCounter
-from tiercache.retrieval import (
-    LandmarkSummary,
-    MeanSummary,
-    MinMaxSummary,
-    Selector,
-    UnitIndex,
-    aggregate,
-    make_summary,
-)
+from tiercache.retrieval.index import UnitIndex
+from tiercache.retrieval.selector import Selector, aggregate
+from tiercache.retrieval.summaries import LandmarkSummary, MeanSummary, MinMaxSummary, make_summary
 
 KV, G, D = 3, 3, 64
 

@@ -1,28 +1,18 @@
-"""Block retrieval: unit summaries, the per-row unit index, and the per-step selector.
+"""Retrieval: which blocks a decode step reads.
 
-The decode path (``tiercache.hf.cache``) keeps one ``UnitIndex`` per batch and one ``Selector``::
+- ``summaries``: how a unit of tokens is summarised for scoring (mean key, Quest min/max,
+  landmarks), from its post-RoPE keys;
+- ``index.UnitIndex``: every layer's unit summaries, per row, on the device;
+- ``estimate.BlockEstimates``: each sealed block's mean key and value, which stand in for the
+  blocks a step does not read;
+- ``selector.Selector``: a step's read plan (host integers) and its selection (tensors);
+- ``evaluate``: recall of attention mass and output error of a selection, for benchmarks.
 
-    index.seal(layer, first_unit, keys, valid)    # post-RoPE keys of units that filled
-    plan = selector.plan(layer, n_tokens)         # host integers: blocks read, sink, window, top
-    ids = selector.select(plan, query, index.data[layer], index.ok)   # (rows, plan.read) blocks
+The decode step (``tiercache.decode.step``) uses them as::
+
+    plan = selector.plan(layer, n_tokens)          # blocks read, sink, window, units ranked
+    blocks = selector.select(plan, query, index.data[layer], unit_bias, scaling)   # (rows, read)
 
 Units: tokens, units of ``unit_tokens`` tokens, storage blocks of ``block_tokens`` tokens.
 Measured quality: benchmarks/bench_retrieval.py.
 """
-
-from .index import UnitIndex
-from .selector import AGGREGATES, Plan, Selector, aggregate
-from .summaries import LandmarkSummary, MeanSummary, MinMaxSummary, Summary, make_summary
-
-__all__ = [
-    "AGGREGATES",
-    "LandmarkSummary",
-    "MeanSummary",
-    "MinMaxSummary",
-    "Plan",
-    "Selector",
-    "Summary",
-    "UnitIndex",
-    "aggregate",
-    "make_summary",
-]
