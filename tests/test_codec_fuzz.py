@@ -13,7 +13,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockKey, BlockLayout
 from tiercache.errors import CorruptBlockError
 from tiercache.io.codec import make_codec

@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockKey, BlockLayout
 from tiercache.errors import ConfigError, CorruptBlockError, ShapeError
 from tiercache.io.bitpack import pack, packed_nbytes, unpack

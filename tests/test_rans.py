@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockLayout
 from tiercache.errors import CorruptBlockError, FingerprintError
 from tiercache.io import ans
