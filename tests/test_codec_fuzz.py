@@ -90,6 +90,15 @@ def test_codec_truncation_always_rejected_when_size_is_known(name, params):
             codec.decode(payload[:cut], LAYOUT, 16, "cpu")
 
 
+def test_zstd_frame_declaring_a_huge_size_is_refused_before_allocating():
+    # The frame header descriptor (byte 4) switched to an 8-byte content size: the next bytes
+    # then declare about 4 EB, which decompress would try to allocate (a MemoryError).
+    payload = bytearray(make_codec("zstd").encode(*_block(1, 16)).numpy().tobytes())
+    payload[4] = (payload[4] | 0xC0) & ~0x20
+    with pytest.raises(CorruptBlockError, match="declares"):
+        make_codec("zstd").decode(torch.frombuffer(payload, dtype=torch.uint8), LAYOUT, 16, "cpu")
+
+
 def _record(name: str, params: dict, seed: int, tokens: int) -> bytes:
     # Blocks 0 and 1 of a sequence: with and without cachegen's raw sink tokens.
     return encode_record(make_codec(name, **params), *_block(seed, tokens), LAYOUT, BlockKey(0, 0, seed % 2))
