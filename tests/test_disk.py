@@ -25,7 +25,7 @@ from tiercache import (
     TierConfig,
 )
 from tiercache.io.codec import CODECS, make_codec
-from tiercache.io.contexts import content_key
+from tiercache.contexts.kv import content_key, load_kv_context, save_kv_context
 from tiercache.io.store import DiskStore
 from tiercache.tiers.disk import DiskTier
 from tiercache.io.frames import ContextPart
@@ -231,25 +231,21 @@ def test_context_saved_in_one_process_loads_in_another(tmp_path, fingerprint_for
     assert key == content_key(fingerprint.digest, list(range(300))) != content_key("x", list(range(300)))
     proc = run_python(f"""
         import torch
-        from tiercache.io.contexts import content_key
+        from tiercache.contexts.kv import content_key, save_kv_context
         from tiercache.io.store import DiskStore
-        from tiercache.tiers.disk import DiskTier
         from tiercache.io.codec import make_codec
-        from tiercache.blocks import BlockLayout
         from tiercache.fingerprint import Fingerprint
         g = torch.Generator().manual_seed(7)
         kv = torch.randn((3, 2, 2, 300, 8), generator=g).to(torch.bfloat16)
-        layout = BlockLayout(2, 16, 8, torch.bfloat16)
-        tier = DiskTier(DiskStore({str(tmp_path)!r}, 1 << 24), make_codec("raw"), layout)
         fingerprint = Fingerprint.from_json({fingerprint.to_json()!r})
-        # The key is recomputed here: it must not depend on the process (no per-process hash).
-        tier.save_context(content_key(fingerprint.digest, list(range(300))), kv, fingerprint, chunk_tokens=64)
-        tier.close()
+        with DiskStore({str(tmp_path)!r}, 1 << 24) as store:
+            # The key is recomputed here: it must not depend on the process (no per-process hash).
+            save_kv_context(store, content_key(fingerprint.digest, list(range(300))), kv, make_codec("raw"),
+                            fingerprint, chunk_tokens=64)
     """)
     assert proc.returncode == 0, proc.stderr
     with DiskStore(tmp_path, 0, readonly=True) as r:
-        tier = DiskTier(r, RAW, LAYOUT, keep_blocks=True)
-        assert torch.equal(tier.load_context(key, fingerprint), expected)
+        assert torch.equal(load_kv_context(r, key, fingerprint), expected)
 
 
 def test_second_writer_refused_readers_see_commits(tmp_path):
@@ -480,11 +476,11 @@ def test_tier_from_config_drops_blocks_of_previous_process_keeps_contexts(tmp_pa
     tier.write_many([BlockKey(0, 0, 0)], kv_block(0)[None], [16])
     ctx = torch.randn(2, 2, 2, 40, 8)
     fingerprint = fingerprint_for(ctx, RAW, chunk_tokens=16)
-    tier.save_context("c", ctx, fingerprint, chunk_tokens=16)
+    save_kv_context(tier.store, "c", ctx, tier.codec, fingerprint, chunk_tokens=16)
     tier.close()
     tier = DiskTier.from_config(cfg, LAYOUT)
     assert BlockKey(0, 0, 0) not in tier, "a block of another process would be served as this one's"
-    assert torch.equal(tier.load_context("c", fingerprint), ctx)
+    assert torch.equal(load_kv_context(tier.store, "c", fingerprint), ctx)
     tier.close()
     with pytest.raises(ConfigError, match="disk_budget_bytes"):
         DiskTier.from_config(TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0), LAYOUT)

@@ -31,8 +31,8 @@ from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import ConfigError, FingerprintError, ShapeError, StoreError
 from .fingerprint import Fingerprint, model_fingerprint, model_id, storage_fingerprint
+from .contexts.kv import CHUNK_TOKENS, load_kv_context, save_kv_context
 from .io.codec import make_codec
-from .io.contexts import CHUNK_TOKENS, load_kv_context, save_kv_context
 from .io.jsonfile import write_json_atomic
 from .io.store import DiskStore
 from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids

@@ -1,5 +1,5 @@
 """The disk tier: the tier manager's third tier, blocks encoded by a codec into records kept in a
-``DiskStore`` (``tiercache.io.store``), and saved contexts next to them.
+``DiskStore`` (``tiercache.io.store``), where saved contexts may live next to them.
 
 Blocks (``BlockKey``) are the manager's live data: they are never evicted, and a write that does
 not fit raises ``CapacityError``. Their sequence ids mean something only to the process that
@@ -16,12 +16,8 @@ from ..config import TierConfig
 from ..errors import ConfigError, CorruptBlockError
 from .base import BackingTier
 from ..io.codec import Codec, make_codec
-from ..fingerprint import Fingerprint
-from ..io.contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 from ..io.record import decode_record, encode_record, prefix_size
 from ..io.store import DiskStore
-
-__all__ = ["DiskStore", "DiskTier", "content_key"]
 
 #: Upper bound of a record's JSON header, in bytes (it is about 200).
 _MAX_RECORD_HEADER = 1024
@@ -123,18 +119,6 @@ class DiskTier(BackingTier):
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, BlockKey) and key in self.store
-
-    def save_context(self, name: str, kv: torch.Tensor, fingerprint: Fingerprint,
-                     chunk_tokens: int = CHUNK_TOKENS) -> int:
-        """Save a whole context ``(layers, 2, kv_heads, tokens, head_dim)`` under ``name`` (see
-        ``content_key``) with this tier's codec, its records naming ``fingerprint`` (which must
-        describe this codec and ``chunk_tokens``); returns the bytes stored."""
-        return save_kv_context(self.store, name, kv, self.codec, fingerprint, chunk_tokens)
-
-    def load_context(self, name: str, fingerprint: Fingerprint,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-        """Load context ``name`` saved by this or any earlier process with ``fingerprint``."""
-        return load_kv_context(self.store, name, fingerprint, device)
 
     def close(self) -> None:
         self.store.close()

@@ -20,12 +20,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol, Sequence
 
-from .frames import StoreKey
-from .jsonfile import write_json_atomic
-from .store import DiskStore
+from ..io.frames import StoreKey
+from ..io.jsonfile import write_json_atomic
+from ..io.redis_store import REDIS_SCHEMES, RedisStore
+from ..io.store import DiskStore
 
-#: Address schemes of a Redis server (``redis://host:port/db``, TLS, a unix socket).
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: The JSON description of a disk backend's contexts, beside its segments.
 SIDECAR_NAME = "contexts-meta.json"
 
@@ -70,8 +69,6 @@ def open_contexts(where: str | os.PathLike, budget_bytes: int) -> ContextBackend
     ``unix:///path?db=N``) or a directory (a ``DiskStore`` of ``budget_bytes``, created if
     missing; one writer at a time)."""
     if isinstance(where, str) and where.startswith(REDIS_SCHEMES):
-        from .redis_store import RedisStore
-
         return RedisStore(where)
     return DiskContexts(where, budget_bytes)
 
