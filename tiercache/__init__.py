@@ -24,7 +24,7 @@ from .tiers.manager import TierManager, TierStats
 __version__ = "0.1.0"
 
 # These need transformers (the `hf` extra); import them on first use only.
-_LAZY = {"TieredCache": "cache", "wrap": "cache", "StreamSession": "stream", "ContextStore": "contexts.store"}
+_LAZY = {"TieredCache": "hf.cache", "wrap": "hf.cache", "StreamSession": "stream", "ContextStore": "contexts.store"}
 
 
 def __getattr__(name: str):
