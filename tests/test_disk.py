@@ -25,6 +25,7 @@ from tiercache import (
     TierConfig,
 )
 from tiercache.io.codec import CODECS, make_codec
+from tiercache.contexts.backends import DiskContexts
 from tiercache.contexts.kv import content_key, load_kv_context, save_kv_context
 from tiercache.io.store import DiskStore
 from tiercache.tiers.disk import DiskTier
@@ -184,7 +185,8 @@ def test_blocks_never_evicted_contexts_evicted_lru(tmp_path):
     probe = open_store(tmp_path / "probe")
     frame = probe.frame_bytes(ContextPart("a" * 8, 0), len(rec))
     budget = 10 * frame
-    with open_store(tmp_path / "s", budget) as s:
+    # Eviction is the context cache's policy; the store itself only refuses what does not fit.
+    with DiskContexts(tmp_path / "s", budget, segment_bytes=256 << 10) as s:
         s.save_context("ctx-a", [rec] * 3)
         s.save_context("ctx-b", [rec] * 3)
         s.load_context("ctx-a")  # a is now more recent than b
@@ -199,6 +201,29 @@ def test_blocks_never_evicted_contexts_evicted_lru(tmp_path):
         check_all(s, KEYS[:3])
     with open_store(tmp_path / "s", budget, readonly=True) as r:
         assert not r.has_context("ctx-b")
+
+
+def test_the_store_evicts_nothing_and_the_cache_keeps_its_order_across_processes(tmp_path):
+    rec = record(KEYS[0], 0)
+    frame = open_store(tmp_path / "probe").frame_bytes(ContextPart("a" * 8, 0), len(rec))
+    budget = 7 * frame
+    with open_store(tmp_path / "plain", budget) as s:
+        s.save_context("ctx-a", [rec] * 3)
+        s.save_context("ctx-b", [rec] * 3)
+        with pytest.raises(CapacityError, match="do not fit"):
+            s.save_context("ctx-c", [rec] * 3)
+        assert s.contexts() == ["ctx-a", "ctx-b"], "least recently saved first; nothing evicted"
+    with DiskContexts(tmp_path / "s", budget) as s:
+        s.save_context("ctx-a", [rec] * 3)
+        s.save_context("ctx-b", [rec] * 3)
+        s.load_context("ctx-a")  # a is now more recent than b, which the next process must know
+    with DiskContexts(tmp_path / "s", budget) as s:
+        s.save_context("ctx-c", [rec] * 3)
+        assert s.contexts() == ["ctx-a", "ctx-c"] and s.evictions == 1
+        with pytest.raises(CapacityError, match="do not fit"):
+            s.save_context("ctx-c", [rec] * 8)  # never evicts itself; a goes for the attempt
+        assert s.contexts() == ["ctx-c"] and s.evictions == 2
+        assert [bytes(r) for r in s.load_context("ctx-c")] == [rec] * 3
 
 
 def test_save_context_replaces_atomically(tmp_path):

@@ -232,7 +232,7 @@ def check_many(store: DiskStore, expected: dict) -> None:
     (b"[4,", b"[5,"),  # a segment id: the old writer deleted seg-4 and its records
     (b'"seq":', b'"seq":1'),  # the sequence number
     (b'["c","ctx-a",5]', b'["c","ctx-b",5]'),  # a context part renamed
-    (b'"contexts_lru":["ctx-a"]', b'"contexts_lru":["ctx-b"]'),
+    (b'"unresolved":[]', b'"unresolved":[["seg-00000001.tcseg",1]]'),  # damage it never had
 ])
 def test_edited_manifest_is_ignored_with_a_warning_and_deletes_nothing(tmp_path, old, new):
     expected = many_segments(tmp_path)

@@ -229,7 +229,7 @@ class StreamSession:
         # Room for the previous save and this one during the switch, whatever their encoding.
         budget = 3 * kv.numel() * kv.element_size() + (64 << 20)
         with DiskStore(self.path / SAVED_DIR, budget) as store:
-            if known:  # orphans first, so that making room never evicts the current save
+            if known:  # orphans first: they would take the room this save needs
                 for orphan in [c for c in store.contexts() if c not in (old, name)]:
                     store.delete_context(orphan)
             nbytes = save_kv_context(store, name, kv, codec, fingerprint, CHUNK_TOKENS)

@@ -18,11 +18,11 @@
   allows it); every record's crc32 is checked and a mismatch raises ``CorruptBlockError`` naming
   the segment file and offset. Nothing is ever returned unverified unless asked (``verify=False``,
   for callers that verify while decoding). A saved context is read as one version or not at all.
-- **Capacity.** ``budget_bytes`` bounds the bytes of live frames. Saved contexts are a cache:
-  when a write does not fit, the least recently used ones are evicted. Blocks are never evicted:
-  a write that does not fit raises ``CapacityError`` and stores nothing. Overwritten and deleted
-  records leave dead bytes that compaction reclaims (copying a segment's live records to the
-  active segment, recording its retirement in the log, then removing it) whenever the files
+- **Capacity.** ``budget_bytes`` bounds the bytes of live frames: a write that does not fit raises
+  ``CapacityError`` and stores nothing. The store evicts nothing itself; which saved contexts
+  make room is the context cache's policy (``tiercache.contexts.eviction``). Overwritten and
+  deleted records leave dead bytes that compaction reclaims (copying a segment's live records to
+  the active segment, recording its retirement in the log, then removing it) whenever the files
   exceed the budget. A segment is removed only once the writer's own index holds nothing in it.
 - **Processes.** One writer (an exclusive ``flock``) and any number of readers
   (``readonly=True``), which see what was committed when they opened or last called ``refresh``:
@@ -38,7 +38,6 @@ import errno
 import os
 import threading
 import warnings
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +137,6 @@ class DiskStore:
         self.recovery_note = ""
         #: Damaged frames and regions found (each naming its segment file and offset), since open.
         self.damage: list[str] = []
-        #: Saved contexts evicted to make room, since open.
-        self.evictions = 0
         #: Times ``refresh`` loaded the index afresh (a segment came and went in between).
         self.reloads = 0
         #: Why the last periodic checkpoint, or automatic compaction, failed ("" if it did not).
@@ -162,7 +159,6 @@ class DiskStore:
         self._index: dict[StoreKey, IndexEntry] = {}
         self._by_seq: dict[int, set[BlockKey]] = {}
         self._contexts: dict[str, int] = {}  # name -> number of parts
-        self._lru: OrderedDict[str, None] = OrderedDict()
         self._segments: dict[int, Segment] = {}
         self._committed: dict[int, int] = {}  # segment id -> bytes committed
         self._last_batch: dict[int, int] = {}  # segment id -> number of its last committed batch
@@ -278,11 +274,6 @@ class DiskStore:
         if whole is not None and why:
             self._check_claims(whole)
         self._judge_doubtful(manifest.seq)
-        for name in manifest.contexts_lru:
-            if name in self._contexts:
-                self._lru[name] = None
-        for name in self._contexts:  # contexts found only by scanning are the newest
-            self._lru.setdefault(name, None)
         if self.damage:
             warnings.warn(f"disk store {self.path}: {len(self.damage)} damaged frames or regions found "
                           f"(first: {self.damage[0]}); see DiskStore.damage", StoreWarning, stacklevel=5)
@@ -455,7 +446,6 @@ class DiskStore:
             self._contexts[key.context] -= 1
             if not self._contexts[key.context]:
                 del self._contexts[key.context]
-                self._lru.pop(key.context, None)
 
     # ------------------------------------------------------------------ sizes
 
@@ -607,11 +597,10 @@ class DiskStore:
     def put_many(self, items: Sequence[tuple[StoreKey, bytes | memoryview]]) -> list[int]:
         """Store records (each a whole ``tiercache.io.record`` record) under their keys, as one
         atomic batch; return the bytes each takes on disk. Replaces existing records of the same
-        keys. Evicts least recently used saved contexts if needed; ``CapacityError`` (nothing
-        stored) if the blocks still do not fit."""
+        keys. ``CapacityError`` (nothing stored) if they do not fit in the budget."""
         frames = [_Frame(FrameKind.PUT, key, _checked_record(key, rec)) for key, rec in items]
         with self._lock:
-            self._make_room(frames, protect=set())
+            self._check_room(frames)
             entries = self._commit(frames)
             self._maybe_compact()
         return [e.frame_len for e in entries]
@@ -646,8 +635,8 @@ class DiskStore:
 
     def save_context(self, name: str, records: Sequence[bytes | memoryview]) -> int:
         """Store a context as the ordered ``records`` under ``name`` (e.g. a ``content_key``),
-        atomically replacing any context of that name; return the bytes it takes. Evicts older
-        contexts if needed; ``CapacityError`` if it cannot fit even then."""
+        atomically replacing any context of that name; return the bytes it takes.
+        ``CapacityError`` (nothing stored) if it does not fit in the budget."""
         check_context_key(name)
         if not records:
             raise StoreError(f"context {name!r}: nothing to save")
@@ -657,10 +646,8 @@ class DiskStore:
             old = self._contexts.get(name, 0)
             # Parts past the new length go in the same batch, so the replacement is atomic.
             frames += [_Frame(FrameKind.DELETE, ContextPart(name, i)) for i in range(len(records), old)]
-            self._make_room(frames, protect={name})
+            self._check_room(frames)
             entries = self._commit(frames)
-            self._lru[name] = None
-            self._lru.move_to_end(name)
             self._maybe_compact()
         return sum(e.frame_len for e in entries)
 
@@ -668,7 +655,7 @@ class DiskStore:
                      then: Callable[[StoreKey, memoryview, str], Any] | None = None) -> list[Any]:
         """The records of context ``name``, in order, read concurrently (``verify`` and ``then``
         as in ``read_async``); ``BlockNotFoundError`` if there is no such context,
-        ``CorruptBlockError`` if its parts are not those of one save. Marks it recently used."""
+        ``CorruptBlockError`` if its parts are not those of one save."""
         with self._lock:
             count = self._contexts.get(name)
             if count is None:
@@ -685,8 +672,6 @@ class DiskStore:
                            f"save {e.seq}, part 0 is of save {entries[0].seq}" if e is not None
                            else f"part {i} is missing")
                     raise CorruptBlockError(f"context {name!r} of {count} parts is not one save: {odd}")
-            if not self.readonly:
-                self._lru.move_to_end(name)
             futures = self.read_async(parts, verify, then)
         return [f.result() for f in futures]
 
@@ -700,16 +685,21 @@ class DiskStore:
             self._maybe_compact()
 
     def contexts(self) -> list[str]:
-        """Names of the saved contexts, least recently used first."""
+        """Names of the saved contexts, least recently saved first."""
         with self._lock:
-            return list(self._lru)
+            return sorted(self._contexts, key=self._saved_seq)
+
+    def _saved_seq(self, name: str) -> int:
+        """Sequence number of the save of context ``name`` (-1 if its first part is lost)."""
+        entry = self._index.get(ContextPart(name, 0))
+        return entry.seq if entry is not None else -1
 
     def has_context(self, name: str) -> bool:
         return name in self._contexts
 
-    def _make_room(self, frames: list[_Frame], protect: set[str]) -> None:
-        """Evict least recently used contexts (not in ``protect``) until ``frames`` fit in the
-        budget; ``CapacityError`` if they cannot."""
+    def _check_room(self, frames: list[_Frame]) -> None:
+        """``CapacityError`` unless the PUT ``frames`` fit in the budget (beside the live frames
+        they do not replace)."""
         self._check_writable()
         need = 0
         for f in frames:
@@ -718,16 +708,11 @@ class DiskStore:
             need += self.frame_bytes(f.key, len(f.record))
             old = self._index.get(f.key)
             need -= old.frame_len if old is not None else 0
-        victims = (name for name in list(self._lru) if name not in protect)
-        while self.used_bytes + need > self.budget_bytes:
-            victim = next(victims, None)
-            if victim is None:
-                raise CapacityError(
-                    f"disk store {self.path}: {need} more bytes do not fit; {self.used_bytes} of "
-                    f"{self.budget_bytes} bytes hold live blocks and contexts that cannot be evicted"
-                )
-            self.delete_context(victim)
-            self.evictions += 1
+        if self.used_bytes + need > self.budget_bytes:
+            raise CapacityError(
+                f"disk store {self.path}: {need} more bytes do not fit; {self.used_bytes} of budget_bytes="
+                f"{self.budget_bytes} hold live records: delete some, or open the store with a larger budget"
+            )
 
     def _commit(self, frames: list[_Frame], sync: bool = True) -> list[IndexEntry]:
         """Append ``frames`` and a COMMIT frame as one batch, make it durable, then apply it to the
@@ -918,7 +903,7 @@ class DiskStore:
             self._check_writable()
             segments = {s: (end, self._last_batch[s]) for s, end in self._committed.items()}
             write_manifest(self.path, Manifest(self._seq, self._next_segment, segments, dict(self._index),
-                                               list(self._lru), list(self._unresolved)))
+                                               list(self._unresolved)))
             self._batches_since_checkpoint = 0
             self.checkpoint_error = ""
 
@@ -947,8 +932,6 @@ class DiskStore:
             for seg_id in [s for s in self._segments if s not in files and not self._live[s]]:
                 self._segments[seg_id].retire()  # compacted away and nothing of it in use: let go
                 self._forget_segment(seg_id)
-            for name in self._contexts:
-                self._lru.setdefault(name, None)
 
     def _reload(self) -> None:
         self.reloads += 1
