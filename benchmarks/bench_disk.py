@@ -177,7 +177,7 @@ def throughput(root: Path, total_bytes: int, repeats: int) -> tuple[list[dict], 
             "seq_vs_raw_median": statistics.median(s / r for s, r in zip(speeds["store_seq"], raw_runs)),
             "random_vs_raw_median": statistics.median(
                 s / r for s, r in zip(speeds["store_random"], raw_runs)),
-            "direct_io": all(s.direct for s in store._segments.values()),
+            "direct_io": all(s.direct for s in store._index.segments.values()),
         })
         store.close()
         shutil.rmtree(root / f"tp{kib}")

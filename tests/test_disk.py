@@ -409,7 +409,7 @@ def test_damaged_record_fails_closed_rest_usable(filled, how, message):
 def test_odirect_where_supported_buffered_where_refused(tmp_path, monkeypatch):
     with open_store(tmp_path / "ext") as s:
         s.put_many([(k, record(k, i)) for i, k in enumerate(KEYS)])
-        segs = list(s._segments.values())
+        segs = list(s._index.segments.values())
         direct_fds = {seg.direct_fd for seg in segs} - {None}
         if not direct_fds:
             pytest.skip(f"{tmp_path} refuses O_DIRECT")
@@ -434,7 +434,7 @@ def test_odirect_where_supported_buffered_where_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", no_direct)
     with open_store(tmp_path / "ext") as s:
-        assert not any(seg.direct for seg in s._segments.values())
+        assert not any(seg.direct for seg in s._index.segments.values())
         check_all(s)
         s.put_many([(KEYS[0], record(KEYS[0], 0))])
     monkeypatch.undo()

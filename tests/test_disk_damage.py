@@ -74,7 +74,7 @@ def frames(path: Path) -> list[tuple[Path, int, object]]:
     """(segment file, batch end, frame) of every frame of every committed batch, in log order."""
     out = []
     with DiskStore(path, 0, readonly=True) as r:
-        for seg in sorted(r._segments.values(), key=lambda s: s.id):
+        for seg in sorted(r._index.segments.values(), key=lambda s: s.id):
             for batch in SegmentScan(seg, seg.data_start).batches():
                 out += [(seg.path, batch.end, f) for f in batch.frames]
     return out
@@ -293,8 +293,8 @@ def test_manifest_contradicting_the_segments_is_ignored(tmp_path):
         expect(r)
     with open_store(tmp_path, readonly=True) as r:
         expect(r)
-        seg = max(r._segments.values(), key=lambda x: x.id)
-        end = r._committed[seg.id]
+        seg = max(r._index.segments.values(), key=lambda x: x.id)
+        end = r._index.committed[seg.id]
     flip(seg.path, end - TRAILER.size + 3)
     with pytest.warns(StoreWarning, match="holds no commit of batch"):
         with open_store(tmp_path, readonly=True) as r:
