@@ -342,6 +342,25 @@ def test_disk_full_loses_nothing_and_recovers(filled, monkeypatch):
                 assert header.key == k and torch.equal(kk, kv_block(50 + i)[0])
 
 
+def test_a_new_segment_that_cannot_be_made_durable_is_removed_and_reported(filled, monkeypatch):
+    import tiercache.io.writes
+
+    real = tiercache.io.writes.fsync_dir
+
+    def failing(path):  # the directory entry of the new segment cannot be synced
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with open_store(filled) as s:
+        monkeypatch.setattr(tiercache.io.writes, "fsync_dir", failing)
+        before = sorted(p.name for p in filled.glob("seg-*"))
+        with pytest.raises(StoreError, match="cannot make segment .* durable"):
+            s.put_many([(KEYS[0], record(KEYS[0], 0))])
+        monkeypatch.setattr(tiercache.io.writes, "fsync_dir", real)
+        assert sorted(p.name for p in filled.glob("seg-*")) == before
+        s.put_many([(KEYS[0], record(KEYS[0], 0))])
+        check_all(s)
+
+
 def test_failed_checkpoint_loses_nothing(filled, monkeypatch):
     s = open_store(filled, checkpoint_every=1)
     real = os.replace

@@ -180,12 +180,12 @@ class StoreWriter:
         self.index.next_segment += 1
         salt = int.from_bytes(os.urandom(4), "little")
         seg = self.index.open_segment(seg_id, create_salt=salt)
+        self.index.add_segment(seg)
         try:
             fsync_dir(self.index.path)  # the new file's directory entry must survive a crash too
         except OSError as exc:
-            self.remove_segment(seg)
+            self._abandon_active(seg, seg.data_start)
             raise StoreError(f"cannot make segment {seg.path} durable: {exc.strerror}") from exc
-        self.index.add_segment(seg)
         self._active = seg
         return seg
 
