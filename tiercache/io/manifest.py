@@ -2,11 +2,12 @@
 
 The segments are the source of truth; the manifest only saves scanning them. It records, as of
 one moment, every live entry, how far each segment had been committed (and the number of its
-last batch there), the last sequence number and the places where damage hid frames. On open the store checks it against the segment files (every segment it names
-exists, every batch end it records holds that batch's commit trailer, every entry lies inside
-its segment's committed part) and scans each segment from the recorded end to pick up later
-batches. A manifest that is missing, fails its checksum or disagrees with the segments is
-ignored, with a warning when it was there, and the index is rebuilt by scanning.
+last batch there), the last sequence number and the places where damage hid frames. On open
+the store checks it against the segment files (every segment it names exists, every batch end
+it records holds that batch's commit trailer, every entry lies inside its segment's committed
+part) and scans each segment from the recorded end to pick up later batches. A manifest that is
+missing, fails its checksum or disagrees with the segments is ignored, with a warning when it
+was there, and the index is rebuilt by scanning.
 
 File layout: one text line ``tiercache-disk-store <version> <crc32 hex> <body bytes>``, then
 the JSON body. Written as: temporary file, fsync, rename over ``manifest.json``, fsync of the

@@ -58,7 +58,8 @@ class RecordReads:
                 self.index.check_unresolved(key)
             entry = self.index.entry(key)
             if entry.segment not in self.index.segments:
-                raise StoreError(f"{key}: segment file {self.index.path / segment_name(entry.segment)} is missing")
+                missing = self.index.path / segment_name(entry.segment)
+                raise StoreError(f"{key}: segment file {missing} is missing")
             reads.append(_Read(entry.segment, entry.offset, key, entry, Future()))
         jobs = [(self.index.segments[run[0].segment], run) for run in _coalesce(sorted(reads, key=_position))]
         for seg, _ in jobs:

@@ -103,8 +103,8 @@ class Recovery:
         except FileNotFoundError:
             if self.readonly:
                 raise Vanished from None
-            raise StoreError(f"segment {self.path / segment_name(seg_id)} vanished while the store was opening "
-                             "it") from None
+            path = self.path / segment_name(seg_id)
+            raise StoreError(f"segment {path} vanished while the store was opening it") from None
 
     def _load_once(self, insist: bool) -> None:
         index = self.index

@@ -86,8 +86,8 @@ class DiskStore:
         self._lock = threading.RLock()
         self._index = StoreIndex(self.path, align, self.direct)
         self._recovery = Recovery(self._index, readonly)
-        self._writer = StoreWriter(self._index, budget_bytes=budget_bytes, segment_bytes=segment_bytes, sync=sync,
-                                   checkpoint_every=checkpoint_every)
+        self._writer = StoreWriter(self._index, budget_bytes=budget_bytes, segment_bytes=segment_bytes,
+                                   sync=sync, checkpoint_every=checkpoint_every)
         self._writer_lock: WriterLock | None = None
         self._closed = False
 
@@ -298,7 +298,8 @@ class DiskStore:
             count = self._index.contexts.get(name)
             if count is None:
                 raise BlockNotFoundError(f"disk store {self.path} holds no context {name!r}")
-            self._write([WriteFrame(FrameKind.DELETE, ContextPart(name, i)) for i in range(count)], room=False)
+            parts = [WriteFrame(FrameKind.DELETE, ContextPart(name, i)) for i in range(count)]
+            self._write(parts, room=False)
 
     def contexts(self) -> list[str]:
         """Names of the saved contexts, least recently saved first."""

@@ -114,7 +114,8 @@ class StoreWriter:
         lengths = [frame_length(f.kind, len(k), len(f.record), self.index.align) for f, k in encoded]
         # The COMMIT frame's exact length depends on where it starts; this bounds it.
         dir_len = directory_length(len(encoded), sum(len(k) for _, k in encoded))
-        seg = self._active_segment(sum(lengths) + commit_length(0, dir_len, self.index.align) + self.index.align)
+        align = self.index.align
+        seg = self._active_segment(sum(lengths) + commit_length(0, dir_len, align) + align)
         start = pos = index.committed[seg.id]
         parts: list[bytes | memoryview] = []
         entries: list[DirEntry] = []

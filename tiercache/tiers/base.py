@@ -118,7 +118,8 @@ class RecordTier(BackingTier):
     def write_many(self, keys: list[BlockKey], kv: torch.Tensor, tokens: list[int]) -> list[int]:
         if len(keys) != kv.shape[0] or len(keys) != len(tokens):
             raise ConfigError(
-                f"{self.name.value} tier: {len(keys)} keys, {kv.shape[0]} blocks and {len(tokens)} token counts"
+                f"{self.name.value} tier: {len(keys)} keys, {kv.shape[0]} blocks and {len(tokens)} token "
+                "counts"
             )
         kv = kv.to("cpu")
 

@@ -51,7 +51,8 @@ class RemoteTier(RecordTier):
         ``remote_codec``)."""
         if config.remote_url is None or config.remote_budget_bytes <= 0:
             raise ConfigError("the remote tier needs remote_url and remote_budget_bytes > 0")
-        return cls(RedisStore(config.remote_url), cls.config_codec(config), layout, config.remote_budget_bytes)
+        store = RedisStore(config.remote_url)
+        return cls(store, cls.config_codec(config), layout, config.remote_budget_bytes)
 
     def _name(self, key: BlockKey) -> str:
         return self.store.key("blk", self.owner, key.seq, key.layer, key.index)
@@ -83,9 +84,10 @@ class RemoteTier(RecordTier):
         def check_then(i: int) -> None:
             where = f"redis {self.store.url} {names[i]}"
             if records[i] is None:
-                raise BlockNotFoundError(f"{where}: {keys[i]} is gone from the server (evicted by its maxmemory "
-                                         "policy, or a restart without its data); the remote tier holds live "
-                                         "blocks: give it a server with maxmemory-policy noeviction")
+                raise BlockNotFoundError(f"{where}: {keys[i]} is gone from the server (evicted by its "
+                                         "maxmemory policy, or a restart without its data); the remote "
+                                         "tier holds live blocks: give it a server with maxmemory-policy "
+                                         "noeviction")
             then(keys[i], records[i], where)
 
         list(self.store.executor.map(check_then, range(len(keys))))
