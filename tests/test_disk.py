@@ -29,7 +29,7 @@ from tiercache.contexts.backends import DiskContexts
 from tiercache.contexts.kv import content_key, load_kv_context, save_kv_context
 from tiercache.io.store import DiskStore
 from tiercache.tiers.disk import DiskTier
-from tiercache.io.frames import ContextPart
+from tiercache.io.frames import ContextPart, key_from_bytes, record_crc
 from tiercache.io.record import decode_record, encode_record
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=16, head_dim=8, dtype=torch.float32)
@@ -310,6 +310,19 @@ def test_missing_or_unusable_directory(tmp_path):
         DiskStore(tmp_path / "file" / "store", 1 << 20)
     with pytest.raises(StoreError, match="budget_bytes"):
         DiskStore(tmp_path / "s", -1)
+
+
+@pytest.mark.parametrize("key_bytes", [b"not json", b"\xff\xfe", b"[" * 5000 + b"]" * 5000, b'["b", -1, 0, 0]',
+                                       b'["c", "x", -1]', b'{"b": 1}'],
+                         ids=["text", "utf8", "deep", "negative", "part", "object"])
+def test_a_frame_key_that_is_no_key_raises_corrupt_block_error(key_bytes):
+    with pytest.raises(CorruptBlockError, match="not a store key"):
+        key_from_bytes(key_bytes)
+
+
+def test_a_record_without_its_checksum_raises_corrupt_block_error():
+    with pytest.raises(CorruptBlockError, match="no checksum"):
+        record_crc(b"abc")
 
 
 def test_disk_full_loses_nothing_and_recovers(filled, monkeypatch):

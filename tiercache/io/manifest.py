@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import StoreError
+from ..errors import CorruptBlockError, StoreError
 from .frames import FORMAT_VERSION, HEADER_SIZE, StoreKey, key_from_json, key_to_json
 from .segments import fsync_dir
 
@@ -137,7 +137,7 @@ def read_manifest(directory: Path) -> ManifestRead:
             entries=entries,
             unresolved=[(str(where), int(seq)) for where, seq in doc["unresolved"]],
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, RecursionError, CorruptBlockError) as exc:
         return ManifestRead(None, f"{path} is malformed: {exc!r}", True)
     return ManifestRead(manifest, "", True)
 
