@@ -218,9 +218,9 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
     for name in codecs:
         path = root / f"ctx-{name}"
         layout = BlockLayout(heads, 256, dim, kv.dtype)
-        fingerprint = storage_fingerprint(model_fp, layers, layout, make_codec(name))
-        key = content_key(fingerprint.digest, ids)
         codec = make_codec(name)
+        fingerprint = storage_fingerprint(model_fp, layers, layout, codec)
+        key = content_key(fingerprint.digest, ids)
         with DiskStore(path, 4 * kv.numel() * kv.element_size()) as store:
             save_s = timed(lambda: save_kv_context(store, key, kv, codec, fingerprint, 256))
             stored = store.used_bytes
