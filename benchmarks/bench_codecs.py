@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import needle_parts
 from kv_capture import CapturedKV, attention_output, capture_kv
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockLayout
 from tiercache.corpus import reference_text, text_tokens
 from tiercache.io.cachegen import CacheGenCodec

@@ -39,7 +39,8 @@ from common import print_table, write_results  # noqa: E402
 
 from tiercache.blocks import BlockKey, BlockLayout  # noqa: E402
 from tiercache.io.codec import CODECS, make_codec  # noqa: E402
-from tiercache.tiers.disk import DiskStore, DiskTier, content_key  # noqa: E402
+from tiercache.contexts.kv import content_key, load_kv_context, save_kv_context  # noqa: E402
+from tiercache.io.store import DiskStore  # noqa: E402
 from tiercache.io.record import encode_record  # noqa: E402
 
 RECORD_KIB = (64, 256, 1024, 4096)
@@ -176,7 +177,7 @@ def throughput(root: Path, total_bytes: int, repeats: int) -> tuple[list[dict], 
             "seq_vs_raw_median": statistics.median(s / r for s, r in zip(speeds["store_seq"], raw_runs)),
             "random_vs_raw_median": statistics.median(
                 s / r for s, r in zip(speeds["store_random"], raw_runs)),
-            "direct_io": all(s.direct for s in store._segments.values()),
+            "direct_io": all(s.direct for s in store._index.segments.values()),
         })
         store.close()
         shutil.rmtree(root / f"tp{kib}")
@@ -217,20 +218,19 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
     for name in codecs:
         path = root / f"ctx-{name}"
         layout = BlockLayout(heads, 256, dim, kv.dtype)
-        fingerprint = storage_fingerprint(model_fp, layers, layout, make_codec(name))
+        codec = make_codec(name)
+        fingerprint = storage_fingerprint(model_fp, layers, layout, codec)
         key = content_key(fingerprint.digest, ids)
-        tier = DiskTier(DiskStore(path, 4 * kv.numel() * kv.element_size()), make_codec(name), layout)
-        save_s = timed(lambda: tier.save_context(key, kv, fingerprint, chunk_tokens=256))
-        stored = tier.store.used_bytes
-        tier.close()
+        with DiskStore(path, 4 * kv.numel() * kv.element_size()) as store:
+            save_s = timed(lambda: save_kv_context(store, key, kv, codec, fingerprint, 256))
+            stored = store.used_bytes
         paths = sorted(path.glob("seg-*"))
         with DiskStore(path, 0, readonly=True) as reader:  # a fresh process would do the same
-            loader = DiskTier(reader, make_codec(name), layout, keep_blocks=True)
             drop_cache(paths)
             t = time.perf_counter()
-            loaded = loader.load_context(key, fingerprint)
+            loaded = load_kv_context(reader, key, fingerprint)
             load_s = time.perf_counter() - t
-            warm_s = timed(lambda: loader.load_context(key, fingerprint))
+            warm_s = timed(lambda: load_kv_context(reader, key, fingerprint))
         err = (loaded - kv).abs().max().item()
         rows.append({
             "codec": name, "tokens": tokens, "raw_MiB": round(kv.numel() * kv.element_size() / MIB, 1),

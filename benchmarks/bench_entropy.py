@@ -28,7 +28,6 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, write_results  # noqa: E402
 
-import tiercache.io  # noqa: E402,F401
 from tiercache.blocks import BlockLayout  # noqa: E402
 from tiercache.io import rans  # noqa: E402
 from tiercache.io.cachegen import CacheGenCodec  # noqa: E402

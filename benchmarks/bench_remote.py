@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_disk import drop_cache  # noqa: E402
 from common import parse_args, print_table, write_results  # noqa: E402
 
-from tiercache.batch import ContextStore, prefill  # noqa: E402
+from tiercache.contexts.store import ContextStore, prefill  # noqa: E402
 from tiercache.corpus import text_tokens  # noqa: E402
-from tiercache.io.contexts import CHUNK_TOKENS, content_key, save_kv_context  # noqa: E402
+from tiercache.contexts.kv import CHUNK_TOKENS, content_key, save_kv_context  # noqa: E402
 from tiercache.models import DEFAULT_MODEL_ID, load_default_model  # noqa: E402
 
 MIB = 1 << 20

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.batch import ContextStore, prefill, read_jobs, run_batch
+from tiercache.batch import read_jobs, run_batch
+from tiercache.contexts.store import ContextStore, prefill
 from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
-from tiercache.io.contexts import content_key
+from tiercache.contexts.kv import content_key
 from tiercache.stream import ask_cache
 
 pytestmark = pytest.mark.model
@@ -61,7 +62,7 @@ def test_encode_load_round_trip_equals_a_fresh_prefill(smollm2, documents, tmp_p
     script = (
         "import sys; sys.path.insert(0, sys.argv[4])\n"
         "from test_batch import NEW_TOKENS, qa_config\n"
-        "from tiercache.batch import ContextStore\n"
+        "from tiercache.contexts.store import ContextStore\n"
         "from tiercache.models import load_default_model\n"
         "from tiercache.stream import ask_cache\n"
         "model, tok = load_default_model()\n"

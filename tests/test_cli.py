@@ -11,7 +11,7 @@ import torch
 
 from tiercache.cli import FACTS, main, plant_facts, question_text
 from tiercache.io.codec import make_codec
-from tiercache.io.contexts import save_kv_context
+from tiercache.contexts.kv import save_kv_context
 from tiercache.io.store import DiskStore
 
 

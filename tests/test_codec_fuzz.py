@@ -6,6 +6,7 @@ shape and dtype. Record level (crc32 over everything): every mutation raises ``C
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -13,9 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockKey, BlockLayout
-from tiercache.errors import CorruptBlockError
+from tiercache.errors import CorruptBlockError, ShapeError
 from tiercache.io.codec import make_codec
 from tiercache.io.record import decode_record, encode_record
 
@@ -91,6 +91,15 @@ def test_codec_truncation_always_rejected_when_size_is_known(name, params):
             codec.decode(payload[:cut], LAYOUT, 16, "cpu")
 
 
+def test_zstd_frame_declaring_a_huge_size_is_refused_before_allocating():
+    # The frame header descriptor (byte 4) switched to an 8-byte content size: the next bytes
+    # then declare about 4 EB, which decompress would try to allocate (a MemoryError).
+    payload = bytearray(make_codec("zstd").encode(*_block(1, 16)).numpy().tobytes())
+    payload[4] = (payload[4] | 0xC0) & ~0x20
+    with pytest.raises(CorruptBlockError, match="declares"):
+        make_codec("zstd").decode(torch.frombuffer(payload, dtype=torch.uint8), LAYOUT, 16, "cpu")
+
+
 def _record(name: str, params: dict, seed: int, tokens: int) -> bytes:
     # Blocks 0 and 1 of a sequence: with and without cachegen's raw sink tokens.
     return encode_record(make_codec(name, **params), *_block(seed, tokens), LAYOUT, BlockKey(0, 0, seed % 2))
@@ -137,3 +146,38 @@ def test_record_with_valid_checksum_but_garbage_payload_raises():
     forged = bytes(body) + struct.pack("<I", zlib.crc32(bytes(body)))
     with pytest.raises(CorruptBlockError):
         decode_record(forged)
+
+
+def _forged(header: bytes, payload: bytes = b"") -> bytes:
+    """A record whose header is ``header`` (UTF-8 JSON or not), checksummed as if whole."""
+    import zlib
+
+    body = struct.pack("<4sHIQ", b"TCKV", 4, len(header), len(payload)) + header + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+_GOOD = {"codec": "raw", "params": {}, "dtype": "float16", "kv_heads": 2, "block_tokens": 16, "head_dim": 32,
+         "tokens": 1, "key": None, "fp": None}
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 30000 + b"]" * 30000,  # nested past the JSON parser's depth
+    b"\xff\xfe not UTF-8",
+    json.dumps({**_GOOD, "codec": ["raw"]}).encode(),  # not a name: unhashable where codecs are looked up
+    json.dumps({**_GOOD, "tokens": 1e400}).encode(),  # inf: no int
+    json.dumps({**_GOOD, "dtype": "float64"}).encode(),
+    json.dumps({**_GOOD, "key": {"seq": 0}}).encode(),
+    json.dumps([_GOOD]).encode(),
+], ids=["deep", "utf8", "codec-list", "tokens-inf", "dtype", "key-dict", "list"])
+def test_forged_record_headers_raise_corrupt_block_error(header):
+    """Records whose checksum holds but whose header is no record header: refused as damaged,
+    never with a bare Python exception."""
+    with pytest.raises(CorruptBlockError, match="unreadable header"):
+        decode_record(_forged(header, bytes(2 * 2 * 32 * 2)))
+
+
+def test_a_dtype_records_cannot_hold_is_refused_when_encoding():
+    layout = BlockLayout(2, 16, 32, torch.float64)
+    k = torch.zeros(2, 4, 32, dtype=torch.float64)
+    with pytest.raises(ShapeError, match="float64 cannot be stored.*convert"):
+        encode_record(make_codec("raw"), k, k, layout)

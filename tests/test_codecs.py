@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockKey, BlockLayout
 from tiercache.errors import ConfigError, CorruptBlockError, ShapeError
 from tiercache.io.bitpack import pack, packed_nbytes, unpack
@@ -280,7 +279,7 @@ def test_cachegen_recency_spends_more_bits_near_a_known_end_only():
 def test_saved_context_records_carry_their_end(tmp_path, fingerprint_for):
     """``save_kv_context`` gives every record the context's length: the first chunk is coded
     coarser than the last, and both decode within their bounds."""
-    from tiercache.io.contexts import load_kv_context, save_kv_context
+    from tiercache.contexts.kv import load_kv_context, save_kv_context
     from tiercache.io.store import DiskStore
 
     g = torch.Generator().manual_seed(3)

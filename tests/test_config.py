@@ -97,3 +97,10 @@ def test_block_key_and_layout_validation():
         LAYOUT.check(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8))
     with pytest.raises(ShapeError, match="5 tokens"):
         LAYOUT.check(torch.zeros(2, 5, 8, dtype=torch.float16), torch.zeros(2, 5, 8, dtype=torch.float16))
+
+
+def test_every_name_the_package_exports_resolves():
+    import tiercache
+
+    for name in tiercache.__all__:  # the lazy ones import their module on first use
+        assert getattr(tiercache, name) is not None, name

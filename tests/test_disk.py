@@ -25,10 +25,11 @@ from tiercache import (
     TierConfig,
 )
 from tiercache.io.codec import CODECS, make_codec
-from tiercache.io.contexts import content_key
+from tiercache.contexts.backends import DiskContexts
+from tiercache.contexts.kv import content_key, load_kv_context, save_kv_context
 from tiercache.io.store import DiskStore
 from tiercache.tiers.disk import DiskTier
-from tiercache.io.frames import ContextPart
+from tiercache.io.frames import ContextPart, key_from_bytes, record_crc
 from tiercache.io.record import decode_record, encode_record
 
 LAYOUT = BlockLayout(kv_heads=2, block_tokens=16, head_dim=8, dtype=torch.float32)
@@ -184,7 +185,8 @@ def test_blocks_never_evicted_contexts_evicted_lru(tmp_path):
     probe = open_store(tmp_path / "probe")
     frame = probe.frame_bytes(ContextPart("a" * 8, 0), len(rec))
     budget = 10 * frame
-    with open_store(tmp_path / "s", budget) as s:
+    # Eviction is the context cache's policy; the store itself only refuses what does not fit.
+    with DiskContexts(tmp_path / "s", budget, segment_bytes=256 << 10) as s:
         s.save_context("ctx-a", [rec] * 3)
         s.save_context("ctx-b", [rec] * 3)
         s.load_context("ctx-a")  # a is now more recent than b
@@ -199,6 +201,29 @@ def test_blocks_never_evicted_contexts_evicted_lru(tmp_path):
         check_all(s, KEYS[:3])
     with open_store(tmp_path / "s", budget, readonly=True) as r:
         assert not r.has_context("ctx-b")
+
+
+def test_the_store_evicts_nothing_and_the_cache_keeps_its_order_across_processes(tmp_path):
+    rec = record(KEYS[0], 0)
+    frame = open_store(tmp_path / "probe").frame_bytes(ContextPart("a" * 8, 0), len(rec))
+    budget = 7 * frame
+    with open_store(tmp_path / "plain", budget) as s:
+        s.save_context("ctx-a", [rec] * 3)
+        s.save_context("ctx-b", [rec] * 3)
+        with pytest.raises(CapacityError, match="do not fit"):
+            s.save_context("ctx-c", [rec] * 3)
+        assert s.contexts() == ["ctx-a", "ctx-b"], "least recently saved first; nothing evicted"
+    with DiskContexts(tmp_path / "s", budget) as s:
+        s.save_context("ctx-a", [rec] * 3)
+        s.save_context("ctx-b", [rec] * 3)
+        s.load_context("ctx-a")  # a is now more recent than b, which the next process must know
+    with DiskContexts(tmp_path / "s", budget) as s:
+        s.save_context("ctx-c", [rec] * 3)
+        assert s.contexts() == ["ctx-a", "ctx-c"] and s.evictions == 1
+        with pytest.raises(CapacityError, match="do not fit"):
+            s.save_context("ctx-c", [rec] * 8)  # never evicts itself; a goes for the attempt
+        assert s.contexts() == ["ctx-c"] and s.evictions == 2
+        assert [bytes(r) for r in s.load_context("ctx-c")] == [rec] * 3
 
 
 def test_save_context_replaces_atomically(tmp_path):
@@ -231,25 +256,21 @@ def test_context_saved_in_one_process_loads_in_another(tmp_path, fingerprint_for
     assert key == content_key(fingerprint.digest, list(range(300))) != content_key("x", list(range(300)))
     proc = run_python(f"""
         import torch
-        from tiercache.io.contexts import content_key
+        from tiercache.contexts.kv import content_key, save_kv_context
         from tiercache.io.store import DiskStore
-        from tiercache.tiers.disk import DiskTier
         from tiercache.io.codec import make_codec
-        from tiercache.blocks import BlockLayout
         from tiercache.fingerprint import Fingerprint
         g = torch.Generator().manual_seed(7)
         kv = torch.randn((3, 2, 2, 300, 8), generator=g).to(torch.bfloat16)
-        layout = BlockLayout(2, 16, 8, torch.bfloat16)
-        tier = DiskTier(DiskStore({str(tmp_path)!r}, 1 << 24), make_codec("raw"), layout)
         fingerprint = Fingerprint.from_json({fingerprint.to_json()!r})
-        # The key is recomputed here: it must not depend on the process (no per-process hash).
-        tier.save_context(content_key(fingerprint.digest, list(range(300))), kv, fingerprint, chunk_tokens=64)
-        tier.close()
+        with DiskStore({str(tmp_path)!r}, 1 << 24) as store:
+            # The key is recomputed here: it must not depend on the process (no per-process hash).
+            save_kv_context(store, content_key(fingerprint.digest, list(range(300))), kv, make_codec("raw"),
+                            fingerprint, chunk_tokens=64)
     """)
     assert proc.returncode == 0, proc.stderr
     with DiskStore(tmp_path, 0, readonly=True) as r:
-        tier = DiskTier(r, RAW, LAYOUT, keep_blocks=True)
-        assert torch.equal(tier.load_context(key, fingerprint), expected)
+        assert torch.equal(load_kv_context(r, key, fingerprint), expected)
 
 
 def test_second_writer_refused_readers_see_commits(tmp_path):
@@ -291,6 +312,19 @@ def test_missing_or_unusable_directory(tmp_path):
         DiskStore(tmp_path / "s", -1)
 
 
+@pytest.mark.parametrize("key_bytes", [b"not json", b"\xff\xfe", b"[" * 5000 + b"]" * 5000, b'["b", -1, 0, 0]',
+                                       b'["c", "x", -1]', b'{"b": 1}'],
+                         ids=["text", "utf8", "deep", "negative", "part", "object"])
+def test_a_frame_key_that_is_no_key_raises_corrupt_block_error(key_bytes):
+    with pytest.raises(CorruptBlockError, match="not a store key"):
+        key_from_bytes(key_bytes)
+
+
+def test_a_record_without_its_checksum_raises_corrupt_block_error():
+    with pytest.raises(CorruptBlockError, match="no checksum"):
+        record_crc(b"abc")
+
+
 def test_disk_full_loses_nothing_and_recovers(filled, monkeypatch):
     s = open_store(filled)
     real = os.pwrite
@@ -319,6 +353,25 @@ def test_disk_full_loses_nothing_and_recovers(filled, monkeypatch):
             for i, (k, data) in enumerate(zip(new, s.get_many(new))):
                 header, kk, vv = decode_record(data)
                 assert header.key == k and torch.equal(kk, kv_block(50 + i)[0])
+
+
+def test_a_new_segment_that_cannot_be_made_durable_is_removed_and_reported(filled, monkeypatch):
+    import tiercache.io.writes
+
+    real = tiercache.io.writes.fsync_dir
+
+    def failing(path):  # the directory entry of the new segment cannot be synced
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with open_store(filled) as s:
+        monkeypatch.setattr(tiercache.io.writes, "fsync_dir", failing)
+        before = sorted(p.name for p in filled.glob("seg-*"))
+        with pytest.raises(StoreError, match="cannot make segment .* durable"):
+            s.put_many([(KEYS[0], record(KEYS[0], 0))])
+        monkeypatch.setattr(tiercache.io.writes, "fsync_dir", real)
+        assert sorted(p.name for p in filled.glob("seg-*")) == before
+        s.put_many([(KEYS[0], record(KEYS[0], 0))])
+        check_all(s)
 
 
 def test_failed_checkpoint_loses_nothing(filled, monkeypatch):
@@ -388,7 +441,7 @@ def test_damaged_record_fails_closed_rest_usable(filled, how, message):
 def test_odirect_where_supported_buffered_where_refused(tmp_path, monkeypatch):
     with open_store(tmp_path / "ext") as s:
         s.put_many([(k, record(k, i)) for i, k in enumerate(KEYS)])
-        segs = list(s._segments.values())
+        segs = list(s._index.segments.values())
         direct_fds = {seg.direct_fd for seg in segs} - {None}
         if not direct_fds:
             pytest.skip(f"{tmp_path} refuses O_DIRECT")
@@ -413,7 +466,7 @@ def test_odirect_where_supported_buffered_where_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", no_direct)
     with open_store(tmp_path / "ext") as s:
-        assert not any(seg.direct for seg in s._segments.values())
+        assert not any(seg.direct for seg in s._index.segments.values())
         check_all(s)
         s.put_many([(KEYS[0], record(KEYS[0], 0))])
     monkeypatch.undo()
@@ -480,11 +533,11 @@ def test_tier_from_config_drops_blocks_of_previous_process_keeps_contexts(tmp_pa
     tier.write_many([BlockKey(0, 0, 0)], kv_block(0)[None], [16])
     ctx = torch.randn(2, 2, 2, 40, 8)
     fingerprint = fingerprint_for(ctx, RAW, chunk_tokens=16)
-    tier.save_context("c", ctx, fingerprint, chunk_tokens=16)
+    save_kv_context(tier.store, "c", ctx, tier.codec, fingerprint, chunk_tokens=16)
     tier.close()
     tier = DiskTier.from_config(cfg, LAYOUT)
     assert BlockKey(0, 0, 0) not in tier, "a block of another process would be served as this one's"
-    assert torch.equal(tier.load_context("c", fingerprint), ctx)
+    assert torch.equal(load_kv_context(tier.store, "c", fingerprint), ctx)
     tier.close()
     with pytest.raises(ConfigError, match="disk_budget_bytes"):
         DiskTier.from_config(TierConfig(device_budget_bytes=1 << 20, host_budget_bytes=0), LAYOUT)

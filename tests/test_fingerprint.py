@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from tiercache import ConfigError, TierConfig
-from tiercache.batch import ContextStore
+from tiercache.contexts.store import ContextStore
 from tiercache.errors import FingerprintError
 from tiercache.fingerprint import Fingerprint, model_fingerprint, weights_digest
 from tiercache.io.checksum import crc32
 from tiercache.io.codec import make_codec
-from tiercache.io.contexts import load_kv_context, save_kv_context
+from tiercache.contexts.kv import load_kv_context, save_kv_context
 from tiercache.io.store import DiskStore
 from tiercache.models import load_model
 from tiercache.stream import StreamSession

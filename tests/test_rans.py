@@ -12,9 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiercache.io  # noqa: F401  (registers the codecs)
 from tiercache.blocks import BlockLayout
-from tiercache.errors import CorruptBlockError, FingerprintError
+from tiercache.errors import ConfigError, CorruptBlockError, FingerprintError, ShapeError
 from tiercache.io import ans
 from tiercache.io.codec import make_codec
 from tiercache.io.rans import N_CLASSES, ZERO_CLASS, ClassCoder, class_scale, classify, half_width
@@ -130,6 +129,29 @@ def test_symbol_outside_its_class_is_an_encoder_error():
     symbols = np.array([[0, 1, 99]], dtype=np.int64)
     with pytest.raises(ValueError):
         _encode("shared", symbols, np.array([0], dtype=np.uint8))
+
+
+@pytest.mark.parametrize("tables", TABLES)
+@pytest.mark.parametrize("symbols, classes, message", [
+    (np.zeros(5, dtype=np.int64), np.zeros(5, dtype=np.uint8), r"\(rows, n\)"),
+    (np.zeros((2, 4), dtype=np.int64), np.zeros(3, dtype=np.uint8), r"\(rows, n\)"),
+    (np.zeros((1, 4), dtype=np.int64), np.array([30], dtype=np.uint8), "invalid class 30"),
+    (np.array([[-50, 0, 0, 0]]), np.array([0], dtype=np.uint8), "clip each row"),
+], ids=["one-dim", "rows-differ", "bad-class", "unclipped"])
+def test_bad_encoder_arguments_raise_shape_error(tables, symbols, classes, message):
+    with pytest.raises(ShapeError, match=message):
+        _encode(tables, symbols, classes)
+
+
+def test_bad_arguments_of_the_helpers_raise_tiercache_errors():
+    with pytest.raises(ShapeError, match=r"\(rows, n\)"):
+        classify(np.zeros(5))
+    with pytest.raises(ShapeError, match="uint8"):
+        half_width(np.array([300]))
+    with pytest.raises(ConfigError, match="'shared' or 'block'"):
+        ClassCoder("blocks")
+    with pytest.raises(ShapeError, match="n >= 0"):
+        ClassCoder("shared").decode(Reader(b"", "test"), np.zeros(2, dtype=np.uint8), -1)
 
 
 # -- size -----------------------------------------------------------------------------------------

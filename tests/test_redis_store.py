@@ -19,9 +19,9 @@ import torch
 
 from tiercache import BlockNotFoundError, CorruptBlockError, StoreError
 from tiercache.errors import CapacityError, ConfigError, FingerprintError
-from tiercache.io.backends import open_contexts
+from tiercache.contexts.backends import open_contexts
 from tiercache.io.codec import make_codec
-from tiercache.io.contexts import load_kv_context, save_kv_context
+from tiercache.contexts.kv import load_kv_context, save_kv_context
 from tiercache.io.redis_store import RedisStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,9 @@ def test_saved_in_one_process_loads_bit_exact_in_another(redis_url, fingerprint_
     run_python("""
         import sys, torch
         from tiercache.fingerprint import Fingerprint
-        from tiercache.io.backends import open_contexts
+        from tiercache.contexts.backends import open_contexts
         from tiercache.io.codec import make_codec
-        from tiercache.io.contexts import content_key, save_kv_context
+        from tiercache.contexts.kv import content_key, save_kv_context
         sys.path.insert(0, "tests")
         from test_redis_store import context_kv
         fingerprint = Fingerprint.from_json(eval(sys.argv[2]))
@@ -56,7 +56,7 @@ def test_saved_in_one_process_loads_bit_exact_in_another(redis_url, fingerprint_
             key = content_key(fingerprint.digest, range(300))
             save_kv_context(store, key, context_kv(0), make_codec("raw"), fingerprint, 64)
     """, redis_url, repr(fingerprint.to_json()))
-    from tiercache.io.contexts import content_key
+    from tiercache.contexts.kv import content_key
 
     with open_contexts(redis_url, 0) as store:
         assert isinstance(store, RedisStore)
@@ -83,7 +83,7 @@ def test_a_killed_writer_leaves_no_visible_half_context(redis_url, fingerprint_f
         import os, sys
         from tiercache.fingerprint import Fingerprint
         from tiercache.io.codec import make_codec
-        from tiercache.io.contexts import save_kv_context
+        from tiercache.contexts.kv import save_kv_context
         from tiercache.io.redis_store import RedisStore
         sys.path.insert(0, "tests")
         from test_redis_store import context_kv
@@ -103,7 +103,7 @@ def test_a_killed_writer_leaves_no_visible_half_context(redis_url, fingerprint_f
         import sys
         from tiercache.fingerprint import Fingerprint
         from tiercache.io.codec import make_codec
-        from tiercache.io.contexts import save_kv_context
+        from tiercache.contexts.kv import save_kv_context
         from tiercache.io.redis_store import RedisStore
         sys.path.insert(0, "tests")
         from test_redis_store import context_kv
@@ -238,7 +238,8 @@ def test_a_context_store_on_redis_reencodes_an_evicted_context_and_inspect_shows
     import json
 
     from tiercache import RetrievalConfig, TierConfig
-    from tiercache.batch import ContextStore, run_batch
+    from tiercache.batch import run_batch
+    from tiercache.contexts.store import ContextStore
     from tiercache.cli import main
     from tiercache.stream import ask_cache
 

@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 #: Names imported on first use, and their modules.
 _LAZY = {"TierManager": "tiers.manager", "TierStats": "tiers.manager", "TieredCache": "hf.cache",
-         "wrap": "hf.cache", "StreamSession": "stream", "ContextStore": "batch"}
+         "wrap": "hf.cache", "StreamSession": "stream", "ContextStore": "contexts.store"}
 
 
 def __getattr__(name: str):

@@ -244,7 +244,8 @@ def _inspect(args: argparse.Namespace) -> int:
     import json
 
     from .errors import StoreError
-    from .io.backends import REDIS_SCHEMES, SIDECAR_NAME
+    from .contexts.backends import SIDECAR_NAME
+    from .io.redis_store import REDIS_SCHEMES
 
     model = _geometry(args.model) if args.model else None
     if args.path.startswith(REDIS_SCHEMES):
@@ -444,7 +445,8 @@ def _batch(args: argparse.Namespace) -> int:
     the context store (a directory, or a Redis server shared by many workers); reruns skip what
     is answered already; bad lines are reported and skipped. With --ray, the jobs run on a Ray
     cluster: documents are spread over --workers actors sharing a Redis context store."""
-    from .batch import ContextStore, check_answers_path, run_batch
+    from .batch import check_answers_path, run_batch
+    from .contexts.store import ContextStore
     from .config import RetrievalConfig
     from .models import cache_home
 

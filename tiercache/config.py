@@ -15,8 +15,8 @@ import torch
 
 from .blocks import BlockLayout
 from .errors import ConfigError
-from .io.backends import REDIS_SCHEMES
 from .io.codec import CODECS
+from .io.redis_store import REDIS_SCHEMES
 
 #: KV and model dtypes by name (the names the CLI and saved configs use).
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -4,6 +4,8 @@ data set is fetched."""
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 
 def reference_text() -> str:
     """All help topics of the Python language reference, in a fixed order, as one string."""
@@ -15,9 +17,14 @@ def reference_text() -> str:
 def text_tokens(tokenizer, n_tokens: int, offset_tokens: int = 0) -> list[int]:
     """``n_tokens`` token ids of the reference text, starting ``offset_tokens`` into it.
 
-    Raises ``ValueError`` if the text is shorter than ``offset_tokens + n_tokens`` tokens.
+    Raises ``ConfigError`` if either is negative or the text is shorter than ``offset_tokens +
+    n_tokens`` tokens.
     """
+    if n_tokens < 0 or offset_tokens < 0:
+        raise ConfigError(f"text_tokens: n_tokens and offset_tokens must be >= 0, got {n_tokens} and "
+                          f"{offset_tokens}")
     ids = tokenizer(reference_text(), add_special_tokens=False)["input_ids"]
     if offset_tokens + n_tokens > len(ids):
-        raise ValueError(f"reference text has {len(ids)} tokens, asked for {offset_tokens}+{n_tokens}")
+        raise ConfigError(f"the reference text has {len(ids)} tokens with this tokenizer, asked for "
+                          f"{n_tokens} from token {offset_tokens}: ask for fewer, or start earlier")
     return ids[offset_tokens : offset_tokens + n_tokens]

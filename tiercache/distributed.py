@@ -29,7 +29,6 @@ from pathlib import Path
 
 from .batch import (
     BatchReport,
-    ContextStore,
     Pending,
     answer_questions,
     append_answer,
@@ -38,8 +37,9 @@ from .batch import (
     release_document,
     start_run,
 )
+from .contexts.store import ContextStore
 from .errors import ConfigError, TiercacheError
-from .io.backends import REDIS_SCHEMES
+from .io.redis_store import REDIS_SCHEMES
 from .stopping import DEFAULT_STOP
 
 #: Counters of ``BatchReport`` that workers add up.

@@ -31,8 +31,8 @@ from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import ConfigError, FingerprintError, ShapeError, StoreError
 from .fingerprint import Fingerprint, model_fingerprint, model_id, storage_fingerprint
+from .contexts.kv import CHUNK_TOKENS, load_kv_context, save_kv_context
 from .io.codec import make_codec
-from .io.contexts import CHUNK_TOKENS, load_kv_context, save_kv_context
 from .io.jsonfile import write_json_atomic
 from .io.store import DiskStore
 from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids
@@ -229,7 +229,7 @@ class StreamSession:
         # Room for the previous save and this one during the switch, whatever their encoding.
         budget = 3 * kv.numel() * kv.element_size() + (64 << 20)
         with DiskStore(self.path / SAVED_DIR, budget) as store:
-            if known:  # orphans first, so that making room never evicts the current save
+            if known:  # orphans first: they would take the room this save needs
                 for orphan in [c for c in store.contexts() if c not in (old, name)]:
                     store.delete_context(orphan)
             nbytes = save_kv_context(store, name, kv, codec, fingerprint, CHUNK_TOKENS)

@@ -5,26 +5,61 @@ A codec turns a block's keys and values, each ``(kv_heads, tokens, head_dim)``, 
 payloads in slots, the disk store wraps them in self-describing records (``tiercache.io.record``).
 
 Codecs register themselves by name in ``CODECS``; ``make_codec(name, **params)`` builds one.
+``CODECS`` knows every built-in name up front and imports a codec's module on first use, so
+importing the registry (as configuration does, to check names) does not compile the entropy
+coder's numba kernels.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
 from ..blocks import BlockLayout
 from ..errors import ConfigError, CorruptBlockError
 
-CODECS: dict[str, Callable[..., "Codec"]] = {}
+
+
+class CodecRegistry(Mapping[str, Callable[..., "Codec"]]):
+    """Codec classes by name. Names map to the module defining the codec, which is imported
+    when its class is first looked up (membership and listing import nothing)."""
+
+    def __init__(self, modules: dict[str, str]) -> None:
+        self._modules = dict(modules)
+        self._classes: dict[str, Callable[..., Codec]] = {}
+
+    def register(self, name: str, cls: type["Codec"]) -> None:
+        self._modules.setdefault(name, cls.__module__)
+        self._classes[name] = cls
+
+    def __getitem__(self, name: str) -> Callable[..., "Codec"]:
+        if name not in self._classes:
+            importlib.import_module(self._modules[name])  # its decorator registers the class
+        return self._classes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+#: Every codec, built-in ones by the module that defines them.
+CODECS = CodecRegistry({"raw": __name__, "quant": f"{__package__}.quant",
+                        "cachegen": f"{__package__}.cachegen", "zstd": f"{__package__}.lossless"})
 
 
 def register_codec(name: str) -> Callable[[type["Codec"]], type["Codec"]]:
     """Class decorator adding a codec class to ``CODECS`` under ``name``."""
 
     def add(cls: type["Codec"]) -> type["Codec"]:
-        CODECS[name] = cls
+        CODECS.register(name, cls)
         return cls
 
     return add

@@ -110,21 +110,26 @@ def key_to_json(key: StoreKey) -> list:
 
 
 def key_from_json(value: object) -> StoreKey:
-    """Inverse of ``key_to_json``; ``ValueError`` if ``value`` is not a key."""
+    """Inverse of ``key_to_json``; ``CorruptBlockError`` if ``value`` (read from a frame or the
+    manifest) is not a key."""
     if isinstance(value, list) and len(value) == 4 and value[0] == "b":
         try:
             return BlockKey(*value[1:])
         except ShapeError as exc:
-            raise ValueError(str(exc)) from exc
+            raise CorruptBlockError(f"not a store key: {exc}") from exc
     if (isinstance(value, list) and len(value) == 3 and value[0] == "c" and isinstance(value[1], str)
             and isinstance(value[2], int) and value[2] >= 0):
         return ContextPart(value[1], value[2])
-    raise ValueError(f"not a store key: {value!r:.100}")
+    raise CorruptBlockError(f"not a store key: {value!r:.100}")
 
 
 def key_from_bytes(data: bytes) -> StoreKey:
-    """Inverse of ``key_to_bytes``; ``ValueError`` if ``data`` is not a key."""
-    return key_from_json(json.loads(data))
+    """Inverse of ``key_to_bytes``; ``CorruptBlockError`` if ``data`` is not a key."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # not UTF-8 JSON, or nested past the parser's depth
+        raise CorruptBlockError(f"not a store key: {bytes(data)!r:.100}: {exc}") from None
+    return key_from_json(value)
 
 
 def round_up(n: int, align: int) -> int:
@@ -203,7 +208,9 @@ def parse_header(data: bytes | memoryview, where: str, salt: int | None = None) 
 
 
 def record_crc(record: bytes | memoryview) -> int:
-    """The crc32 a record carries in its last 4 bytes."""
+    """The crc32 a record carries in its last 4 bytes; ``CorruptBlockError`` if it is shorter."""
+    if len(record) < 4:
+        raise CorruptBlockError(f"a record of {len(record)} bytes has no checksum")
     return struct.unpack_from("<I", record, len(record) - 4)[0]
 
 

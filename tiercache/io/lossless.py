@@ -55,10 +55,14 @@ class ZstdCodec(Codec):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_payload("zstd", payload)
         size = 2 * layout.kv_heads * tokens * layout.head_dim * layout.dtype.itemsize
+        frame = payload.cpu().numpy().tobytes()
         try:
-            raw = zstandard.ZstdDecompressor().decompress(
-                payload.cpu().numpy().tobytes(), max_output_size=size
-            )
+            # decompress allocates the size the frame declares: a damaged size field must be
+            # refused here, not exhaust memory (max_output_size bounds only undeclared sizes).
+            declared = zstandard.frame_content_size(frame)
+            if declared > size:
+                raise CorruptBlockError(f"zstd payload declares {declared} bytes, expected {size}")
+            raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
         except zstandard.ZstdError as exc:
             raise CorruptBlockError(f"zstd payload does not decompress: {exc}") from exc
         if len(raw) != size:

@@ -2,12 +2,12 @@
 
 The segments are the source of truth; the manifest only saves scanning them. It records, as of
 one moment, every live entry, how far each segment had been committed (and the number of its
-last batch there), the last sequence number, the saved contexts' LRU order and the places where
-damage hid frames. On open the store checks it against the segment files (every segment it names
-exists, every batch end it records holds that batch's commit trailer, every entry lies inside
-its segment's committed part) and scans each segment from the recorded end to pick up later
-batches. A manifest that is missing, fails its checksum or disagrees with the segments is
-ignored, with a warning when it was there, and the index is rebuilt by scanning.
+last batch there), the last sequence number and the places where damage hid frames. On open
+the store checks it against the segment files (every segment it names exists, every batch end
+it records holds that batch's commit trailer, every entry lies inside its segment's committed
+part) and scans each segment from the recorded end to pick up later batches. A manifest that is
+missing, fails its checksum or disagrees with the segments is ignored, with a warning when it
+was there, and the index is rebuilt by scanning.
 
 File layout: one text line ``tiercache-disk-store <version> <crc32 hex> <body bytes>``, then
 the JSON body. Written as: temporary file, fsync, rename over ``manifest.json``, fsync of the
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import StoreError
+from ..errors import CorruptBlockError, StoreError
 from .frames import FORMAT_VERSION, HEADER_SIZE, StoreKey, key_from_json, key_to_json
 from .segments import fsync_dir
 
@@ -65,8 +65,6 @@ class Manifest:
     #: segment id -> (bytes committed in it, the number of the batch that ends there; 0 if none).
     segments: dict[int, tuple[int, int]] = field(default_factory=dict)
     entries: dict[StoreKey, IndexEntry] = field(default_factory=dict)
-    #: saved contexts, least recently used first.
-    contexts_lru: list[str] = field(default_factory=list)
     #: (place, highest sequence number) of frames that damage made unknowable.
     unresolved: list[tuple[str, int]] = field(default_factory=list)
 
@@ -91,7 +89,6 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
             [key_to_json(k), e.segment, e.offset, e.frame_len, e.key_len, e.record_len, e.crc, e.seq]
             for k, e in manifest.entries.items()
         ],
-        "contexts_lru": manifest.contexts_lru,
         "unresolved": [[where, seq] for where, seq in manifest.unresolved],
     }, separators=(",", ":")).encode()
     head = f"{_MAGIC} {FORMAT_VERSION} {zlib.crc32(body):08x} {len(body)}\n".encode()
@@ -138,10 +135,9 @@ def read_manifest(directory: Path) -> ManifestRead:
             next_segment=int(doc["next_segment"]),
             segments={int(s): (int(end), int(batch)) for s, end, batch in doc["segments"]},
             entries=entries,
-            contexts_lru=[str(c) for c in doc["contexts_lru"]],
             unresolved=[(str(where), int(seq)) for where, seq in doc["unresolved"]],
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, RecursionError, CorruptBlockError) as exc:
         return ManifestRead(None, f"{path} is malformed: {exc!r}", True)
     return ManifestRead(manifest, "", True)
 

@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from ..errors import CorruptBlockError
+from ..errors import ConfigError, CorruptBlockError, ShapeError
 from . import ans
 from .wire import Reader, Writer
 
@@ -47,6 +47,9 @@ def _half_widths() -> np.ndarray:
 
 def half_width(classes: np.ndarray) -> np.ndarray:
     """``A_c`` for each class in ``classes`` (0 for ``ZERO_CLASS``)."""
+    classes = np.asarray(classes)
+    if classes.size and (classes.min() < 0 or classes.max() > 255):
+        raise ShapeError(f"half_width: classes must be uint8 values, got {classes.min()}..{classes.max()}")
     table = np.zeros(256, dtype=np.int64)
     table[:N_CLASSES] = _half_widths()
     return table[classes]
@@ -55,6 +58,8 @@ def half_width(classes: np.ndarray) -> np.ndarray:
 def classify(symbols: np.ndarray) -> np.ndarray:
     """Class (uint8) of each row of the int ``symbols`` ``(rows, n)``: from the mean absolute value,
     ``ZERO_CLASS`` for all-zero rows."""
+    if np.ndim(symbols) != 2:
+        raise ShapeError(f"classify: symbols must be (rows, n), got shape {np.shape(symbols)}")
     mean_abs = np.abs(symbols).mean(axis=1)
     c = np.rint(2 * np.log2(np.maximum(mean_abs, 1e-9) / _MIN_SCALE))
     classes = np.clip(c, 0, N_CLASSES - 1).astype(np.uint8)
@@ -108,6 +113,8 @@ class ClassCoder:
     """
 
     def __init__(self, tables: str) -> None:
+        if tables not in ("shared", "block"):
+            raise ConfigError(f"rANS class coder: tables must be 'shared' or 'block', got {tables!r}")
         self.tables = tables
 
     def encode(self, symbols: np.ndarray, classes: np.ndarray, out: Writer) -> None:
@@ -115,6 +122,13 @@ class ClassCoder:
         class) to ``out``: block tables if any, then u32 word count and the words."""
         symbols = np.ascontiguousarray(symbols, dtype=np.int64)
         classes = np.ascontiguousarray(classes, dtype=np.uint8)
+        if symbols.ndim != 2 or classes.shape != symbols.shape[:1]:
+            raise ShapeError(f"rANS encode: symbols {symbols.shape} and classes {classes.shape} must be "
+                             "(rows, n) and (rows,)")
+        bad = (classes >= N_CLASSES) & (classes != ZERO_CLASS)
+        if bad.any():
+            raise ShapeError(f"rANS encode: invalid class {int(classes[bad][0])}; classes are "
+                             f"0..{N_CLASSES - 1} or ZERO_CLASS, as classify gives them")
         if self.tables == "shared":
             pb, base, nsym, _, sym_off, _, freq, cum = _shared_tables()
             tab_of_class = _SHARED_TAB
@@ -123,7 +137,7 @@ class ClassCoder:
             tab_of_class, pb, base, nsym, sym_off, freq, cum = tables
         words, err = ans.encode_rows(symbols, classes, tab_of_class, pb, base, nsym, sym_off, freq, cum)
         if err != ans.OK:
-            raise ValueError(f"rANS encode: a symbol lies outside its class's table (error {err})")
+            raise ShapeError(f"rANS encode: {_OUTSIDE} (error {err})")
         out.put_count(len(words))
         out.put(words, "<u4")
 
@@ -134,7 +148,10 @@ class ClassCoder:
         for c in _present(classes):
             tab_of_class[c] = ans.SKIP
             a = int(_half_widths()[c])
-            hist = np.bincount((symbols[classes == c] + a).reshape(-1), minlength=2 * a + 1)
+            shifted = (symbols[classes == c] + a).reshape(-1)
+            if shifted.min() < 0 or shifted.max() > 2 * a:
+                raise ShapeError(f"rANS encode: {_OUTSIDE} (class {c})")
+            hist = np.bincount(shifted, minlength=2 * a + 1)
             lo, hi = np.flatnonzero(hist)[[0, -1]]
             counts = hist[lo : hi + 1]
             # Rescale to u8, keeping every seen symbol encodable (count >= 1).
@@ -154,6 +171,9 @@ class ClassCoder:
     def decode(self, reader: Reader, classes: np.ndarray, n: int) -> np.ndarray:
         """Read what ``encode`` wrote for rows of ``classes`` with ``n`` symbols each; returns the
         ``(rows, n)`` int64 symbols (escapes still clipped)."""
+        if np.ndim(classes) != 1 or n < 0:
+            raise ShapeError(f"rANS decode: classes must be (rows,) and n >= 0, got {np.shape(classes)} "
+                             f"and {n}")
         classes = np.array(classes, dtype=np.uint8)  # aligned and writable: one compiled variant
         symbols = np.zeros((len(classes), n), dtype=np.int64)
         if self.tables == "shared":
@@ -193,6 +213,9 @@ class ClassCoder:
             raise CorruptBlockError(f"cachegen payload: rANS stream does not decode: {_ERRORS.get(err, err)}")
         return symbols
 
+
+_OUTSIDE = ("a symbol lies outside its class's table: clip each row to ±half_width(its class), as "
+            "cachegen does")
 
 _ERRORS = {
     ans.ERR_TRUNCATED: "it ends before the last symbol",

@@ -65,6 +65,9 @@ def encode_record(codec: Codec, k: torch.Tensor, v: torch.Tensor, layout: BlockL
     KV's ``Fingerprint`` (every stored context's records carry one).
     """
     tokens = layout.check(k, v, what=str(key) if key else "record")
+    if layout.dtype not in _DTYPE_NAMES:
+        raise ShapeError(f"encode_record: KV of dtype {layout.dtype} cannot be stored; records hold "
+                         f"{', '.join(_DTYPES)}: convert the KV first")
     if end is not None and key is None:
         raise ShapeError("encode_record: end needs a key (the block's position in its sequence)")
     # A key gives the block's position in its sequence, for codecs that code positions differently.
@@ -132,11 +135,11 @@ def read_header(data: bytes | memoryview, where: str = "record") -> tuple[Record
         h = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + hlen]))
         layout = BlockLayout(h["kv_heads"], h["block_tokens"], h["head_dim"], _DTYPES[h["dtype"]])
         key = BlockKey(*h["key"]) if h["key"] is not None else None
-        fp = h["fp"]
-        if fp is not None and not isinstance(fp, str):
-            raise TypeError(f"fp is {fp!r}")
-        header = RecordHeader(h["codec"], dict(h["params"]), layout, int(h["tokens"]), key, fp)
-    except (ValueError, KeyError, TypeError, ShapeError) as exc:
+        for name, want in (("codec", str), ("fp", (str, type(None)))):
+            if not isinstance(h[name], want):
+                raise TypeError(f"{name} is {h[name]!r:.80}")
+        header = RecordHeader(h["codec"], dict(h["params"]), layout, int(h["tokens"]), key, h["fp"])
+    except (ValueError, KeyError, TypeError, OverflowError, ShapeError, RecursionError) as exc:
         raise CorruptBlockError(f"{where}: unreadable header: {exc}") from exc
     if not 1 <= header.tokens <= layout.block_tokens:
         raise CorruptBlockError(f"{where}: header says {header.tokens} tokens of {layout.block_tokens}")

@@ -55,6 +55,8 @@ from ..errors import (
 from .frames import ContextPart, StoreKey, check_context_key
 from .record import read_header
 
+#: Address schemes of a Redis server (``redis://host:port/db``, TLS, a unix socket).
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 #: Seconds the parts of an uncommitted save live (a writer killed mid-save leaves them behind).
 PENDING_SECONDS = 3600
 #: Hex digits of a part's content digest (sha256; 128 bits).

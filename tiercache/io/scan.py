@@ -266,7 +266,7 @@ class SegmentScan:
         if header.kind in (FrameKind.PUT, FrameKind.DELETE):
             try:
                 key = key_from_bytes(key_bytes)
-            except ValueError as exc:
+            except CorruptBlockError as exc:
                 damage = f"{self.where(pos)}: unreadable key: {exc}"
         if header.kind == FrameKind.PUT and not damage:
             record = self._io.get(pos + header.body_offset, header.body_len, fresh)
@@ -394,7 +394,7 @@ class SegmentScan:
 def _entry_frame(e: DirEntry) -> Frame:
     try:
         key = key_from_bytes(e.key) if e.kind != FrameKind.RETIRE else None
-    except ValueError:
+    except CorruptBlockError:
         key = None
     return Frame(e.kind, key, e.offset, e.frame_len, len(e.key), e.seq, e.body_len, e.body_crc)
 

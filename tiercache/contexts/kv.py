@@ -20,9 +20,9 @@ import torch
 from ..blocks import BlockKey, BlockLayout
 from ..errors import ConfigError, CorruptBlockError, ShapeError
 from ..fingerprint import Fingerprint, storage_fingerprint
+from ..io.codec import Codec
+from ..io.record import RecordHeader, decode_record, encode_record
 from .backends import ContextBackend
-from .codec import Codec
-from .record import RecordHeader, decode_record, encode_record
 
 
 #: Tokens per record of a saved context (records are the unit of parallel reads and decoding).
