@@ -23,10 +23,8 @@ from ..blocks import BlockLayout
 from ..config import RetrievalConfig, TierConfig
 from ..errors import ConfigError, ShapeError
 from ..fingerprint import kv_shape, model_fingerprint, model_id, storage_fingerprint
-from ..hf.attention import ATTN_NAME
 from ..hf.cache import TieredCache, default_config
 from ..io.codec import make_codec
-from ..stream import attention_implementation
 from .backends import open_contexts
 from .kv import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 
@@ -57,7 +55,7 @@ def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
     cache = TieredCache(model, config, prefill="full")
     device = next(model.parameters()).device
     try:
-        with attention_implementation(model, ATTN_NAME), torch.no_grad():
+        with torch.no_grad():  # TieredCache's forwards run on its attention (hf.attention.attach)
             for a in range(0, len(ids), _PREFILL_CHUNK):
                 model(torch.tensor([ids[a : a + _PREFILL_CHUNK]], device=device), past_key_values=cache,
                       use_cache=True)
