@@ -270,9 +270,11 @@ def _triton():
                 v_ptrs = ev_ptr + row * se_row + kh * se_head + tok[:, None] * se_tok + d[None, :]
             else:
                 i = split * per_split + j
-                i_ok = i < n_read  # the last split may have fewer blocks: the rest load nothing
-                slot = tl.load(slots_ptr + row * n_read + i, mask=i_ok, other=0)  # int64: offsets pass 2**31
-                t_in = (t < block_tokens) & i_ok
+                # The last split may have fewer blocks: past n_read, no token is in range (a compare
+                # of the block, not a scalar mask, which Triton's interpreter takes as int32).
+                t_in = t < tl.where(i < n_read, block_tokens, 0)
+                # Clamped, not masked: t_in masks the tile. int64: offsets pass 2**31.
+                slot = tl.load(slots_ptr + row * n_read + tl.minimum(i, n_read - 1))
                 bias_ptrs = bias_ptr + (row * n_read + i) * block_tokens + t
                 k_ptrs = slab_ptr + slot * s_slot + t[:, None] * s_tok + kh * s_head + d[None, :]
                 v_ptrs = k_ptrs + s_kv
