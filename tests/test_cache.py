@@ -97,11 +97,12 @@ def test_batch_of_two_matches_each_sequence_alone(smollm2):
 
 
 def test_sparse_decode_reads_exactly_its_budget(smollm2):
-    """A decode step reads the budget's storage blocks, sink and window included, and no more."""
+    """A decode step reads the budget's storage blocks, sink and window included, and no more
+    (``index="blocks"``)."""
     model, tok = smollm2
     n = 2048
     ids = torch.tensor([text_tokens(tok, n, offset_tokens=20000)])
-    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64, unit_tokens=4)
+    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64, unit_tokens=4, index="blocks")
     cache = TieredCache(model, dataclasses.replace(exact_config(model, n, 0.25), retrieval=retrieval))
     with torch.no_grad():
         out = model(ids, past_key_values=cache, use_cache=True)
@@ -115,6 +116,28 @@ def test_sparse_decode_reads_exactly_its_budget(smollm2):
     assert per_layer == plan.read
     assert plan.read_tokens <= 0.1 * (n + 1) < plan.read_tokens + BLOCK
     assert cache.attended_fraction == pytest.approx(plan.read_tokens / (n + 1))
+    cache.close()
+
+
+def test_token_decode_reads_exactly_its_budget_per_kv_head(smollm2):
+    """With the token index, every KV head of every layer reads exactly the budget's tokens at a
+    decode step (sink and window included), all of them from host memory, and the cache reports
+    that fraction."""
+    model, tok = smollm2
+    n = 2048
+    ids = torch.tensor([text_tokens(tok, n, offset_tokens=20000)])
+    retrieval = RetrievalConfig(budget=0.1, sink_tokens=16, window_tokens=64)
+    cache = TieredCache(model, dataclasses.replace(exact_config(model, n, 0.25), retrieval=retrieval))
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        before = cache.manager.stats()
+        model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    after = cache.manager.stats()
+    read = int(0.1 * (n + 1))  # 204 tokens of 2049
+    heads = model.config.num_hidden_layers * model.config.num_key_value_heads
+    assert after.tokens_read - before.tokens_read == heads * read
+    assert after.tokens_from_host - before.tokens_from_host == heads * read
+    assert cache.attended_fraction == pytest.approx(read / (n + 1))
     cache.close()
 
 

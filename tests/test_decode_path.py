@@ -30,10 +30,11 @@ def kv_bytes(model, tokens: int) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
 
 
-def config(model, tokens: int, budget: float, device_fraction: float = 0.25, block: int = BLOCK) -> TierConfig:
+def config(model, tokens: int, budget: float, device_fraction: float = 0.25, block: int = BLOCK,
+           index: str = "tokens") -> TierConfig:
     return TierConfig(device_budget_bytes=int(kv_bytes(model, tokens) * device_fraction),
                       host_budget_bytes=2 * kv_bytes(model, tokens), block_tokens=block, dtype=torch.float32,
-                      device="cpu", retrieval=RetrievalConfig(budget=budget))
+                      device="cpu", retrieval=RetrievalConfig(budget=budget, index=index))
 
 
 @torch.no_grad()
@@ -49,16 +50,20 @@ def decode_counts(model, cache, context: int, steps: int) -> list[OpCounter]:
     return counters
 
 
+@pytest.mark.parametrize("index", ["tokens", "blocks"])
 @pytest.mark.parametrize("budget", [0.1, 1.0])
-def test_decode_steps_never_sync_with_the_host(model, budget):
+def test_decode_steps_never_sync_with_the_host(model, budget, index):
     """Every step of a whole block cycle (a block fills and a new one opens), with 75% of the KV
-    in host memory; at budget 1.0 the blocks stream through the device in groups."""
-    cache = TieredCache(model, config(model, 2048 + BLOCK + 1, budget))
+    in host memory: token retrieval reads its tokens there in place (and indexes the tokens it
+    seals); block retrieval copies blocks to the device, and at budget 1.0 streams them through
+    the device in groups."""
+    cache = TieredCache(model, config(model, 2048 + BLOCK + 1, budget, index=index))
     counters = decode_counts(model, cache, 2048, BLOCK + 1)
     model.set_attn_implementation("sdpa")
     syncs = [c.syncs for c in counters]
     assert syncs == [0] * len(syncs), [dict(c.sync_ops) for c in counters if c.syncs]
-    assert cache.manager.stats().device_misses > 0  # blocks really came from host memory
+    stats = cache.manager.stats()
+    assert (stats.tokens_from_host if index == "tokens" else stats.device_misses) > 0  # KV came from host memory
 
 
 def test_aten_ops_per_layer_are_at_most_twice_dynamic_cache_and_flat_in_context(model):
@@ -113,8 +118,9 @@ def test_one_layers_decode_attention_compiles_without_graph_breaks(model):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("index", ["tokens", "blocks"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_a_padded_batch_matches_dynamic_cache(model, padding_side):
+def test_a_padded_batch_matches_dynamic_cache(model, padding_side, index):
     """Prompts of 40, 65 and 90 tokens in one padded batch: at full budget, with blocks moving
     between the tiers, the real positions' logits match DynamicCache; with left padding (what
     generate uses), greedy generation gives the same tokens."""
@@ -126,7 +132,7 @@ def test_a_padded_batch_matches_dynamic_cache(model, padding_side):
         span = slice(90 - n, 90) if padding_side == "left" else slice(0, n)
         ids[row, span] = torch.randint(1, 1000, (n,), generator=g)
         mask[row, span] = 1
-    cfg = config(model, 3 * 140, 1.0, device_fraction=0.7)  # 9 slots a layer: blocks still move
+    cfg = config(model, 3 * 140, 1.0, device_fraction=0.7, index=index)  # 9 slots a layer: blocks still move
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
         ref = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
@@ -141,4 +147,5 @@ def test_a_padded_batch_matches_dynamic_cache(model, padding_side):
                                     do_sample=False, pad_token_id=0)
         model.set_attn_implementation("sdpa")
         assert torch.equal(got_tokens, ref_tokens)
-        assert cache.manager.stats().device_misses > 0
+        stats = cache.manager.stats()
+        assert (stats.tokens_from_host if index == "tokens" else stats.device_misses) > 0

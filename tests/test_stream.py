@@ -33,12 +33,15 @@ def kv_bytes(model, tokens: int) -> int:
 
 def stream_config(model, tokens: int, disk_path: Path) -> TierConfig:
     """The device holds 1/8 of the stream's KV (at least 3 blocks a layer: sink, open block and
-    one to stream through), the host 1/16 (so that the disk tier is in use early in the stream),
+    one to stream through), the host 1/16 or what token retrieval needs at least (so that the
+    disk tier is in use early in the stream),
     a lossless disk tier the rest. Questions retrieve with a budget covering the stream: under
     test here are the encoding, the tiers and the undoing of questions; QA at partial budgets is
     measured by benchmarks/bench_quality.py --qa (no partial budget answers early facts reliably)."""
     device = max(kv_bytes(model, tokens) // 8, kv_bytes(model, 3 * BLOCK))
-    return TierConfig(device_budget_bytes=device, host_budget_bytes=kv_bytes(model, tokens) // 16,
+    # The host holds each layer's open block and a device's worth of blocks, little more.
+    host = max(kv_bytes(model, tokens) // 16, kv_bytes(model, BLOCK) + device)
+    return TierConfig(device_budget_bytes=device, host_budget_bytes=host,
                       disk_budget_bytes=4 * kv_bytes(model, tokens), disk_path=disk_path, disk_codec="zstd",
                       block_tokens=BLOCK, dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=1.0))
 
@@ -198,23 +201,27 @@ def test_holding_the_question_selection_at_full_budget_is_exact(stream):
         assert fact.answer in held
 
 
-def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream):
-    """ReKV-style asking at a partial budget: the question's queries select the units of the
-    whole stream once (at its prefill); with ``hold`` the answer's decode steps attend that
-    selection (plus sink and window) instead of scoring the stream again at every step. Either
-    way the question leaves nothing behind."""
+@pytest.mark.parametrize("index", ["tokens", "blocks"])
+def test_a_question_selects_once_and_its_answer_keeps_that_selection(stream, index, monkeypatch):
+    """ReKV-style asking at a partial budget: the question's queries select from the whole
+    stream once (at its prefill); with ``hold`` the answer's decode steps attend that selection
+    (plus sink and window) instead of selecting again at every step. Either way the question
+    leaves nothing behind."""
     import dataclasses
+
+    from tiercache.retrieval import token_select
 
     session, ids, _ = stream
     config = dataclasses.replace(session.config, disk_budget_bytes=0, disk_path=None,
                                  host_budget_bytes=2 * kv_bytes(session.model, len(ids)),
-                                 retrieval=RetrievalConfig(budget=0.25))
+                                 retrieval=RetrievalConfig(budget=0.25, index=index))
     kv = session.cache.export_kv()
     with StreamSession(session.model, session.tokenizer, config) as partial:
         partial.cache.import_kv(kv)
         calls = []
-        select = partial.cache.step.selector.select
-        partial.cache.step.selector.select = lambda plan, q, *rest: calls.append(q.shape[2]) or select(plan, q, *rest)
+        owner = token_select if index == "tokens" else partial.cache.step.selector
+        select = owner.select
+        monkeypatch.setattr(owner, "select", lambda plan, q, *rest: calls.append(q.shape[2]) or select(plan, q, *rest))
         question = question_text(FACTS[0])
         n_question = len(session.tokenizer(question, add_special_tokens=False)["input_ids"])
         answers = {}

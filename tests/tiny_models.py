@@ -86,3 +86,9 @@ def tiered_config(model, rows: int = 1, block: int = 4, budget: float | int = 1.
     slots = rows * (math.ceil(retrieval.sink_tokens / block) + 2) + 1
     return TierConfig(device_budget_bytes=kv_bytes(model, block) * slots, host_budget_bytes=1 << 24,
                       block_tokens=block, dtype=model.dtype, device="cpu", retrieval=retrieval)
+
+
+def kv_came_from_host(stats) -> bool:
+    """Whether reads of a cache found KV in host memory: blocks copied to the device (block
+    retrieval), or tokens read in place (token retrieval)."""
+    return stats.device_misses > 0 or stats.tokens_from_host > 0

@@ -18,6 +18,8 @@ from .errors import ConfigError
 from .io.codec import CODECS
 from .io.redis_store import REDIS_SCHEMES
 
+#: What a step selects from (``RetrievalConfig.index``).
+INDEXES = ("tokens", "blocks")
 #: KV and model dtypes by name (the names the CLI and saved configs use).
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -87,6 +89,12 @@ class RetrievalConfig:
     - ``estimate``: add to each decode step's attention an estimate of the blocks it does not read:
       each sealed block as one virtual token, its mean key weighted by its count of tokens, with
       its mean value (RetroInfer's estimation zone; ``tiercache.retrieval.estimate``).
+    - ``index``: what a step selects from: ``"tokens"`` (every KV head scores every token from a
+      4-bit code of its key and reads its own best tokens; the rest is estimated per run of
+      ``run_tokens`` tokens; codebooks per segment of ``segment_tokens`` tokens;
+      ``tiercache.retrieval.token_index``) or ``"blocks"`` (storage blocks ranked by their unit
+      summaries, Quest style; ``summary``, ``unit_tokens``, ``gqa_aggregate`` and
+      ``selection_layers`` apply to it).
     - ``full_attention_layers``: layers that read every block.
     - ``selection_layers``: when set, the only layers that score units; every other layer reads
       the blocks of the nearest selecting layer below it at the same step (TidalDecode).
@@ -109,6 +117,9 @@ class RetrievalConfig:
     selection_layers: tuple[int, ...] | None = None
     unit_tokens: int | None = None
     estimate: bool = True
+    index: str = "tokens"
+    segment_tokens: int = 1024
+    run_tokens: int = 128
 
     def __post_init__(self) -> None:
         if self.unit_tokens is not None and (isinstance(self.unit_tokens, bool) or not isinstance(self.unit_tokens, int)
@@ -128,6 +139,15 @@ class RetrievalConfig:
                 raise ConfigError(f"retrieval {where} fraction must be in (0, 1], got {b}")
             if isinstance(b, int) and b < 1:
                 raise ConfigError(f"retrieval {where} in tokens must be >= 1, got {b}")
+        if self.index not in INDEXES:
+            raise ConfigError(f"retrieval index must be one of {INDEXES}, got {self.index!r}")
+        for name in ("segment_tokens", "run_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"retrieval {name} must be an int >= 1, got {value!r}")
+        if self.segment_tokens % self.run_tokens:
+            raise ConfigError(f"retrieval segment_tokens ({self.segment_tokens}) must be a multiple of "
+                              f"run_tokens ({self.run_tokens})")
         if self.gqa_aggregate not in ("max", "sum", "softmax"):
             raise ConfigError(f"gqa_aggregate must be 'max', 'sum' or 'softmax', got {self.gqa_aggregate!r}")
         for name in ("full_attention_layers", "selection_layers"):

@@ -30,8 +30,10 @@ from ..errors import ConfigError, ShapeError
 from ..retrieval.estimate import BlockEstimates
 from ..retrieval.index import UnitIndex
 from ..retrieval.summaries import Summary
+from ..retrieval.token_index import TokenIndex
 from ..spec import ModelSpec
 from ..tiers.manager import TierManager
+from .gather import gather_tokens
 from .table import BlockTable
 
 
@@ -43,6 +45,7 @@ class BatchKV:
     def __init__(self, spec: ModelSpec, config: TierConfig, memory: TierManager, summary: Summary,
                  unit_tokens: int, estimated: tuple[bool, ...]) -> None:
         self.spec = spec
+        self.retrieval = config.retrieval
         self.memory = memory
         self.layout = memory.layout
         self.summary = summary
@@ -50,12 +53,24 @@ class BatchKV:
         self.estimated = estimated
         self.sink_blocks = math.ceil(config.retrieval.sink_tokens / self.layout.block_tokens)
         self.device = memory.device
-        self.check_room(1)
         self.table: BlockTable | None = None
+        # Blocks retrieval (``index="blocks"``) keeps unit summaries and block estimates; token
+        # retrieval keeps the token index of its full-attention layers.
         self.index: UnitIndex | None = None
         self.estimates: BlockEstimates | None = None
+        self.tokens: TokenIndex | None = None
+        self.token_layers = tuple(window is None for window in spec.windows)  # what the token index covers
         self.lengths = [0] * spec.layers
         self.open: list[torch.Tensor | None] = [None] * spec.layers  # each row's open-block slot (rows,)
+        # Token retrieval reads every token from host memory (``decode.gather``), the open
+        # blocks' too: they are written there as well as to their slots, into these rows (rows,).
+        self.open_rows: list[torch.Tensor | None] = [None] * spec.layers
+        self.mirror_open = config.retrieval.index == "tokens" and memory.host is not None
+        bt = self.layout.block_tokens
+        #: Sealed tokens the token index takes at once in decode steps: whole blocks, at most the
+        #: window (the tokens not indexed are always read, in the window).
+        self.index_tokens = max(bt, config.retrieval.window_tokens // bt * bt)
+        self.check_room(1)
         #: Whether some prompt had padding: retrieval then masks units of padding only.
         self.padded = False
 
@@ -69,11 +84,16 @@ class BatchKV:
         self.check_room(rows)
         spec, dtype = self.spec, self.layout.dtype
         self.table = BlockTable(rows, self.layout.block_tokens, self.device, dtype)
-        # Summaries in the KV dtype: in fp32 they would be half the size of a bf16 cache's keys.
-        self.index = UnitIndex(self.summary, spec.layers, rows, spec.kv_heads, spec.head_dim, self.unit,
-                               self.device, dtype)
-        self.estimates = BlockEstimates(spec.layers, rows, spec.kv_heads, spec.head_dim, self.device, dtype) \
-            if any(self.estimated) else None
+        r = self.retrieval
+        if r.index == "tokens":
+            self.tokens = TokenIndex(spec.layers, rows, spec.kv_heads, spec.head_dim, r.segment_tokens, r.run_tokens,
+                                     self.device, dtype)
+        else:
+            # Summaries in the KV dtype: in fp32 they would be half the size of a bf16 cache's keys.
+            self.index = UnitIndex(self.summary, spec.layers, rows, spec.kv_heads, spec.head_dim, self.unit,
+                                   self.device, dtype)
+            self.estimates = BlockEstimates(spec.layers, rows, spec.kv_heads, spec.head_dim, self.device, dtype) \
+                if any(self.estimated) else None
         self.padded = False
         # Nothing is cached: every block is on the device until one does not fit.
         self.memory.residency.all_on_device = True
@@ -82,9 +102,10 @@ class BatchKV:
         """Forget every cached token and the batch size."""
         if self.table is not None:
             self.memory.free(self.table.clear())
-        self.table = self.index = self.estimates = None
+        self.table = self.index = self.estimates = self.tokens = None
         self.lengths = [0] * self.spec.layers
         self.open = [None] * self.spec.layers
+        self.open_rows = [None] * self.spec.layers
 
     def check_room(self, rows: int) -> None:
         """``ConfigError`` unless every layer's device slots hold each row's sink blocks and open
@@ -98,6 +119,18 @@ class BatchKV:
                 f"{need} per layer ({rows} x ({self.sink_blocks} sink + 1 open + 1 streamed)), i.e. "
                 f"{need * self.spec.layers * self.layout.nbytes} bytes"
             )
+        if self.mirror_open:
+            # Token retrieval keeps every layer's open blocks in host rows, beside the blocks a
+            # read of the device's size brings there.
+            need = rows * self.spec.layers + memory.slots
+            host = memory.host
+            if host.slab.rows < need:
+                raise ConfigError(
+                    f"host_budget_bytes={memory.config.host_budget_bytes} holds {host.slab.rows} blocks of "
+                    f"{host.row_nbytes} bytes; token retrieval (retrieval index='tokens') with a batch of {rows} "
+                    f"needs at least {need} ({rows} x {self.spec.layers} layers' open blocks + {memory.slots} "
+                    f"read through), i.e. {need * host.row_nbytes} bytes; raise host_budget_bytes or use "
+                    "index='blocks'")
 
     def check_settled(self, what: str, pending: bool = False) -> None:
         """``ShapeError`` in the middle of a forward (``pending``, or layers holding different
@@ -141,6 +174,8 @@ class BatchKV:
         if offset:  # fill the open block
             written = min(n, bt - offset)
             slab[self.open[layer], offset : offset + written] = kv[:, :written]
+            if self.mirror_open:
+                self.memory.host.slab.data[self.open_rows[layer], offset : offset + written] = kv[:, :written]
             if offset + written == bt:
                 self._seal_open(layer, block)
             block += 1
@@ -153,10 +188,45 @@ class BatchKV:
             slots = self.memory.open(layer, self.device_pids(block))
             slab[slots, : n - written] = kv[:, written:]
             self.open[layer] = slots
+            if self.mirror_open:
+                self.open_rows[layer] = self.memory.open_in_host(layer, self.table.host_pids(block))
+                self.memory.host.slab.data[self.open_rows[layer], : n - written] = kv[:, written:]
         self.lengths[layer] = end
-        if done:
+        if self.tokens is not None and self.token_layers[layer]:
+            self._index_sealed(layer, force=n > 1)
+        if done and self.index is not None:
             self.index.seal(layer, pos // unit, unit_keys.transpose(1, 2),
                             self.table.valid(unit_start, unit_start + done * unit) if self.padded else None)
+
+    def _index_sealed(self, layer: int, force: bool) -> None:
+        """Index the sealed tokens of ``layer`` not indexed yet in the token index, once they are
+        ``index_tokens`` or more (or whenever ``force``: after a prefill), read back from the
+        tiers in place; seal each segment they fill, and retrain the open segment's codebook when
+        it has grown enough. Indexing a few blocks at a time costs a decode step fewer ops; the
+        tokens not indexed are in the window every step reads exactly (``token_select.plan``)."""
+        index = self.tokens
+        sealed = self.lengths[layer] // self.layout.block_tokens * self.layout.block_tokens
+        if sealed - index.indexed[layer] < (1 if force else self.index_tokens):
+            return
+        while index.indexed[layer] < sealed:
+            first = index.indexed[layer]
+            keys, values, ok = self.span(layer, first, min(sealed, index.open_start(layer) + index.segment))
+            index.append(layer, keys, values, ok)
+            if index.fills_segment(layer):
+                keys, _, ok = self.span(layer, index.open_start(layer), index.indexed[layer])
+                index.seal(layer, keys, ok)
+        if index.needs_training(layer):
+            keys, _, ok = self.span(layer, index.open_start(layer), index.indexed[layer])
+            index.train_open(layer, keys, ok)
+
+    def span(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys and values ``(rows, kv_heads, stop - start, head_dim)`` of ``layer``'s positions
+        ``[start, stop)``, read in place (``gather_tokens``), and which are real ``(rows, n)``
+        (None without padding)."""
+        heads = self.spec.kv_heads
+        positions = torch.arange(start, stop, device=self.device).expand(self.rows, heads, -1)
+        keys, values, bias = gather_tokens(self.memory, self.table, layer, positions)
+        return keys, values, (bias[:, 0] == 0) if self.padded else None
 
     def _seal_open(self, layer: int, block: int) -> None:
         """The open block ``block`` of ``layer`` is full: write it through to host memory and let
@@ -168,6 +238,7 @@ class BatchKV:
         if block >= self.sink_blocks and not self.memory.keeps_sealed_blocks_pinned():
             self.memory.unpin(layer, slots)
         self.open[layer] = None
+        self.open_rows[layer] = None
 
     def _store(self, layer: int, block: int, kv: torch.Tensor) -> None:
         """Write full blocks ``block, block + 1, ...`` of every row (``kv`` ``(rows, n, block_tokens,
@@ -201,15 +272,19 @@ class BatchKV:
         bt = self.layout.block_tokens
         keep_open = self.lengths[0] % bt and self.lengths[0] // bt == tokens // bt
         self.memory.free(self.table.cut(tokens))
-        self.index.cut(tokens // self.unit)
+        if self.index is not None:
+            self.index.cut(tokens // self.unit)
         if self.estimates is not None:
             self.estimates.cut(tokens // bt)
         self.lengths = [tokens] * self.spec.layers
+        if self.tokens is not None:
+            self._reopen_tokens(tokens)
         if keep_open:  # the cut falls inside the open block: it stays open
             return
         block = tokens // bt
         if not tokens % bt:
             self.open = [None] * self.spec.layers
+            self.open_rows = [None] * self.spec.layers
             return
         pids, rows = np.unique(self.table.host_pids(block), return_inverse=True)
         pids = torch.from_numpy(pids).to(self.device)
@@ -218,6 +293,18 @@ class BatchKV:
         slots = [(self.memory.resident(layer, pids) if block < self.sink_blocks
                   else self.memory.pin(layer, pids))[rows] for layer in range(self.spec.layers)]
         self.open = self._own_open_blocks(block, slots)
+        for layer in range(self.spec.layers):
+            self._mirror(layer, block)
+
+    def _reopen_tokens(self, tokens: int) -> None:
+        """After a cut to ``tokens`` tokens: the token index keeps the tokens of the blocks still
+        sealed; the run the cut falls into is counted again from its values."""
+        index, bt = self.tokens, self.layout.block_tokens
+        kept = tokens // bt * bt
+        for layer in range(self.spec.layers):
+            if self.token_layers[layer] and kept < index.indexed[layer]:
+                keys, values, ok = self.span(layer, kept // index.run * index.run, kept)
+                index.cut(layer, kept, keys, values, ok)
 
     def reorder(self, index: np.ndarray, what: str) -> torch.Tensor | None:
         """Row ``r`` becomes old row ``index[r]`` (``what``: the Cache method, for messages): the
@@ -240,12 +327,21 @@ class BatchKV:
         block = self.lengths[0] // bt if self.lengths[0] % bt else None
         opened = [slots[idx] for slots in self.open] if block is not None else None
         self.memory.free(self.table.reorder(index))
-        self.index.reorder(idx)
-        if self.estimates is not None:
-            self.estimates.reorder(idx)
+        for part in (self.index, self.estimates, self.tokens):
+            if part is not None:
+                part.reorder(idx)
         if opened is not None:
             self.open = self._own_open_blocks(block, opened)
+            for layer in range(self.spec.layers):
+                self._mirror(layer, block)
         return idx
+
+    def _mirror(self, layer: int, block: int) -> None:
+        """With ``mirror_open``: give every row's open block ``block`` of ``layer`` a host row and
+        copy the block there from its device slot (which holds it whole)."""
+        if self.mirror_open:
+            self.open_rows[layer] = self.memory.open_in_host(layer, self.table.host_pids(block))
+            self.memory.host.slab.data[self.open_rows[layer]] = self.memory.layer_slab(layer)[self.open[layer]]
 
     def _own_open_blocks(self, block: int, slots: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every row's block ``block`` as its own pinned open block: ``slots[layer]`` ``(rows,)``

@@ -34,12 +34,14 @@ import torch
 
 from ..config import TierConfig
 from ..errors import ConfigError, ShapeError
-from ..kernels.attention import causal_attention, merge_attention, paged_attention
+from ..kernels.attention import causal_attention, merge_attention, paged_attention, token_attention
+from ..retrieval import token_select
 from ..retrieval.selector import Selector
 from ..retrieval.summaries import make_summary
 from ..spec import ModelSpec
 from ..tiers.manager import TierManager
 from .accounting import ReadCounter
+from .gather import gather_tokens
 from .kv import BatchKV
 from .windows import Windows
 
@@ -62,6 +64,14 @@ class DecodeStep:
     def __init__(self, spec: ModelSpec, config: TierConfig, memory: TierManager, prefill: str = "full") -> None:
         if prefill not in PREFILL_MODES:
             raise ConfigError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        if config.retrieval.index == "tokens":
+            if config.retrieval.selection_layers is not None:
+                raise ConfigError("retrieval selection_layers (layers reusing another's selection) works with "
+                                  "index='blocks' only: with index='tokens' every layer selects its own tokens")
+            if config.host_codec != "raw":
+                raise ConfigError(f"retrieval index='tokens' reads single tokens from host memory in place, which "
+                                  f"needs host_codec='raw' (got {config.host_codec!r}); use index='blocks' with "
+                                  "an encoded host tier")
         self.spec = spec
         self.config = config
         self.memory = memory
@@ -76,23 +86,26 @@ class DecodeStep:
         self.selector = Selector(config.retrieval, bt, unit, summary, memory.device)
         self.kv = BatchKV(spec, config, memory, summary, unit, self.estimated)
         self.windows = Windows(spec.windows, bt, memory.device)
-        self.count = ReadCounter()
+        self.count = ReadCounter(memory.layout.nbytes // memory.layout.block_tokens)
         self.prefill = prefill
         self.hold_selection = False
         self.held: dict[int, torch.Tensor] = {}
         self._step_blocks: dict[int, torch.Tensor] = {}  # this step's selection per layer (TidalDecode)
         self._row_index = torch.zeros(0, 1, dtype=torch.int64)
+        self._shared: tuple | None = None  # (key, token_select.Prefix) of the current step
 
     # ------------------------------------------------------------------ rows
 
     def start(self, rows: int) -> None:
         """Size everything for a batch of ``rows`` rows."""
+        self._shared = None
         self.kv.start(rows)
         self._row_index = torch.arange(rows, device=self.memory.device)[:, None]
         self.windows.forget_padding()
 
     def reset(self) -> None:
         """Forget every cached token and the batch size."""
+        self._shared = None
         self.kv.reset()
         self.held.clear()
         self._step_blocks.clear()
@@ -104,6 +117,7 @@ class DecodeStep:
             return
         self.kv.cut(tokens)
         self.held.clear()
+        self._shared = None
         self.windows.forget_padding()
 
     def reorder(self, index, what: str) -> None:
@@ -113,8 +127,27 @@ class DecodeStep:
             return
         self._row_index = torch.arange(len(idx), device=self.memory.device)[:, None]
         self.held = {layer: held[idx] for layer, held in self.held.items()}
+        self._shared = None
         self._step_blocks.clear()
         self.windows.reorder(idx)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes each structure holds on the device now (``accounting.CacheStats.resident``)."""
+        kv, itemsize = self.kv, self.memory.layout.dtype.itemsize
+        spec, rows = self.spec, kv.rows
+        tokens = kv.lengths[0] if kv.table is not None else 0
+        index = estimates = 0
+        if kv.tokens is not None:
+            index = kv.tokens.resident_bytes()
+        elif kv.index is not None:
+            units = tokens // kv.unit
+            index = units * rows * spec.kv_heads * self.selector.unit_bytes(spec.head_dim, itemsize) * sum(
+                1 for w in spec.windows if w is None)
+            if kv.estimates is not None:
+                sealed = tokens // self.block_tokens
+                estimates = sealed * rows * (2 * spec.kv_heads * spec.head_dim + 1) * itemsize * sum(self.estimated)
+        return {"index": index, "estimates": estimates, "slots": self.memory.slab.capacity_bytes,
+                "kv": tokens * rows * spec.layers * self.count.token_bytes}
 
     # ------------------------------------------------------------------ attention
 
@@ -133,20 +166,26 @@ class DecodeStep:
         rows = kv.rows
         if new == 1 and past:
             kv.append(layer, keys, values, valid)
+            if window is None and kv.tokens is not None:
+                out, _ = self._read_tokens(layer, query, past + 1, scaling, decode=True)
+                return out.transpose(1, 2)
             if window is None:
-                blocks, read = self._decode_blocks(layer, query, past + 1, scaling)
+                blocks = self._decode_blocks(layer, query, past + 1, scaling)
                 lower = None
             else:
-                blocks, read = self.windows.blocks(layer, past, past, rows), self.windows.read_tokens(layer, past)
+                blocks = self.windows.blocks(layer, past, past, rows)
+                self.count.count(rows, self.windows.read_tokens(layer, past), past + 1)
                 lower = (past - window.tokens + 1 if window.kind == "sliding" else
                          self.windows.lower(layer, past, 1, valid, kv.table)[:, :, None])
-            self.count.count(rows, read, past + 1)
             out, _ = self.read(layer, query, blocks, scaling, lse=False, lower=lower,
                                estimate=past + 1 if self.estimated[layer] else None, decode=True)
             return out.transpose(1, 2)
         lower = None if window is None else self.windows.lower(layer, past, new, valid, kv.table)
         parts = []
-        if past:
+        if past and window is None and kv.tokens is not None and self.prefill == "retrieval":
+            self.held.pop(layer, None)
+            parts.append(self._read_tokens(layer, query, past, scaling))
+        elif past:
             blocks = (self._prefill_blocks(layer, query, past, scaling) if window is None else
                       self.windows.blocks(layer, past, past - 1, rows))
             estimate = past if self.prefill == "retrieval" and self.estimated[layer] else None
@@ -168,10 +207,9 @@ class DecodeStep:
                              f"{tuple(mask.shape)}: custom 4-D masks are not supported")
         return mask[:, -new:].to(torch.bool)
 
-    def _decode_blocks(self, layer: int, query: torch.Tensor, n_tokens: int, scaling: float
-                       ) -> tuple[torch.Tensor, int]:
+    def _decode_blocks(self, layer: int, query: torch.Tensor, n_tokens: int, scaling: float) -> torch.Tensor:
         """The blocks ``(rows, read)`` a decode step of full layer ``layer`` reads at ``n_tokens``
-        tokens, and the tokens that is: a question's held selection, the selecting layer's blocks
+        tokens, counted: a question's held selection, the selecting layer's blocks
         (``RetrievalConfig.selection_layers``), or the query's own selection."""
         plan = self.selector.plan(layer, n_tokens)
         held = self.held.get(layer)
@@ -183,8 +221,14 @@ class DecodeStep:
         else:
             blocks = self.selector.select(plan, query, self.kv.index.data[layer], self._unit_bias(), scaling)
         self._step_blocks[layer] = blocks
+        rows, heads, itemsize = self.kv.rows, self.spec.kv_heads, self.memory.layout.dtype.itemsize
         read = plan.read_tokens if held is None else min(n_tokens, blocks.shape[1] * self.block_tokens)
-        return blocks, read
+        scanned = plan.scanned_units * self.selector.unit_bytes(self.spec.head_dim, itemsize) \
+            if held is None and source is None else 0
+        unread = plan.n_blocks - blocks.shape[1] if self.estimated[layer] else 0
+        self.count.count(rows, read, n_tokens, scanned * rows * heads,
+                         unread * rows * (2 * heads * self.spec.head_dim + 1) * itemsize)
+        return blocks
 
     def _prefill_blocks(self, layer: int, query: torch.Tensor, past: int, scaling: float) -> torch.Tensor:
         """The cached blocks a prefill of full layer ``layer`` reads over ``past`` cached tokens."""
@@ -199,6 +243,53 @@ class DecodeStep:
         if self.hold_selection:
             self.held[layer] = blocks
         return blocks
+
+    def _read_tokens(self, layer: int, query: torch.Tensor, n_tokens: int, scaling: float, decode: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token-granular read of full layer ``layer`` over its first ``n_tokens`` tokens: the
+        selection (``retrieval.token_select``), read in place (``gather_tokens``) and attended in
+        one softmax with the estimate of the tokens not read. Returns ``(out, lse)``: a decode
+        step's output in the query's dtype (no lse; the step is counted), a prefill's part fp32. After a ``"retrieval"`` prefill with ``hold_selection``, decode steps read the
+        tokens it chose plus sink and the recent window, without an estimate."""
+        kv, index = self.kv, self.kv.tokens
+        indexed = index.indexed[layer]
+        plan = token_select.plan(self.config.retrieval, layer, n_tokens, indexed)
+        held = self.held.get(layer) if decode and not plan.full else None
+        sel = extra = None
+        if plan.full:
+            positions = torch.arange(n_tokens, device=query.device).expand(kv.rows, self.spec.kv_heads, -1)
+        else:
+            shared = self._prefix(plan)
+            if held is not None:
+                positions = torch.cat([shared.positions.view(kv.rows, self.spec.kv_heads, -1), held], 2)
+            else:
+                sel = token_select.select(plan, query, index, layer, shared, scaling)
+                positions = sel.positions
+                if self.hold_selection and not decode:
+                    self.held[layer] = positions[:, :, positions.shape[2] - plan.retrieve :]
+        keys, values, bias = gather_tokens(self.memory, kv.table, layer, positions)
+        if sel is not None:
+            if sel.missing is not None:
+                bias = bias + sel.missing.to(bias.dtype)
+            if self.estimated[layer]:
+                extra = token_select.estimate(sel, shared, index, layer)
+        out = token_attention(query, keys, values, bias, scaling, lse=not decode, softcap=self.spec.softcap,
+                              out_dtype=None if decode else torch.float32, extra=extra)
+        if decode:
+            nbytes, heads = index.nbytes(layer), kv.rows * self.spec.kv_heads
+            self.count.count(kv.rows, keys.shape[2], n_tokens,
+                             (nbytes["codes"] + nbytes["codebooks"]) * heads if sel is not None else 0,
+                             nbytes["runs"] * heads if extra is not None else 0)
+        return out
+
+    def _prefix(self, plan: token_select.TokenPlan) -> token_select.Prefix:
+        """This step's ``Prefix`` (every full layer of a step has the same plan shape): computed by
+        the first layer, reused by the others."""
+        key = (plan, self.kv.rows, self.kv.table.tokens)
+        if self._shared is None or self._shared[0] != key:
+            self._shared = (key, token_select.prefix(plan, self.kv.table.bias, self.spec.kv_heads, self.kv.tokens.run,
+                                                     self.kv.padded))
+        return self._shared[1]
 
     def _unit_bias(self) -> torch.Tensor | None:
         return self.kv.index.bias if self.kv.padded else None

@@ -20,6 +20,7 @@ no re-rotation. The cache is for inference: nothing it stores carries gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..config import TierConfig
+from ..decode.accounting import CacheStats
 from ..decode.step import PREFILL_MODES, DecodeStep
 from ..errors import ConfigError, ShapeError, UnsupportedModelError
 from ..tiers.manager import TierManager
@@ -186,6 +188,14 @@ class TieredCache(Cache):
         any decode step)."""
         return self.step.count.attended_fraction
 
+    def stats(self) -> CacheStats:
+        """The tiers' counters, and what decode steps read and touched, with the device bytes of
+        every structure (``tiercache.decode.accounting.CacheStats``; reads the device counters:
+        one sync)."""
+        count = self.step.count
+        return CacheStats(self.manager.stats(), count.attended_fraction, count.touched_fraction, count.index_bytes,
+                          count.estimate_bytes, count.exact_bytes, count.dense_bytes, self.step.resident_bytes())
+
     def reset(self) -> None:
         """Forget every cached token (and the batch size: the next forward may use another)."""
         self.step.reset()
@@ -269,8 +279,7 @@ class TieredCache(Cache):
                     part = kv.layer_kv(layer).to(twin.manager.device)    # (rows, 2, H, n, D)
                     twin.step.kv.append(layer, part[:, 0], part[:, 1], valid.to(twin.manager.device))
         twin.step.held = {layer: held.clone() for layer, held in self.step.held.items()}
-        twin.step.count.read_tokens, twin.step.count.cached_tokens = (self.step.count.read_tokens,
-                                                                      self.step.count.cached_tokens)
+        twin.step.count = dataclasses.replace(self.step.count)
         return twin
 
     def export_kv(self, seq: int = 0) -> torch.Tensor:

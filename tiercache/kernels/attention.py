@@ -97,6 +97,31 @@ def paged_attention(q: torch.Tensor, slab: torch.Tensor, slots: torch.Tensor, bi
     return _attend(q, keys, values, bias, float(scale), impl, lse, softcap, out_dtype)
 
 
+def token_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float,
+                    impl: str = "auto", lse: bool = True, softcap: float | None = None,
+                    out_dtype: torch.dtype | None = None,
+                    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of ``q`` ``(rows, q_heads, q_len, head_dim)`` over tokens gathered per KV head:
+    ``keys`` / ``values`` ``(rows, kv_heads, n, head_dim)`` with ``bias`` ``(rows, kv_heads, n)``
+    (0 to attend, -inf not), every token preceding every query (token-granular retrieval reads
+    its selection this way). ``extra``: more keys and values ``(rows * kv_heads, m, head_dim)`` and
+    their score bias ``(rows * kv_heads, m)`` in the same softmax (the estimate of what a step
+    does not read: a mean key whose bias is the log of the tokens it stands for). ``impl``
+    ``"auto"`` / ``"sdpa"`` (CPU) / ``"torch"``; the rest and the returned ``(out, lse)`` as
+    ``paged_attention``'s."""
+    if impl == "auto":
+        impl = "sdpa" if q.device.type == "cpu" and softcap is None else "torch"
+    _check_softcap(impl, softcap)
+    if extra is not None:
+        rows, kv_heads, _, dim = keys.shape
+        extra_keys, extra_values, extra_bias = (t.view(rows, kv_heads, *t.shape[1:]) for t in extra)
+        keys = torch.cat([keys, extra_keys.to(keys.dtype)], 2)
+        values = torch.cat([values, extra_values.to(values.dtype)], 2)
+        bias = torch.cat([bias, extra_bias.to(bias.dtype)], 2)
+    return _attend(q, keys, values, bias[:, :, None].to(q.dtype), float(scale), impl, lse, softcap, out_dtype)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
                      scale: float, impl: str = "auto", softcap: float | None = None,
                      out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ class Plan:
     window: int  # last blocks (the open one included), always read
     top: int  # units each KV head ranks for the vote
     full: bool  # every block is read
+    scanned_units: int = 0  # units whose summaries a selection scores (outside sink and window)
 
     @property
     def read_tokens(self) -> int:
@@ -85,6 +86,10 @@ class Selector:
         self._bases: dict[tuple, tuple[torch.Tensor, torch.Tensor | int]] = {}
         self._reserve(256)
 
+    def unit_bytes(self, head_dim: int, itemsize: int) -> int:
+        """Bytes of one unit's summary of one KV head."""
+        return self.summary.rows * self.summary.width(head_dim) * itemsize
+
     def plan(self, layer: int, n_tokens: int) -> Plan:
         """The read plan of ``layer`` at a context of ``n_tokens`` tokens (module docstring)."""
         if n_tokens < 1:
@@ -106,7 +111,7 @@ class Selector:
         per_block = bt // self.unit_tokens
         eligible = max(0, min(n_units, (n_blocks - window) * per_block) - sink * per_block)
         top = min((read - sink - window) * per_block, eligible)
-        return Plan(n_tokens, bt, n_blocks, n_units, read, sink, window, top, False)
+        return Plan(n_tokens, bt, n_blocks, n_units, read, sink, window, top, False, eligible if top else 0)
 
     # ------------------------------------------------------------------ tensor pipelines
 

@@ -51,6 +51,9 @@ class TierStats:
     - ``disk_waits`` / ``wait_seconds``: steps that waited for a backing tier (disk or remote),
       and how long (s).
     - ``peak_bytes[tier]``: the most bytes the tier held.
+    - ``tokens_read`` / ``tokens_from_host``: single tokens of one KV head that token retrieval
+      read in place, and how many of them came from host memory (their bytes count in
+      ``moved_bytes["host->device"]``).
     """
 
     lookups: int = 0
@@ -60,6 +63,8 @@ class TierStats:
     disk_waits: int = 0
     wait_seconds: float = 0.0
     peak_bytes: dict[str, int] = field(default_factory=lambda: {t.value: 0 for t in TierName})
+    tokens_read: int = 0
+    tokens_from_host: int = 0
 
     @property
     def device_misses(self) -> int:
@@ -121,6 +126,9 @@ class TierManager:
         # self.backing[i]): (layers, pids).
         self._rows = np.full((layers, 0), -1, dtype=np.int64)
         self._held = np.zeros((layers, 0), dtype=np.uint8)
+        # Open blocks that also have a host row (``open_in_host``): never demoted.
+        self._open = np.zeros((layers, 0), dtype=bool)
+        self._open_rows = 0
         self._below = [0] * layers  # blocks of each layer held below host memory only
         self._stats = TierStats()
 
@@ -139,6 +147,7 @@ class TierManager:
             grow = cap - self._rows.shape[1]
             self._rows = np.pad(self._rows, ((0, 0), (0, grow)), constant_values=-1)
             self._held = np.pad(self._held, ((0, 0), (0, grow)))
+            self._open = np.pad(self._open, ((0, 0), (0, grow)))
 
     def layer_slab(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s slots ``(slots + 1, block_tokens, 2, kv_heads, head_dim)`` (a view)."""
@@ -146,13 +155,22 @@ class TierManager:
 
     # ------------------------------------------------------------------ the step's reads
 
+    def holds_below_host(self, layer: int) -> bool:
+        """Whether some block of ``layer`` is held only below host memory (disk, remote)."""
+        return self._below[layer] > 0
+
+    def fetch(self, layer: int, pids: torch.Tensor) -> None:
+        """Bring the blocks of ``pids`` of ``layer`` held only below host memory into host memory
+        (a host sync and a wait, counted in ``TierStats.disk_waits``)."""
+        self._load_from_backing(layer, pids)
+
     def resident(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Device slots ``(n,)`` holding ``pids`` ``(n,)`` (distinct, ``n <=
         residency.free_slots(layer)``) of ``layer`` (``Residency.resident``). No host sync
         unless the layer has blocks held only below host memory: those are read into host
         memory first, and the step waits (``TierStats.disk_waits``)."""
         if self._below[layer]:
-            self._load_from_backing(layer, pids)
+            self.fetch(layer, pids)
         return self.residency.resident(layer, pids)
 
     # ------------------------------------------------------------------ the write path
@@ -161,6 +179,21 @@ class TierManager:
         """Pinned device slots ``(n,)`` for new blocks ``pids`` of ``layer`` (open or sink
         blocks); the caller writes their data."""
         return self.residency.claim(layer, pids, pin=True)
+
+    def open_in_host(self, layer: int, pids: np.ndarray) -> torch.Tensor:
+        """Host rows ``(n,)`` (a device tensor) for open blocks ``pids`` of ``layer``, so that the
+        caller writes their tokens there too as they arrive: each block's row if it has one (a
+        sealed block opened again), else a new one. They stay in host memory until sealed or
+        freed (``seal`` writes them anew). Needs a host tier of raw rows."""
+        rows = self._rows[layer, pids]
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            taken = self._host_rows(len(new), protect=frozenset((layer, int(p)) for p in pids))
+            self._place(layer, pids[new], taken)
+            rows[new] = taken
+        self._open_rows += int(np.count_nonzero(~self._open[layer, pids]))
+        self._open[layer, pids] = True
+        return torch.from_numpy(rows).to(self.device)
 
     def copy(self, layer: int, slots: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         """Pinned device slots ``(n,)`` for new blocks ``pids`` of ``layer`` holding copies of the
@@ -207,11 +240,23 @@ class TierManager:
         Without a host tier the blocks must stay pinned on the device (the caller keeps them)."""
         if self.host is None or not len(pids):
             return
+        if self._open[layer, pids].all():
+            # Open blocks written to host memory as they filled (``open_in_host``): they are
+            # there whole already; only copies in the tiers below are stale.
+            self._open[layer, pids] = False
+            self._open_rows -= len(pids)
+            self._forget_below(np.full(len(pids), layer), pids)
+            self._write_through_to(layer, pids, kv)
+            self._add_moved("device->host", len(pids) * self.host.row_nbytes)
+            return
         self._drop_stale(layer, pids)
         self._write_through_to(layer, pids, kv)
         # More blocks than host rows (a long prefill beside a small host budget) pass through in
-        # chunks, the earlier ones moving on to disk.
-        step = self.host.slab.rows
+        # chunks, the earlier ones moving on to disk (open blocks' rows stay).
+        step = self.host.slab.rows - self._open_rows
+        if step < 1:
+            raise CapacityError(f"host tier: its {self.host.slab.rows} rows all hold open blocks; raise "
+                                "host_budget_bytes")
         for a in range(0, len(pids), step):
             rows = self._host_rows(len(pids[a : a + step]))
             self.host.write(rows, kv[a : a + step])
@@ -255,10 +300,18 @@ class TierManager:
         """Free the host rows and backing copies of blocks (``layers[i]``, ``pids[i]``)."""
         rows = self._rows[layers, pids]
         in_host = rows >= 0
+        self._open_rows -= int(np.count_nonzero(self._open[layers, pids]))
+        self._open[layers, pids] = False
         if in_host.any():
             self.host.slab.free(rows[in_host])
             self._row_layer[rows[in_host]] = -1
             self._rows[layers[in_host], pids[in_host]] = -1
+        self._forget_below(layers, pids, in_host)
+
+    def _forget_below(self, layers: np.ndarray, pids: np.ndarray, in_host: np.ndarray | None = None) -> None:
+        """Drop the backing tiers' copies of blocks (``layers[i]``, ``pids[i]``); ``in_host``: which
+        of them host memory holds (default: all), the others leave the below-host counts."""
+        in_host = np.ones(len(pids), dtype=bool) if in_host is None else in_host
         held = self._held[layers, pids]
         for i, tier in enumerate(self.backing):
             mine = (held >> i) & 1 == 1
@@ -281,6 +334,7 @@ class TierManager:
                     "disk_budget_bytes and disk_path (or remote_url and remote_budget_bytes)"
                 )
             used = np.flatnonzero(self._row_layer >= 0)
+            used = used[~self._open[self._row_layer[used], self._row_pid[used]]]
             order = used[np.argsort(self._row_stamp[used], kind="stable")]
             victims = [r for r in order.tolist()
                        if (int(self._row_layer[r]), int(self._row_pid[r])) not in protect][:short]
@@ -352,9 +406,12 @@ class TierManager:
 
     # ------------------------------------------------------------------ whole blocks
 
-    def read(self, layer: int, pids: np.ndarray) -> torch.Tensor:
+    def read(self, layer: int, pids: np.ndarray, wait: bool = False) -> torch.Tensor:
         """Blocks ``pids`` of ``layer`` as ``(n, block_tokens, 2, kv_heads, head_dim)`` on the
-        device, from whichever tier holds each (for export and reopening; not a step's path)."""
+        device, from whichever tier holds each, leaving every tier as it is (for export, the token
+        index, and a step whose tokens lie below host memory; ``wait``: count it as a step that
+        waited for a backing tier, ``TierStats.disk_waits``)."""
+        start = time.perf_counter()
         lay = self.layout
         out = torch.empty((len(pids), lay.block_tokens, 2, lay.kv_heads, lay.head_dim), dtype=lay.dtype,
                           device=self.device)
@@ -369,7 +426,10 @@ class TierManager:
         if host:
             out[host] = self.host.read(torch.from_numpy(rows[host]).to(self.device))
         if len(below):
-            out[below.tolist()] = self._read_backing(layer, np.asarray(pids)[below]).permute(0, 3, 1, 2, 4)
+            out[below.tolist()] = self._read_backing(layer, np.asarray(pids)[below], counted=wait).permute(0, 3, 1, 2, 4)
+            if wait:
+                self._stats.disk_waits += 1
+                self._stats.wait_seconds += time.perf_counter() - start
         return out
 
     def free(self, pids: np.ndarray) -> None:
@@ -433,8 +493,11 @@ class TierManager:
         misses = int(self.residency.device_misses)
         s.hits[TierName.DEVICE.value] = s.lookups - misses
         s.hits[TierName.HOST.value] = misses - sum(s.hits[t.name.value] for t in self.backing)
+        s.tokens_read = self.residency.token_reads
+        s.tokens_from_host = self.residency.host_token_reads
         if self.host is not None:
-            s.moved_bytes["host->device"] = misses * self.layout.nbytes
+            token_nbytes = 2 * self.layout.head_dim * self.layout.dtype.itemsize
+            s.moved_bytes["host->device"] = misses * self.layout.nbytes + s.tokens_from_host * token_nbytes
         self._note_device()
         s.peak_bytes = dict(self._stats.peak_bytes)
         return s

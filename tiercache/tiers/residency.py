@@ -73,6 +73,10 @@ class Residency:
         self.device_misses = torch.zeros((), dtype=torch.int64, device=device)
         #: Block reads of steps (``lookup`` and ``resident``), counted on the host.
         self.lookups = 0
+        #: Single tokens of one KV head read in place (token retrieval), and how many of them
+        #: came from host memory.
+        self.token_reads = 0
+        self.host_token_reads = 0
         #: Pinned slots of each layer (open and sink blocks), counted on the host.
         self.pinned = [0] * layers
         #: Whether every sealed block was also placed on the device and none was evicted since.
@@ -134,6 +138,15 @@ class Residency:
     def slot_of(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """The device slots of ``pids`` of ``layer`` as they are (-1: not on the device)."""
         return self._device_slot[layer][pids]
+
+    def count_token_reads(self, tokens: int, from_host: bool) -> None:
+        """A step read ``tokens`` tokens of one KV head in place, from host memory or not."""
+        self.token_reads += tokens
+        self.host_token_reads += tokens if from_host else 0
+
+    def host_row_of(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
+        """The host rows of ``pids`` of ``layer`` (the scratch row: not in host memory)."""
+        return self._host_row[layer][pids]
 
     def resident(self, layer: int, pids: torch.Tensor) -> torch.Tensor:
         """Device slots ``(n,)`` holding ``pids`` ``(n,)`` of ``layer``, copying the misses from
