@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from common import RESULTS, machine, needle_parts, parse_args, print_table, write_results
+from common import RESULTS, machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
-from tiercache.cli import QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import QA_FACTS, needle_parts, plant_facts, question_text
 from tiercache.models import default_model_dir, load_default_model
 from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
 
@@ -116,7 +116,7 @@ def needle_cases(tok, lengths: list[int], depths: int) -> list[tuple[list[int], 
 
 def qa_cases(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int], list]]:
     """(stream ids, facts): ``streams`` streams of ``tokens`` tokens of the text, sharing out
-    ``cli.QA_FACTS`` and holding them from 5% to 60% depth."""
+    ``evaluation.QA_FACTS`` and holding them from 5% to 60% depth."""
     out = []
     for stream in range(streams):
         facts = QA_FACTS[stream::streams]

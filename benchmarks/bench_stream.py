@@ -22,8 +22,8 @@ from transformers import DynamicCache
 
 from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.models import load_default_model
 from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
 

@@ -13,8 +13,8 @@ import torch
 
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.batch import ContextStore, prefill, read_jobs, run_batch
-from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.io.contexts import content_key
 from tiercache.stream import ask_cache
 

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from tiercache.cli import FACTS, main, plant_facts, question_text
+from tiercache.cli import main
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.io.codec import make_codec
 from tiercache.io.contexts import save_kv_context
 from tiercache.io.store import DiskStore

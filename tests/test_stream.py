@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tiercache import ConfigError, RetrievalConfig, ShapeError, StoreError, TierConfig
-from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.stream import StreamSession, full_attention_answers
 
 pytestmark = pytest.mark.model
