@@ -33,9 +33,9 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
+from tiercache.generation import attention_implementation
 from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
-from tiercache.stream import attention_implementation
 
 SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=4096)

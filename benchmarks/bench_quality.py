@@ -48,7 +48,8 @@ from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import QA_FACTS, needle_parts, plant_facts, question_text
 from tiercache.models import default_model_dir, load_default_model
-from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
+from tiercache.generation import attention_implementation, full_attention_answers
+from tiercache.stream import StreamSession
 
 BUDGETS = (0.05, 0.1, 0.25)
 KVPRESS_PYTHON = Path(__file__).parent / ".venv-kvpress" / "bin" / "python"

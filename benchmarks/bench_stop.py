@@ -19,9 +19,9 @@ import time
 from common import parse_args, print_table, write_results
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, QA_FACTS, plant_facts, question_text
+from tiercache.generation import full_attention_answers
 from tiercache.models import load_default_model
 from tiercache.stopping import DEFAULT_STOP
-from tiercache.stream import full_attention_answers
 
 SETTINGS = {"line break only": "\n", "default (line or sentence end)": DEFAULT_STOP,
             "none (tokens only)": None}

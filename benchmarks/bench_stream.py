@@ -25,7 +25,8 @@ from tiercache import RetrievalConfig, TierConfig
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.models import load_default_model
-from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
+from tiercache.generation import attention_implementation, full_attention_answers
+from tiercache.stream import StreamSession
 
 
 def theil_sen_slope(ys: list[float]) -> float:

@@ -15,8 +15,8 @@ from tiercache import RetrievalConfig, TierConfig
 from tiercache.batch import ContextStore, prefill, read_jobs, run_batch
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, plant_facts, question_text
+from tiercache.generation import ask_cache
 from tiercache.io.contexts import content_key
-from tiercache.stream import ask_cache
 
 pytestmark = pytest.mark.model
 
@@ -63,7 +63,7 @@ def test_encode_load_round_trip_equals_a_fresh_prefill(smollm2, documents, tmp_p
         "from test_batch import NEW_TOKENS, qa_config\n"
         "from tiercache.batch import ContextStore\n"
         "from tiercache.models import load_default_model\n"
-        "from tiercache.stream import ask_cache\n"
+        "from tiercache.generation import ask_cache\n"
         "model, tok = load_default_model()\n"
         "with ContextStore(sys.argv[1], model, tok, codec='zstd', config=qa_config(model)) as store:\n"
         "    cache = store.load(store.key(sys.argv[2]))\n"

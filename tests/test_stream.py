@@ -17,7 +17,8 @@ import torch
 from tiercache import ConfigError, RetrievalConfig, ShapeError, StoreError, TierConfig
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, plant_facts, question_text
-from tiercache.stream import StreamSession, full_attention_answers
+from tiercache.generation import full_attention_answers
+from tiercache.stream import StreamSession
 
 pytestmark = pytest.mark.model
 

@@ -34,12 +34,12 @@ from .hf.cache import ATTN_NAME, TieredCache, default_config
 from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import BlockNotFoundError, ConfigError, CorruptBlockError, ShapeError, StoreError, TiercacheError
-from .fingerprint import kv_shape, model_fingerprint, storage_fingerprint
+from .fingerprint import kv_shape, model_fingerprint, model_id, storage_fingerprint
 from .io.backends import open_contexts
 from .io.codec import make_codec
 from .io.contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 from .stopping import DEFAULT_STOP
-from .stream import ask_cache, attention_implementation, model_id
+from .generation import ask_cache, attention_implementation
 
 #: Tokens per forward when encoding a document (bounds the score tensors of the prefill).
 _PREFILL_CHUNK = 512
@@ -388,7 +388,7 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
     "line", "question", "answer", "context"}``: the job's id, the question's index in it, the
     job's line), skipping those answered by an earlier run. Each document is encoded once into
     ``store``; its questions are answered from the loaded KV, one after the other (the cache is
-    truncated back after each); answers end as ``stream.greedy_answer`` says (``max_new_tokens``,
+    truncated back after each); answers end as ``generation.greedy_answer`` says (``max_new_tokens``,
     ``stop``). ``on_answer`` sees each record after it is durably written. Bad lines go to stderr
     and ``BatchReport.bad_lines``. ``ConfigError`` if ``out_path`` cannot be written."""
     from tqdm import tqdm

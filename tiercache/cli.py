@@ -49,7 +49,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .config import RetrievalConfig, TierConfig
     from .corpus import text_tokens
-    from .stream import StreamSession, full_attention_answers
+    from .generation import full_attention_answers
+    from .stream import StreamSession
 
     store = _demo_store(args.store)
     model, tok = _load(args)
