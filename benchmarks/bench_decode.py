@@ -108,7 +108,6 @@ def run(kind: str, model, context: int, steps: int, device_fraction: float) -> d
     row = {"kind": kind, "context": context}
     cuda = torch.cuda.is_available()
     try:
-        model.set_attn_implementation("sdpa")
         cache = make_cache(kind, model, context, device_fraction)
         if cuda:
             torch.cuda.reset_peak_memory_stats()

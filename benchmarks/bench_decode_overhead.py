@@ -33,7 +33,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.generation import attention_implementation
 from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
 
@@ -127,9 +126,8 @@ def append_throughput(model, tokens: int, chunk: int, device_fraction: float) ->
                              dtype=torch.float32, device="cpu")
             cache = TieredCache(model, cfg, prefill="window")
         start = time.perf_counter()
-        with attention_implementation(model, "tiercache" if kind != "dynamic" else "sdpa"):
-            for a in range(0, tokens, chunk):
-                model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True)
+        for a in range(0, tokens, chunk):
+            model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True)
         seconds = time.perf_counter() - start
         rows.append({"kind": kind, "tokens": tokens, "chunk": chunk, "tokens_per_s": tokens / seconds})
         if kind != "dynamic":
@@ -169,12 +167,10 @@ def main() -> None:
             kinds[f"tiercache-{budget:g}"] = Stepper(model, tiered(model, kv, budget, fraction, args.steps + 8), token)
         found = {}
         for kind, stepper in kinds.items():
-            model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
             found[kind] = stepper.counts()
         # One step of each cache in turn, so that a change in the machine's load hits all alike.
         for _ in range(args.steps):
-            for kind, stepper in kinds.items():
-                model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
+            for stepper in kinds.values():
                 stepper.timed()
         for kind, stepper in kinds.items():
             row = {"kind": kind, "context": context, "fits": fits, **found[kind],
@@ -184,7 +180,6 @@ def main() -> None:
                 stepper.cache.close()
             rows.append(row)
             print(row, flush=True)
-        model.set_attn_implementation("sdpa")
         del dyn, kinds
     print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
           f"device {args.device_fraction:.0%} of the KV")

@@ -48,7 +48,7 @@ from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import QA_FACTS, needle_parts, plant_facts, question_text
 from tiercache.models import default_model_dir, load_default_model
-from tiercache.generation import attention_implementation, full_attention_answers
+from tiercache.generation import full_attention_answers
 from tiercache.stream import StreamSession
 
 BUDGETS = (0.05, 0.1, 0.25)
@@ -72,8 +72,7 @@ def tiered(model, tokens: int, budget: float, base: RetrievalConfig) -> TierConf
 def full_prefill(model, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """Full attention's cache of ``ids`` and its last logits."""
     cache = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
-        out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
     return cache, out.logits[0, -1]
 
 
@@ -82,17 +81,16 @@ def exported(cache: DynamicCache) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(model, cache, first: torch.Tensor, n: int, attn: str, forced: list[int] | None = None):
+def decode(model, cache, first: torch.Tensor, n: int, forced: list[int] | None = None):
     """``n`` steps after the prompt's last logits ``first``: greedy, or fed ``forced`` (teacher
     forcing). Returns the tokens chosen greedily at each step and the next-token log-probabilities."""
     logps = [F.log_softmax(first.float(), -1)]
     tokens = [int(first.argmax())]
-    with attention_implementation(model, attn):
-        for i in range(n - 1):
-            feed = forced[i] if forced is not None else tokens[-1]
-            out = model(torch.tensor([[feed]]), past_key_values=cache, use_cache=True)
-            logps.append(F.log_softmax(out.logits[0, -1].float(), -1))
-            tokens.append(int(logps[-1].argmax()))
+    for i in range(n - 1):
+        feed = forced[i] if forced is not None else tokens[-1]
+        out = model(torch.tensor([[feed]]), past_key_values=cache, use_cache=True)
+        logps.append(F.log_softmax(out.logits[0, -1].float(), -1))
+        tokens.append(int(logps[-1].argmax()))
     return tokens, logps
 
 
@@ -134,11 +132,11 @@ def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalCon
         n = len(ids)
         ref_cache, first = full_prefill(model, ids)
         kv = exported(ref_cache)
-        reference, ref_logps = decode(model, ref_cache, first, n_tokens, "sdpa")
+        reference, ref_logps = decode(model, ref_cache, first, n_tokens)
         for b in budgets:
             cache = TieredCache(model, tiered(model, n + n_tokens, b, base))
             cache.import_kv(kv)
-            chosen, logps = decode(model, cache, first, n_tokens, "tiercache", forced=reference)
+            chosen, logps = decode(model, cache, first, n_tokens, forced=reference)
             cache.close()
             kl = torch.stack([F.kl_div(lp, r, log_target=True, reduction="sum") for lp, r in zip(logps, ref_logps)])
             rows.append({"case": "agreement", "method": "tiercache", "budget": b, "tokens": n,
@@ -156,12 +154,12 @@ def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig,
         ids = context + question
         ref_cache, first = full_prefill(model, ids)
         kv = exported(ref_cache)
-        full = key_of(tok.decode(decode(model, ref_cache, first, 8, "sdpa")[0]))
+        full = key_of(tok.decode(decode(model, ref_cache, first, 8)[0]))
         full_found[length] += full != ""
         for b in budgets:
             cache = TieredCache(model, tiered(model, len(ids) + 8, b, base))
             cache.import_kv(kv)
-            agree[(length, b)] += key_of(tok.decode(decode(model, cache, first, 8, "tiercache")[0])) == full
+            agree[(length, b)] += key_of(tok.decode(decode(model, cache, first, 8)[0])) == full
             cache.close()
     rows = []
     for (length, b), n in agree.items():

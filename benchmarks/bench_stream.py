@@ -25,7 +25,7 @@ from tiercache import RetrievalConfig, TierConfig
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.models import load_default_model
-from tiercache.generation import attention_implementation, full_attention_answers
+from tiercache.generation import full_attention_answers
 from tiercache.stream import StreamSession
 
 
@@ -79,9 +79,8 @@ def main() -> None:
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * len(ids)
 
     dense = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
-        dense_s = timed_chunks(lambda x: model(torch.tensor([x]), past_key_values=dense, use_cache=True), ids,
-                               args.chunk)
+    dense_s = timed_chunks(lambda x: model(torch.tensor([x]), past_key_values=dense, use_cache=True), ids,
+                           args.chunk)
     del dense
 
     with tempfile.TemporaryDirectory() as tmp:

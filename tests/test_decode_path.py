@@ -23,6 +23,13 @@ def model():
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(autouse=True)
+def keeps_its_own_attention(model):
+    """No test switches the model back: TieredCache's forwards leave it on its own attention."""
+    yield
+    assert model.config._attn_implementation == "sdpa"
+
+
 def kv_bytes(model, tokens: int) -> int:
     c = model.config
     return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
@@ -53,7 +60,6 @@ def test_decode_steps_never_sync_with_the_host(model, budget):
     in host memory; at budget 1.0 the blocks stream through the device in groups."""
     cache = TieredCache(model, config(model, 2048 + BLOCK + 1, budget))
     counters = decode_counts(model, cache, 2048, BLOCK + 1)
-    model.set_attn_implementation("sdpa")
     syncs = [c.syncs for c in counters]
     assert syncs == [0] * len(syncs), [dict(c.sync_ops) for c in counters if c.syncs]
     assert cache.manager.stats().device_misses > 0  # blocks really came from host memory
@@ -69,7 +75,6 @@ def test_aten_ops_per_layer_are_at_most_twice_dynamic_cache_and_flat_in_context(
     for context in (2048, 8192):
         cache = TieredCache(model, config(model, context + 2 * block + 1, 0.1, block=block))
         counters = decode_counts(model, cache, context, 2 * block)
-        model.set_attn_implementation("sdpa")
         per_layer[context] = sum(c.ops for c in counters) / len(counters) / LAYERS
     assert per_layer[2048] == per_layer[8192], per_layer
     assert per_layer[2048] <= 2 * dense_per_layer, (per_layer, dense_per_layer)
@@ -96,7 +101,6 @@ def test_one_layers_decode_attention_compiles_without_graph_breaks(model):
             model(token, past_key_values=cache, use_cache=True)
         finally:
             TieredCache.attend = original
-    model.set_attn_implementation("sdpa")
 
     def layer_step(query, keys, values):
         cache._pending[0] = (keys, values)
@@ -125,10 +129,8 @@ def test_a_padded_batch_matches_dynamic_cache(model, padding_side):
         mask[row, span] = 1
     cfg = config(model, 3 * 140, 1.0, device_fraction=0.7)  # 9 slots a layer: blocks still move
     with torch.no_grad():
-        model.set_attn_implementation("sdpa")
         ref = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
         got = model(ids, attention_mask=mask, past_key_values=TieredCache(model, cfg)).logits
-    model.set_attn_implementation("sdpa")
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
     if padding_side == "left":
@@ -136,6 +138,5 @@ def test_a_padded_batch_matches_dynamic_cache(model, padding_side):
         cache = TieredCache(model, cfg)
         got_tokens = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
                                     do_sample=False, pad_token_id=0)
-        model.set_attn_implementation("sdpa")
         assert torch.equal(got_tokens, ref_tokens)
         assert cache.manager.stats().device_misses > 0

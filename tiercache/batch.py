@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .hf.cache import ATTN_NAME, TieredCache, default_config
+from .hf.cache import TieredCache, default_config
 from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import BlockNotFoundError, ConfigError, CorruptBlockError, ShapeError, StoreError, TiercacheError
@@ -39,7 +39,7 @@ from .io.backends import open_contexts
 from .io.codec import make_codec
 from .io.contexts import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 from .stopping import DEFAULT_STOP
-from .generation import ask_cache, attention_implementation
+from .generation import ask_cache
 
 #: Tokens per forward when encoding a document (bounds the score tensors of the prefill).
 _PREFILL_CHUNK = 512
@@ -68,7 +68,7 @@ def prefill(model, config: TierConfig, ids: list[int]) -> TieredCache:
     cache = TieredCache(model, config, prefill="full")
     device = next(model.parameters()).device
     try:
-        with attention_implementation(model, ATTN_NAME), torch.no_grad():
+        with torch.no_grad():
             for a in range(0, len(ids), _PREFILL_CHUNK):
                 model(torch.tensor([ids[a : a + _PREFILL_CHUNK]], device=device), past_key_values=cache,
                       use_cache=True)

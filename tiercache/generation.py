@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import ConfigError, ShapeError
-from .hf.cache import ATTN_NAME, TieredCache
+from .hf.cache import TieredCache
 from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids
 
 
@@ -83,8 +83,7 @@ def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_token
     mode, held = cache.prefill, cache.hold_selection
     cache.prefill, cache.hold_selection = "retrieval", hold
     try:
-        with attention_implementation(model, ATTN_NAME):
-            return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
+        return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
     finally:
         cache.truncate(tokens)
         cache.prefill, cache.hold_selection = mode, held

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .hf.cache import ATTN_NAME, TieredCache
+from .hf.cache import TieredCache
 from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import ConfigError, FingerprintError, ShapeError, StoreError
 from .fingerprint import Fingerprint, model_fingerprint, model_id, storage_fingerprint
-from .generation import ask_cache, attention_implementation
+from .generation import ask_cache
 from .io.codec import make_codec
 from .io.contexts import CHUNK_TOKENS, load_kv_context, save_kv_context
 from .io.jsonfile import write_json_atomic
@@ -80,7 +80,7 @@ class StreamSession:
         it first, so that the choice of special tokens stays the caller's."""
         ids, embeds = self._check_input(input_ids, inputs_embeds)
         n = (ids if ids is not None else embeds).shape[1]
-        with attention_implementation(self.model, ATTN_NAME), torch.no_grad():
+        with torch.no_grad():  # TieredCache's forwards switch the model to its attention themselves
             for a in range(0, n, self.chunk_tokens):
                 if ids is not None:
                     self.model(input_ids=ids[:, a : a + self.chunk_tokens], past_key_values=self.cache, use_cache=True)
