@@ -32,7 +32,6 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from common import RESULTS, machine, parse_args, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.batch import ContextStore, prefill, read_jobs, run_batch
+from tiercache.batch import ContextStore, prefill
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.generation import ask_cache
 from tiercache.io.contexts import content_key
+from tiercache.jobs import read_jobs, run_batch
 
 pytestmark = pytest.mark.model
 

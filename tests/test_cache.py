@@ -4,7 +4,6 @@ batches, and the errors for unsupported models and mismatched caches."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch

@@ -238,7 +238,8 @@ def test_a_context_store_on_redis_reencodes_an_evicted_context_and_inspect_shows
     import json
 
     from tiercache import RetrievalConfig, TierConfig
-    from tiercache.batch import ContextStore, run_batch
+    from tiercache.batch import ContextStore
+    from tiercache.jobs import run_batch
     from tiercache.cli import main
     from tiercache.generation import ask_cache
 

@@ -375,7 +375,8 @@ def _batch(args: argparse.Namespace) -> int:
     the context store (a directory, or a Redis server shared by many workers); reruns skip what
     is answered already; bad lines are reported and skipped. With --ray, the jobs run on a Ray
     cluster: documents are spread over --workers actors sharing a Redis context store."""
-    from .batch import ContextStore, check_answers_path, run_batch
+    from .batch import ContextStore
+    from .jobs import check_answers_path, run_batch
     from .config import RetrievalConfig
     from .models import cache_home
 

@@ -1,6 +1,6 @@
 """Batch jobs on a Ray cluster (``tiercache batch jobs.jsonl --out answers.jsonl --store
 redis://host:port/db --ray [ADDRESS]``): the same jobs, answers and resumption as
-``batch.run_batch``, answered by ``workers`` Ray actors sharing one Redis context tier.
+``jobs.run_batch``, answered by ``workers`` Ray actors sharing one Redis context tier.
 
 - The driver reads the jobs file and the answers file (bad lines are reported with their
   numbers and skipped; answered questions are skipped), groups the pending questions by
@@ -27,9 +27,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .batch import (
+from .batch import ContextStore
+from .errors import ConfigError, TiercacheError
+from .io.backends import REDIS_SCHEMES
+from .jobs import (
     BatchReport,
-    ContextStore,
     Pending,
     answer_questions,
     append_answer,
@@ -38,8 +40,6 @@ from .batch import (
     release_document,
     start_run,
 )
-from .errors import ConfigError, TiercacheError
-from .io.backends import REDIS_SCHEMES
 from .stopping import DEFAULT_STOP
 
 #: Counters of ``BatchReport`` that workers add up.
@@ -114,7 +114,7 @@ def group_by_document(pending: Pending) -> list[Pending]:
 def run_batch_ray(jobs_path: str | os.PathLike, out_path: str | os.PathLike, settings: WorkerSettings, *,
                   address: str | None = None, workers: int = 2, max_new_tokens: int = 32,
                   stop: str | Sequence[str] | None = DEFAULT_STOP, progress: bool = True) -> BatchReport:
-    """``batch.run_batch`` on Ray: ``workers`` actors (one CPU each, and one GPU each when
+    """``jobs.run_batch`` on Ray: ``workers`` actors (one CPU each, and one GPU each when
     ``settings.device`` is CUDA) on the cluster at ``address`` (``None``: a local cluster of
     ``workers`` CPUs, started and stopped here). ``settings.store`` must be a Redis address, the
     tier every worker shares. Returns the run's report; ``BatchReport.workers`` lists each
