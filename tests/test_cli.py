@@ -4,7 +4,11 @@ demo, any checkpoint on disk through --model (a tiny random Llama), errors as ex
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.io.codec import make_codec
 from tiercache.io.contexts import save_kv_context
 from tiercache.io.store import DiskStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["batch"]])
@@ -27,6 +33,29 @@ def test_help(command, capsys):
         for option in ("--model PATH_OR_DIR", "--device", "--dtype", "--threads", "--max-new-tokens",
                        "--stop"):
             assert option in out
+
+
+def test_help_and_bad_options_import_neither_torch_nor_transformers():
+    """The parser is built without torch (its import takes seconds), so --help and bad options
+    answer at once; the command modules import what they need when they run."""
+    code = ("import sys\n"
+            "from tiercache.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['demo', '--help'], ['batch', 'j', '--out', 'o', '--threads', '0']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout
+
+
+def test_dtype_choices_are_the_configs_dtypes():
+    from tiercache.cli.options import DTYPE_NAMES
+    from tiercache.config import DTYPES
+
+    assert DTYPE_NAMES == tuple(sorted(DTYPES))
 
 
 def test_version(capsys):

@@ -4,8 +4,6 @@ Hot KV blocks live on the compute device, warm ones in (pinned) host memory, col
 block retrieval picks, at each decode step, the blocks the attention must read.
 """
 
-from .blocks import BlockKey, BlockLayout, BlockMeta, TierName
-from .config import RetrievalConfig, TierConfig
 from .errors import (
     BlockNotFoundError,
     CapacityError,
@@ -19,12 +17,17 @@ from .errors import (
     UnsupportedModelError,
 )
 
-from .tiers.manager import TierManager, TierStats
-
 __version__ = "0.1.0"
 
-# These need transformers (the `hf` extra); import them on first use only.
-_LAZY = {"TieredCache": "cache", "wrap": "cache", "StreamSession": "stream", "ContextStore": "batch"}
+# Everything else needs torch (and TieredCache, StreamSession and ContextStore transformers): each
+# is imported on first use, so that `import tiercache` (and `tiercache --help`) stays instant.
+_LAZY = {
+    "BlockKey": "blocks", "BlockLayout": "blocks", "BlockMeta": "blocks", "TierName": "blocks",
+    "RetrievalConfig": "config", "TierConfig": "config",
+    "TierManager": "tiers.manager", "TierStats": "tiers.manager",
+    "TieredCache": "hf.cache", "wrap": "hf.cache",
+    "StreamSession": "stream", "ContextStore": "batch",
+}
 
 
 def __getattr__(name: str):

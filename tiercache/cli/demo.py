@@ -1,0 +1,149 @@
+"""``tiercache demo``: a streaming QA session on a model (default: the embedded SmolLM2) against
+full attention over the same text."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..evaluation import FACTS, plant_facts, question_text
+from .options import answer_options, positive
+
+
+def register(commands, model_options: argparse.ArgumentParser) -> None:
+    """Add the ``demo`` command to ``commands`` (argparse subparsers)."""
+    demo = commands.add_parser("demo", help="streaming QA on a model (default: the embedded SmolLM2) vs full "
+                               "attention", description=run.__doc__, parents=[model_options, answer_options(12)])
+    demo.add_argument("--tokens", type=positive, default=1500, help="stream length in tokens (default 1500)")
+    demo.add_argument("--chunk-tokens", type=positive, default=128,
+                      help="tokens per appended chunk (default 128)")
+    demo.add_argument("--budget", type=float, default=0.5,
+                      help="retrieval budget: fraction of the stream each question step attends (default 0.5)")
+    demo.add_argument("--store", type=Path, default=None,
+                      help="directory for the tiers' disk and the saved stream (default "
+                           "$TIERCACHE_HOME/demo; an earlier demo's store there is replaced)")
+    demo.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Stream real text with planted facts through a StreamSession (small budgets: the device
+    holds 1/8 of the KV, the host 1/4, the rest goes to disk with the cachegen codec), ask about
+    the facts, compare with full attention over the same text, and save the stream to --store
+    for `tiercache inspect`."""
+    from tqdm import tqdm
+
+    from ..config import RetrievalConfig, TierConfig
+    from ..corpus import text_tokens
+    from ..generation import full_attention_answers
+    from ..stream import StreamSession
+    from .options import load
+
+    store = _demo_store(args.store)
+    model, tok = load(args)
+    ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))
+    per_token = _kv_bytes_per_token(model)
+    kv_bytes = per_token * len(ids)
+    device = next(model.parameters()).device
+    cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=kv_bytes // 4,
+                     disk_budget_bytes=4 * kv_bytes, disk_path=store, disk_codec="cachegen",
+                     dtype=model.dtype, device=device, retrieval=RetrievalConfig(budget=args.budget))
+    print(f"stream: {len(ids)} tokens of Python's reference docs with {len(FACTS)} facts planted; KV "
+          f"{kv_bytes / 2**20:.1f} MiB; device budget {cfg.device_budget_bytes / 2**20:.1f} MiB, host "
+          f"{cfg.host_budget_bytes / 2**20:.1f} MiB, disk the rest (cachegen, in {store}); questions attend "
+          f"{args.budget:.0%} of the stream", flush=True)
+    questions = [question_text(f) for f in FACTS]
+    with StreamSession(model, tok, cfg, path=store, chunk_tokens=args.chunk_tokens) as session:
+        start = time.perf_counter()
+        with tqdm(total=len(ids), desc="appending", unit="tok") as bar:
+            for a in range(0, len(ids), args.chunk_tokens):
+                session.append(ids[a : a + args.chunk_tokens])
+                bar.update(min(args.chunk_tokens, len(ids) - a))
+        append_s = time.perf_counter() - start
+        before = session.cache.manager.stats()
+        start = time.perf_counter()
+        got = [session.ask(q, max_new_tokens=args.max_new_tokens, stop=args.stop)
+               for q in tqdm(questions, desc="asking tiercache", unit="q")]
+        ask_s = time.perf_counter() - start
+        ref = full_attention_answers(model, tok, questions, input_ids=ids, max_new_tokens=args.max_new_tokens,
+                                     stop=args.stop, progress=True)
+        print(flush=True)
+        _print_answers(list(zip(FACTS, got, ref)), args.budget)
+        _print_tiers(session, before, append_s, ask_s, len(ids), args.max_new_tokens)
+        saved = session.save()
+    print(f"\nthe stream is saved in {store} ({saved / 2**20:.1f} MiB with the cachegen codec); see what it "
+          f"holds with:\n  tiercache inspect {store}")
+    return 0
+
+
+def _demo_store(path: Path | None) -> Path:
+    """The demo's store directory: ``path`` or ``$TIERCACHE_HOME/demo``. It must be new, empty or
+    a tiercache store (an earlier demo's, which the run replaces), never other files."""
+    from ..errors import ConfigError
+    from ..models import cache_home
+    from .inspect import holds_store
+
+    store = Path(path) if path is not None else cache_home() / "demo"
+    if store.exists() and not store.is_dir():
+        raise ConfigError(f"--store {store} exists and is not a directory")
+    if store.is_dir() and any(store.iterdir()) and not holds_store(store):
+        raise ConfigError(f"--store {store} is not empty and holds no tiercache store; give a new or empty "
+                          "directory")
+    return store
+
+
+#: Column widths of the demo's answer table (characters); answers wrap within them.
+_COLUMNS = (("question", 34), ("expected", 9), ("tiercache", 24), ("full attention", 24))
+
+
+def _print_answers(rows, budget: float) -> None:
+    import textwrap
+
+    print("  ".join(f"{name:<{width}}" for name, width in _COLUMNS))
+    for fact, got, ref in rows:
+        marked = [f"{'ok' if fact.answer in a else '--'} {a or '(empty)'}" for a in (got, ref)]
+        cells = [fact.question.strip(), fact.answer, *marked]
+        wrapped = [textwrap.wrap(c, width, subsequent_indent="   " if i > 1 else "") or [""]
+                   for i, (c, (_, width)) in enumerate(zip(cells, _COLUMNS))]
+        for line in range(max(map(len, wrapped))):
+            print("  ".join(f"{(w[line] if line < len(w) else ''):<{width}}"
+                            for w, (_, width) in zip(wrapped, _COLUMNS)).rstrip())
+    acc = [sum(fact.answer in row[i] for fact, *row in rows) for i in (0, 1)]
+    print(f"accuracy: tiercache {acc[0]}/{len(rows)}, full attention {acc[1]}/{len(rows)}")
+    print(f"legend: ok = the answer contains the expected word, -- = it does not. tiercache answers from "
+          f"its tiers, each step attending {budget:.0%} of the stream (the blocks retrieval picks); full "
+          f"attention reads every token (the reference).\n")
+
+
+def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, new_tokens: int) -> None:
+    from ..blocks import TierName
+
+    m = session.cache.manager
+    stats = m.stats()
+    print(f"{'tier':<8} {'budget MiB':>10} {'peak MiB':>9} {'now MiB':>8} {'blocks now':>10} {'reads (asks)':>12}")
+    placed = m.block_counts()
+    for tier in TierName:
+        if not m.capacity_bytes(tier):
+            continue
+        asks = stats.hits[tier.value] - before.hits[tier.value]
+        print(f"{tier.value:<8} {m.capacity_bytes(tier) / 2**20:>10.1f} {stats.peak_bytes[tier.value] / 2**20:>9.1f} "
+              f"{m.used_bytes(tier) / 2**20:>8.1f} {placed[tier.value]:>10} {asks:>12}")
+    disk = m.disk
+    if disk is not None and placed[TierName.DISK.value]:
+        raw = placed[TierName.DISK.value] * m.layout.nbytes
+        print(f"disk codec {session.config.disk_codec}: {raw / 2**20:.1f} MiB of raw KV in "
+              f"{disk.used_bytes / 2**20:.1f} MiB on disk, compression {raw / disk.used_bytes:.2f}x")
+    lookups = stats.lookups - before.lookups
+    hits = stats.hits["device"] - before.hits["device"]
+    print(f"retrieval while asking: {lookups} block reads, device hit rate {hits / max(1, lookups):.2f}, "
+          f"{stats.disk_waits - before.disk_waits} waits for the disk")
+    print(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} questions "
+          f"(up to {new_tokens} new tokens each)")
+
+
+def _kv_bytes_per_token(model) -> int:
+    """Bytes of K and V per token over all layers, in the model's dtype."""
+    from ..fingerprint import kv_shape
+
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
