@@ -34,6 +34,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
+from tiercache.models import kv_bytes_per_token
 from tiercache.opcount import OpCounter
 
 SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
@@ -60,11 +61,6 @@ def build() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
-
-
 def export(cache: DynamicCache) -> torch.Tensor:
     """A DynamicCache's KV as ``(layers, 2, kv_heads, tokens, head_dim)`` (batch 1)."""
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
@@ -72,7 +68,7 @@ def export(cache: DynamicCache) -> torch.Tensor:
 
 def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra_tokens: int) -> TieredCache:
     tokens = kv.shape[3] + extra_tokens
-    total = kv_bytes(model, tokens)
+    total = kv_bytes_per_token(model) * tokens
     cfg = TierConfig(device_budget_bytes=int(total * device_fraction) + (1 << 20), host_budget_bytes=2 * total,
                      dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=budget))
     cache = TieredCache(model, cfg)
@@ -121,7 +117,7 @@ def append_throughput(model, tokens: int, chunk: int, device_fraction: float) ->
         if kind == "dynamic":
             cache = DynamicCache(config=model.config)
         else:
-            total = kv_bytes(model, tokens)
+            total = kv_bytes_per_token(model) * tokens
             cfg = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
                              dtype=torch.float32, device="cpu")
             cache = TieredCache(model, cfg, prefill="window")

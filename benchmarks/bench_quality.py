@@ -46,7 +46,7 @@ from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import QA_FACTS, needle_parts, plant_facts, question_text
-from tiercache.models import default_model_dir, load_default_model
+from tiercache.models import default_model_dir, kv_bytes_per_token, load_default_model
 from tiercache.generation import full_attention_answers
 from tiercache.stream import StreamSession
 
@@ -54,16 +54,11 @@ BUDGETS = (0.05, 0.1, 0.25)
 KVPRESS_PYTHON = Path(__file__).parent / ".venv-kvpress" / "bin" / "python"
 
 
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
-
-
 def tiered(model, tokens: int, budget: float, base: RetrievalConfig) -> TierConfig:
     """``base`` (the library's defaults unless a flag changes them) at ``budget``, tiers sized for
     ``tokens`` (the device 25% of the KV)."""
-    total = kv_bytes(model, tokens)
-    return TierConfig(device_budget_bytes=max(total // 4, kv_bytes(model, 256)), host_budget_bytes=2 * total,
+    total = kv_bytes_per_token(model) * tokens
+    return TierConfig(device_budget_bytes=max(total // 4, kv_bytes_per_token(model) * 256), host_budget_bytes=2 * total,
                       dtype=model.dtype, device="cpu", retrieval=replace(base, budget=budget))
 
 

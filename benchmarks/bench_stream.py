@@ -24,7 +24,7 @@ from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.corpus import text_tokens
 from tiercache.evaluation import FACTS, plant_facts, question_text
-from tiercache.models import load_default_model
+from tiercache.models import kv_bytes_per_token, load_default_model
 from tiercache.generation import full_attention_answers
 from tiercache.stream import StreamSession
 
@@ -75,8 +75,7 @@ def main() -> None:
 
     model, tok = load_default_model()
     ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))
-    c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * len(ids)
+    kv = kv_bytes_per_token(model) * len(ids)
 
     dense = DynamicCache(config=model.config)
     dense_s = timed_chunks(lambda x: model(torch.tensor([x]), past_key_values=dense, use_cache=True), ids,

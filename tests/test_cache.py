@@ -12,6 +12,7 @@ from transformers import DynamicCache
 from tiercache import ConfigError, RetrievalConfig, ShapeError, TierConfig, TierName, UnsupportedModelError
 from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
+from helpers import kv_bytes
 
 pytestmark = pytest.mark.model
 
@@ -23,11 +24,6 @@ def keeps_its_own_attention(smollm2):
     """No test switches the model back: TieredCache's forwards leave it on its own attention."""
     yield
     assert smollm2[0].config._attn_implementation == "sdpa"
-
-
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
 
 
 def exact_config(model, tokens: int, device_fraction: float) -> TierConfig:

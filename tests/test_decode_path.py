@@ -11,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
+from helpers import kv_bytes
 
 LAYERS, BLOCK = 8, 32
 
@@ -28,11 +29,6 @@ def keeps_its_own_attention(model):
     """No test switches the model back: TieredCache's forwards leave it on its own attention."""
     yield
     assert model.config._attn_implementation == "sdpa"
-
-
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
 
 
 def config(model, tokens: int, budget: float, device_fraction: float = 0.25, block: int = BLOCK) -> TierConfig:

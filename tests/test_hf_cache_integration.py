@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from tiercache.hf.cache import TieredCache
-from tiny_models import tiered_config
+from helpers import tiered_config
 
 pytestmark = pytest.mark.model
 

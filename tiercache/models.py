@@ -119,6 +119,15 @@ def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = to
     return model, tokenizer
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token takes over all layers of ``model`` (a supported
+    transformers causal LM), in the model's dtype; ``UnsupportedModelError`` for another family."""
+    from .hf.families import model_spec
+
+    spec = model_spec(model)
+    return 2 * spec.layers * spec.kv_heads * spec.head_dim * model.dtype.itemsize
+
+
 def loads() -> int:
     """How many checkpoints ``load_model`` has loaded in this process."""
     return _loads

@@ -36,13 +36,14 @@ def run(args: argparse.Namespace) -> int:
     from ..config import RetrievalConfig, TierConfig
     from ..corpus import text_tokens
     from ..generation import full_attention_answers
+    from ..models import kv_bytes_per_token
     from ..stream import StreamSession
     from .options import load
 
     store = _demo_store(args.store)
     model, tok = load(args)
     ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))
-    per_token = _kv_bytes_per_token(model)
+    per_token = kv_bytes_per_token(model)
     kv_bytes = per_token * len(ids)
     device = next(model.parameters()).device
     cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=kv_bytes // 4,
@@ -139,11 +140,3 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
           f"{stats.disk_waits - before.disk_waits} waits for the disk")
     print(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} questions "
           f"(up to {new_tokens} new tokens each)")
-
-
-def _kv_bytes_per_token(model) -> int:
-    """Bytes of K and V per token over all layers, in the model's dtype."""
-    from ..fingerprint import kv_shape
-
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize

@@ -1,7 +1,7 @@
-"""Tiny random decoders of every family tiercache supports, and TieredCache configs under which
-their blocks move between the tiers.
+"""What tests share: tiny random decoders of every family tiercache supports, TieredCache configs
+under which their blocks move between the tiers, KV sizes, and reading an answers file.
 
-Each model has 2 layers, hidden size 64, 4 query and 2 KV heads of 16 dims and a vocabulary of
+Each tiny model has 2 layers, hidden size 64, 4 query and 2 KV heads of 16 dims and a vocabulary of
 128 tokens; windows are 13 tokens and Llama 4's chunks 16, so a 36-token prompt and a few
 generated tokens cross them. ``initializer_range`` 0.1 makes the logits peaked enough that greedy
 choices are not decided by rounding. Generation configs have no end-of-sequence token, so every
@@ -10,12 +10,15 @@ run produces all the tokens asked for.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import transformers as hf
 
 from tiercache import RetrievalConfig, TierConfig
+from tiercache.models import kv_bytes_per_token
 
 _COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, initializer_range=0.1,
@@ -71,11 +74,8 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, a
 
 
 def kv_bytes(model, tokens: int) -> int:
-    """Raw KV bytes of ``tokens`` tokens of every layer of ``model``."""
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * model.dtype.itemsize * tokens
+    """Raw KV bytes of ``tokens`` tokens of every layer of ``model``, in its dtype."""
+    return kv_bytes_per_token(model) * tokens
 
 
 def tiered_config(model, rows: int = 1, block: int = 4, budget: float | int = 1.0) -> TierConfig:
@@ -86,3 +86,8 @@ def tiered_config(model, rows: int = 1, block: int = 4, budget: float | int = 1.
     slots = rows * (math.ceil(retrieval.sink_tokens / block) + 2) + 1
     return TierConfig(device_budget_bytes=kv_bytes(model, block) * slots, host_budget_bytes=1 << 24,
                       block_tokens=block, dtype=model.dtype, device="cpu", retrieval=retrieval)
+
+
+def read_answers(path: Path) -> list[dict]:
+    """The records of a JSON-lines answers file, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
