@@ -51,6 +51,14 @@ def test_help_and_bad_options_import_neither_torch_nor_transformers():
     assert out.stdout.splitlines()[-1] == "[]", out.stdout
 
 
+def test_the_package_names_resolve_on_first_use():
+    """``import tiercache`` imports no torch; each public name is imported when first used."""
+    import tiercache
+
+    for name in tiercache.__all__:
+        assert getattr(tiercache, name).__name__ == name
+
+
 def test_dtype_choices_are_the_configs_dtypes():
     from tiercache.cli.options import DTYPE_NAMES
     from tiercache.config import DTYPES
