@@ -8,6 +8,7 @@ transformers, the model) when it runs, so ``tiercache --help`` and bad arguments
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
@@ -36,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tiercache`` command; returns its exit code (2: an error, reported on
     stderr as ``tiercache: error: ...``)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if hasattr(args, "stop"):
         args.stop = stops(args.stop)
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except TiercacheError as exc:
         print(f"tiercache: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        command = shlex.join(["tiercache", *argv])
+        print(f"\ntiercache: interrupted{args.interrupted(args, command) if 'interrupted' in args else ''}",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
     finally:
         if threads is not None:  # main may run inside a longer process (tests, notebooks)
             sys.modules["torch"].set_num_threads(threads)

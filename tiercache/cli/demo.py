@@ -4,11 +4,13 @@ full attention over the same text."""
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
 from ..evaluation import FACTS, plant_facts, question_text
-from .options import answer_options, positive
+from .inspect import TIERS_DIR, holds_store
+from .options import answer_options, budget, compression, describe_budget, positive, say
 
 
 def register(commands, model_options: argparse.ArgumentParser) -> None:
@@ -18,10 +20,11 @@ def register(commands, model_options: argparse.ArgumentParser) -> None:
     demo.add_argument("--tokens", type=positive, default=1500, help="stream length in tokens (default 1500)")
     demo.add_argument("--chunk-tokens", type=positive, default=128,
                       help="tokens per appended chunk (default 128)")
-    demo.add_argument("--budget", type=float, default=0.5,
-                      help="retrieval budget: fraction of the stream each question step attends (default 0.5)")
+    demo.add_argument("--budget", type=budget, default=0.5,
+                      help="retrieval budget each question step attends: a fraction of the stream (0.5) or a "
+                           "number of tokens (512) (default 0.5)")
     demo.add_argument("--store", type=Path, default=None,
-                      help="directory for the tiers' disk and the saved stream (default "
+                      help="directory of the saved stream, and of the tiers' disk while the demo runs (default "
                            "$TIERCACHE_HOME/demo; an earlier demo's store there is replaced)")
     demo.set_defaults(func=run)
 
@@ -46,14 +49,19 @@ def run(args: argparse.Namespace) -> int:
     per_token = kv_bytes_per_token(model)
     kv_bytes = per_token * len(ids)
     device = next(model.parameters()).device
-    cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=kv_bytes // 4,
-                     disk_budget_bytes=4 * kv_bytes, disk_path=store, disk_codec="cachegen",
+    tiers = store / TIERS_DIR
+    # The host takes a whole appended chunk before any of it moves to disk: a short stream's
+    # quarter may hold less (a tiny model's 200-token stream).
+    host = max(kv_bytes // 4, 2 * per_token * args.chunk_tokens)
+    cfg = TierConfig(device_budget_bytes=max(kv_bytes // 8, per_token * 128), host_budget_bytes=host,
+                     disk_budget_bytes=4 * kv_bytes, disk_path=tiers, disk_codec="cachegen",
                      dtype=model.dtype, device=device, retrieval=RetrievalConfig(budget=args.budget))
-    print(f"stream: {len(ids)} tokens of Python's reference docs with {len(FACTS)} facts planted; KV "
-          f"{kv_bytes / 2**20:.1f} MiB; device budget {cfg.device_budget_bytes / 2**20:.1f} MiB, host "
-          f"{cfg.host_budget_bytes / 2**20:.1f} MiB, disk the rest (cachegen, in {store}); questions attend "
-          f"{args.budget:.0%} of the stream", flush=True)
+    say(f"stream: {len(ids)} tokens of Python's reference docs with {len(FACTS)} facts planted; KV "
+        f"{kv_bytes / 2**20:.1f} MiB; device budget {cfg.device_budget_bytes / 2**20:.1f} MiB, host "
+        f"{cfg.host_budget_bytes / 2**20:.1f} MiB, disk the rest (cachegen, in {tiers}); questions attend "
+        f"{describe_budget(args.budget)} of the stream")
     questions = [question_text(f) for f in FACTS]
+    shutil.rmtree(tiers, ignore_errors=True)  # an interrupted demo's
     with StreamSession(model, tok, cfg, path=store, chunk_tokens=args.chunk_tokens) as session:
         start = time.perf_counter()
         with tqdm(total=len(ids), desc="appending", unit="tok") as bar:
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         _print_answers(list(zip(FACTS, got, ref)), args.budget)
         _print_tiers(session, before, append_s, ask_s, len(ids), args.max_new_tokens)
         saved = session.save()
+    shutil.rmtree(tiers)
     print(f"\nthe stream is saved in {store} ({saved / 2**20:.1f} MiB with the cachegen codec); see what it "
           f"holds with:\n  tiercache inspect {store}")
     return 0
@@ -82,7 +91,6 @@ def _demo_store(path: Path | None) -> Path:
     a tiercache store (an earlier demo's, which the run replaces), never other files."""
     from ..errors import ConfigError
     from ..models import cache_home
-    from .inspect import holds_store
 
     store = Path(path) if path is not None else cache_home() / "demo"
     if store.exists() and not store.is_dir():
@@ -97,7 +105,7 @@ def _demo_store(path: Path | None) -> Path:
 _COLUMNS = (("question", 34), ("expected", 9), ("tiercache", 24), ("full attention", 24))
 
 
-def _print_answers(rows, budget: float) -> None:
+def _print_answers(rows, budget: float | int) -> None:
     import textwrap
 
     print("  ".join(f"{name:<{width}}" for name, width in _COLUMNS))
@@ -111,9 +119,10 @@ def _print_answers(rows, budget: float) -> None:
                             for w, (_, width) in zip(wrapped, _COLUMNS)).rstrip())
     acc = [sum(fact.answer in row[i] for fact, *row in rows) for i in (0, 1)]
     print(f"accuracy: tiercache {acc[0]}/{len(rows)}, full attention {acc[1]}/{len(rows)}")
-    print(f"legend: ok = the answer contains the expected word, -- = it does not. tiercache answers from "
-          f"its tiers, each step attending {budget:.0%} of the stream (the blocks retrieval picks); full "
-          f"attention reads every token (the reference).\n")
+    say(f"legend: ok = the answer contains the expected word, -- = it does not. tiercache answers from "
+        f"its tiers, each step attending {describe_budget(budget)} of the stream (the blocks retrieval "
+        f"picks); full attention reads every token (the reference).")
+    print()
 
 
 def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, new_tokens: int) -> None:
@@ -132,11 +141,11 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
     disk = m.disk
     if disk is not None and placed[TierName.DISK.value]:
         raw = placed[TierName.DISK.value] * m.layout.nbytes
-        print(f"disk codec {session.config.disk_codec}: {raw / 2**20:.1f} MiB of raw KV in "
-              f"{disk.used_bytes / 2**20:.1f} MiB on disk, compression {raw / disk.used_bytes:.2f}x")
+        say(f"disk codec {session.config.disk_codec}: {raw / 2**20:.1f} MiB of raw KV in "
+            f"{disk.used_bytes / 2**20:.1f} MiB on disk, compression {compression(raw, disk.used_bytes)}")
     lookups = stats.lookups - before.lookups
     hits = stats.hits["device"] - before.hits["device"]
-    print(f"retrieval while asking: {lookups} block reads, device hit rate {hits / max(1, lookups):.2f}, "
-          f"{stats.disk_waits - before.disk_waits} waits for the disk")
-    print(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} questions "
-          f"(up to {new_tokens} new tokens each)")
+    say(f"retrieval while asking: {lookups} block reads, device hit rate {hits / max(1, lookups):.2f}, "
+        f"{stats.disk_waits - before.disk_waits} waits for the disk")
+    say(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} questions "
+        f"(up to {new_tokens} new tokens each)")

@@ -6,6 +6,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import compression, say
+
+#: The subdirectory of a demo's store that holds the tiers' disk while the demo runs (removed at
+#: its end: those blocks die with the session; what stays is the saved stream).
+TIERS_DIR = "tiers"
+
 
 def register(commands) -> None:
     """Add the ``inspect`` command to ``commands`` (argparse subparsers)."""
@@ -39,20 +45,20 @@ def run(args: argparse.Namespace) -> int:
     stream = path / "stream.json"
     if stream.exists():
         doc = json.loads(stream.read_text(encoding="utf-8"))
-        print(f"stream session: model {doc.get('model_id')}, {doc.get('tokens')} tokens saved as context "
-              f"{doc.get('context')!r}, disk codec {doc.get('config', {}).get('disk_codec')}")
-        print(f"  fingerprint {_describe(doc.get('fingerprint'))}")
+        say(f"stream session: model {doc.get('model_id')}, {doc.get('tokens')} tokens saved as context "
+            f"{doc.get('context')!r}, disk codec {doc.get('config', {}).get('disk_codec')}")
+        say(f"  fingerprint {_describe(doc.get('fingerprint'))}")
         if model is not None:
-            print(f"  reopens with {model.id}: {_same_model(doc.get('fingerprint'), model)}")
+            say(f"  reopens with {model.id}: {_same_model(doc.get('fingerprint'), model)}")
     meta = path / SIDECAR_NAME
     if meta.exists():
         contexts = json.loads(meta.read_text(encoding="utf-8")).get("contexts", {})
-        print(f"context store: {len(contexts)} documents measured at encode")
+        say(f"context store: {len(contexts)} documents measured at encode")
         for key, info in contexts.items():
-            print(f"  {key[:16]}  {info['tokens']:>7} tokens  prefill {info['prefill_seconds']:.2f} s  "
-                  f"{info['raw_bytes'] / 2**20:.1f} MiB raw -> {info['stored_bytes'] / 2**20:.1f} MiB "
-                  f"({info['codec']}, {info['raw_bytes'] / max(1, info['stored_bytes']):.2f}x)  fingerprint "
-                  f"{_describe(info.get('fingerprint'))}")
+            say(f"  {key[:16]}  {info['tokens']} tokens, prefill {info['prefill_seconds']:.2f} s, "
+                f"{info['raw_bytes'] / 2**20:.1f} MiB raw -> {info['stored_bytes'] / 2**20:.1f} MiB {info['codec']} "
+                f"({compression(info['raw_bytes'], info['stored_bytes'])}), fingerprint "
+                f"{_describe(info.get('fingerprint'))}")
     stores = store_dirs(path)
     if not stores:
         raise StoreError(f"{path} holds no tiercache disk store")
@@ -146,26 +152,30 @@ def _inspect_store(path: Path, model: _Geometry | None) -> None:
             else:
                 blocks += 1
         segments = sorted(path.glob("seg-*"))
-        print(f"disk store {path}: {len(parts)} contexts, {blocks} blocks, {store.used_bytes / 2**20:.2f} MiB live "
-              f"in {len(segments)} segments ({store.disk_bytes / 2**20:.2f} MiB on disk)")
+        say(f"disk store {path}: {len(parts)} contexts, {blocks} blocks, {store.used_bytes / 2**20:.2f} MiB live "
+            f"in {len(segments)} segments ({store.disk_bytes / 2**20:.2f} MiB on disk)")
         for name in store.contexts():
-            size = f"{len(parts[name]):>5} records {sum(parts[name]) / 2**20:>8.2f} MiB"
+            stored = sum(parts[name])
+            size = f"{len(parts[name])} records, {stored / 2**20:.2f} MiB"
             try:
                 header, _ = read_header(store.get(ContextPart(name, 0)), f"context {name!r} record 0")
                 last, _ = read_header(store.get(ContextPart(name, len(parts[name]) - 1)), f"context {name!r}")
             except FingerprintError:
-                print(f"  context {name[:40]:<40} {size}  no fingerprint (an older tiercache's): refused "
-                      "when loaded")
+                say(f"  context {name}: {size}; no fingerprint (an older tiercache's): refused when loaded")
                 continue
             lay = header.layout
-            print(f"  context {name[:40]:<40} {size}  codec {header.codec} {header.params}  "
-                  f"({lay.kv_heads} KV heads x {lay.head_dim} dims, {lay.dtype})  "
-                  f"fingerprint {(header.fingerprint or '-')[:16]}")
+            layers = last.key.layer + 1
+            # Records hold block_tokens tokens of one layer each, the last of each layer fewer.
+            tokens = (len(parts[name]) // layers - 1) * lay.block_tokens + last.tokens
+            raw = layers * tokens * 2 * lay.kv_heads * lay.head_dim * lay.dtype.itemsize
+            say(f"  context {name}: {tokens} tokens, {size} for {raw / 2**20:.2f} MiB of raw KV "
+                f"({compression(raw, stored)})")
+            say(f"    codec {header.codec} {header.params}, {layers} layers x {lay.kv_heads} KV heads x "
+                f"{lay.head_dim} dims, {lay.dtype}, fingerprint {(header.fingerprint or '-')[:16]}")
             if model is not None:
-                have = (last.key.layer + 1, lay.kv_heads, lay.head_dim)
-                print(f"    loads into {model.id}: {_fits(have, model)}")
+                say(f"    loads into {model.id}: {_fits((layers, lay.kv_heads, lay.head_dim), model)}")
         for seg in segments:
-            print(f"  segment {seg.name}: {seg.stat().st_size / 2**20:.2f} MiB")
+            say(f"  segment {seg.name}: {seg.stat().st_size / 2**20:.2f} MiB")
 
 
 def _inspect_redis(url: str, model: _Geometry | None) -> None:
@@ -184,37 +194,39 @@ def _inspect_redis(url: str, model: _Geometry | None) -> None:
             try:
                 manifests[name] = store.manifest(name)
             except CorruptBlockError as exc:
-                print(f"  context {name[:16]}: {exc}")
+                say(f"  context {name[:16]}: {exc}")
             metas[name] = store.context_meta(name) or {}
         live = {n: m for n, m in manifests.items() if m is not None}
         total = sum(m["bytes"] for m in live.values())
-        print(f"redis {url} (redis {mem['redis_version']}, prefix {store.prefix}): {len(live)} contexts, "
-              f"{total / 2**20:.2f} MiB of records; server memory {mem['used_memory'] / 2**20:.1f} MiB "
-              f"used of {(mem['maxmemory'] or 0) / 2**20:.0f} MiB maxmemory (0: none), "
-              f"policy {mem['maxmemory_policy']}, {mem['evicted_keys']} keys evicted")
-        print(f"counters: {stats['loads']} loads: {stats['hits']} hits, {stats['misses']} misses, "
-              f"{stats['refused']} refused (damaged or foreign records); {stats['saves']} saves; "
-              f"{stats['bytes_read'] / 2**20:.1f} MiB read, {stats['bytes_written'] / 2**20:.1f} MiB written")
+        say(f"redis {url} (redis {mem['redis_version']}, prefix {store.prefix}): {len(live)} contexts, "
+            f"{total / 2**20:.2f} MiB of records; server memory {mem['used_memory'] / 2**20:.1f} MiB "
+            f"used of {(mem['maxmemory'] or 0) / 2**20:.0f} MiB maxmemory (0: none), "
+            f"policy {mem['maxmemory_policy']}, {mem['evicted_keys']} keys evicted")
+        say(f"counters: {stats['loads']} loads: {stats['hits']} hits, {stats['misses']} misses, "
+            f"{stats['refused']} refused (damaged or foreign records); {stats['saves']} saves; "
+            f"{stats['bytes_read'] / 2**20:.1f} MiB read, {stats['bytes_written'] / 2**20:.1f} MiB written")
         blocks = store.block_owners()
-        print(f"uncommitted parts (a save at work, or killed: they expire): {store.pending_parts()}; "
-              f"backing-tier blocks: {sum(blocks.values())} of {len(blocks)} tier instances")
+        say(f"uncommitted parts (a save at work, or killed: they expire): {store.pending_parts()}; "
+            f"backing-tier blocks: {sum(blocks.values())} of {len(blocks)} tier instances")
         by_fp = Counter(m["fingerprint"] for m in live.values())
         for digest, count in by_fp.most_common():
             described = next((metas[n].get("fingerprint") for n, m in live.items()
                               if m["fingerprint"] == digest and metas[n].get("fingerprint")), None)
             named = _describe(described) if described else (digest or "-")[:16]
-            print(f"fingerprint {named}: {count} contexts")
+            say(f"fingerprint {named}: {count} contexts")
         for name, m in sorted(live.items()):
             meta = metas[name]
             tokens = f"{meta['tokens']:>7} tokens" if "tokens" in meta else " " * 14
-            print(f"  {name[:16]}  {len(m['parts']):>5} records {m['bytes'] / 2**20:>8.2f} MiB  {tokens}  "
-                  f"fingerprint {(m['fingerprint'] or '-')[:16]}  {hits.get(name, 0)} hits  "
-                  f"codec {meta.get('codec', '?')}")
+            raw = (f" ({compression(meta['raw_bytes'], m['bytes'])} of {meta['raw_bytes'] / 2**20:.2f} MiB raw)"
+                   if "raw_bytes" in meta else "")
+            say(f"  {name[:16]}  {len(m['parts']):>5} records {m['bytes'] / 2**20:>8.2f} MiB  {tokens}")
+            say(f"    fingerprint {(m['fingerprint'] or '-')[:16]}  {hits.get(name, 0)} hits  "
+                f"codec {meta.get('codec', '?')}{raw}")
             if model is not None and meta.get("fingerprint"):
                 fp = meta["fingerprint"]
                 have = (fp["layers"], fp["kv_heads"], fp["head_dim"])
-                print(f"    loads into {model.id}: {_fits(have, model)}; "
-                      f"stored by it: {_same_model(fp, model)}")
+                say(f"    loads into {model.id}: {_fits(have, model)}; "
+                    f"stored by it: {_same_model(fp, model)}")
 
 
 def holds_store(path: Path) -> bool:
@@ -223,5 +235,7 @@ def holds_store(path: Path) -> bool:
 
 
 def store_dirs(path: Path) -> list[Path]:
-    """The disk stores in ``path``: itself and a saved stream's ``saved/``."""
-    return [p for p in (path, path / "saved") if (p / "manifest.json").exists() or any(p.glob("seg-*"))]
+    """The disk stores in ``path``: itself, a saved stream's ``saved/``, and the tiers' disk of a
+    demo that is running or was killed (``TIERS_DIR``)."""
+    return [p for p in (path, path / "saved", path / TIERS_DIR)
+            if (p / "manifest.json").exists() or any(p.glob("seg-*"))]
