@@ -19,7 +19,7 @@ from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.io.codec import make_codec
 from tiercache.io.contexts import save_kv_context
 from tiercache.io.store import DiskStore
-from helpers import save_tiny_checkpoint, tiny_tokenizer
+from helpers import read_answers, save_tiny_checkpoint, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,3 +287,55 @@ def test_ctrl_c_keeps_the_answers_and_prints_the_command_that_resumes(tiny_check
         assert capsys.readouterr().out.splitlines() == [
             "answered 0 questions (3 already answered before); 0 bad job lines skipped",
             "nothing left to answer: no model was loaded"]
+
+
+def test_ctrl_c_inside_a_forward_is_reported_as_the_interruption(tiny_checkpoint):
+    """A KeyboardInterrupt between two layers of a forward leaves the layers at different lengths;
+    ask_cache cannot truncate the question away then, and must not hide the interruption behind
+    that refusal."""
+    from tiercache.generation import ask_cache
+    from tiercache.hf.cache import TieredCache
+    from tiercache.models import load_model
+    from helpers import tiered_config
+
+    model, tok = load_model(tiny_checkpoint)
+    cache = TieredCache(model, tiered_config(model))
+    with torch.no_grad():
+        model(torch.tensor([tok("The vault code is 58203. " * 3)["input_ids"]]), past_key_values=cache)
+    calls = []
+
+    def interrupt_in_the_second_forward(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    model.model.layers[1].register_forward_pre_hook(interrupt_in_the_second_forward)
+    with pytest.raises(KeyboardInterrupt):
+        ask_cache(model, tok, cache, "The vault code is", max_new_tokens=4, stop=None)
+    cache.close()
+
+
+def test_ctrl_c_on_a_running_batch_command(tiny_checkpoint, tmp_path):
+    """SIGINT to the command itself, while it answers: exit code 130, the answers written so far
+    kept whole, and the last line of stderr the one-line message with the command that resumes."""
+    import signal
+    import time
+
+    jobs_file, out = tmp_path / "jobs.jsonl", tmp_path / "answers.jsonl"
+    jobs_file.write_text(json.dumps({"document": "The vault code is 58203. " * 20,
+                                     "questions": [f"question {i}" for i in range(2000)]}))
+    argv = ["batch", str(jobs_file), "--out", str(out), "--store", str(tmp_path / "store"), "--model",
+            str(tiny_checkpoint), "--max-new-tokens", "8", "--stop", ""]
+    proc = subprocess.Popen([sys.executable, "-m", "tiercache.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and len(out.read_bytes().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    kept = read_answers(out)
+    assert err.replace("\r", "\n").rstrip().splitlines()[-1] == (
+        f"tiercache: interrupted; {len(kept)} answers are in {out}, and this resumes the run: "
+        f"{shlex.join(['tiercache', *argv])}")

@@ -6,12 +6,13 @@ answers are compared with)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
 import torch
 
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, ShapeError, TiercacheError
 from .hf.cache import TieredCache
 from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids
 
@@ -69,9 +70,16 @@ def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_token
     mode, held = cache.prefill, cache.hold_selection
     cache.prefill, cache.hold_selection = "retrieval", hold
     try:
-        return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
-    finally:
+        answer = greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
         cache.truncate(tokens)
+        return answer
+    except BaseException:
+        # Interrupted inside a forward (Ctrl-C), the layers hold different lengths and the cache
+        # refuses the truncation: the interruption is the error to report, not the truncation.
+        with contextlib.suppress(TiercacheError):
+            cache.truncate(tokens)
+        raise
+    finally:
         cache.prefill, cache.hold_selection = mode, held
 
 

@@ -243,8 +243,9 @@ def answer_run(run: Run, store: ContextStore, *, max_new_tokens: int = 32,
     from tqdm import tqdm
 
     report = run.report
-    bar = tqdm(total=run.questions, unit="q", disable=not progress, desc="answering")
-    with open_answers(run.out) as sink:
+    # Closed before an exception (Ctrl-C) leaves, so the bar is not drawn again after its message.
+    with tqdm(total=run.questions, unit="q", disable=not progress, desc="answering") as bar, \
+            open_answers(run.out) as sink:
         for job, questions in run.pending:
             if not questions:
                 continue
@@ -265,7 +266,6 @@ def answer_run(run: Run, store: ContextStore, *, max_new_tokens: int = 32,
                         on_answer(record)
             finally:
                 release_document(cache, report)
-    bar.close()
     report.saved_seconds -= report.prefill_seconds + report.load_seconds
     return report
 

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         append_s = time.perf_counter() - start
         before = session.cache.manager.stats()
         start = time.perf_counter()
-        got = [session.ask(q, max_new_tokens=args.max_new_tokens, stop=args.stop)
-               for q in tqdm(questions, desc="asking tiercache", unit="q")]
+        with tqdm(questions, desc="asking tiercache", unit="q") as bar:  # closed before a Ctrl-C's message
+            got = [session.ask(q, max_new_tokens=args.max_new_tokens, stop=args.stop) for q in bar]
         ask_s = time.perf_counter() - start
         ref = full_attention_answers(model, tok, questions, input_ids=ids, max_new_tokens=args.max_new_tokens,
                                      stop=args.stop, progress=True)
