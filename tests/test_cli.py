@@ -43,7 +43,8 @@ def test_help_and_bad_options_import_neither_torch_nor_transformers():
     code = ("import sys\n"
             "from tiercache.cli import main\n"
             "for argv in (['--help'], ['--version'], ['demo', '--help'], ['demo', '--budget', '-1'],\n"
-            "             ['batch', 'j', '--out', 'o', '--max-tokens', '-5'], ['demo', '--model', '/nowhere']):\n"
+            "             ['batch', 'j', '--out', 'o', '--max-tokens', '-5'],\n"
+            "             ['demo', '--model', '/nowhere']):\n"
             "    try:\n"
             "        main(argv)\n"
             "    except SystemExit:\n"
@@ -261,7 +262,8 @@ def test_ctrl_c_keeps_the_answers_and_prints_the_command_that_resumes(tiny_check
     import tiercache.jobs as jobs
 
     jobs_file, out = tmp_path / "jobs.jsonl", tmp_path / "answers.jsonl"
-    jobs_file.write_text(json.dumps({"document": "The vault code is 58203. " * 4, "questions": ["a", "b", "c"]}))
+    jobs_file.write_text(json.dumps({"document": "The vault code is 58203. " * 4,
+                                     "questions": ["a", "b", "c"]}))
     argv = ["batch", str(jobs_file), "--out", str(out), "--store", str(tmp_path / "store"), "--model",
             str(tiny_checkpoint), "--max-new-tokens", "2", "--quiet"]
     append = jobs.append_answer
@@ -275,8 +277,8 @@ def test_ctrl_c_keeps_the_answers_and_prints_the_command_that_resumes(tiny_check
         assert main(argv) == 130
     err = capsys.readouterr().err
     command = shlex.join(["tiercache", *argv])
-    assert err.rstrip().splitlines()[-1] == (f"tiercache: interrupted; 1 answers are in {out}, and this resumes "
-                                             f"the run: {command}")
+    assert err.rstrip().splitlines()[-1] == (f"tiercache: interrupted; 1 answers are in {out}, and this "
+                                             f"resumes the run: {command}")
     assert "Traceback" not in err
     assert main(shlex.split(command)[1:]) == 0
     assert "answered 2 questions (1 already answered before)" in capsys.readouterr().out

@@ -88,7 +88,8 @@ def needle_parts(tokenizer, length: int, depth: float, seed: int) -> tuple[list[
 
     g = torch.Generator().manual_seed(seed)
     key = "".join(str(d) for d in torch.randint(0, 10, (5,), generator=g).tolist())
-    needle = tokenizer(f"\nThe secret pass key is {key}. Remember it.\n", add_special_tokens=False)["input_ids"]
+    needle = tokenizer(f"\nThe secret pass key is {key}. Remember it.\n",
+                       add_special_tokens=False)["input_ids"]
     question = tokenizer("\nWhat is the secret pass key? The secret pass key is",
                          add_special_tokens=False)["input_ids"]
     hay = text_tokens(tokenizer, length - len(needle) - len(question), offset_tokens=2000 + 997 * (seed % 97))

@@ -22,8 +22,8 @@ def register(commands, model_options: argparse.ArgumentParser) -> None:
     batch.add_argument("--max-tokens", type=positive, default=32768,
                        help="longest document in tokens (default 32768)")
     batch.add_argument("--budget", type=budget, default=1.0,
-                       help="retrieval budget each answer step attends: a fraction of the document (0.5) or a "
-                            "number of tokens (512) (default 1.0)")
+                       help="retrieval budget each answer step attends: a fraction of the document (0.5) "
+                            "or a number of tokens (512) (default 1.0)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on a Ray cluster (pip install 'tiercache[ray]'): at ADDRESS (e.g. auto, "

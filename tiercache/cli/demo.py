@@ -16,7 +16,8 @@ from .options import answer_options, budget, compression, describe_budget, posit
 def register(commands, model_options: argparse.ArgumentParser) -> None:
     """Add the ``demo`` command to ``commands`` (argparse subparsers)."""
     demo = commands.add_parser("demo", help="streaming QA on a model (default: the embedded SmolLM2) vs full "
-                               "attention", description=run.__doc__, parents=[model_options, answer_options(12)])
+                               "attention", description=run.__doc__,
+                               parents=[model_options, answer_options(12)])
     demo.add_argument("--tokens", type=positive, default=1500, help="stream length in tokens (default 1500)")
     demo.add_argument("--chunk-tokens", type=positive, default=128,
                       help="tokens per appended chunk (default 128)")
@@ -24,8 +25,8 @@ def register(commands, model_options: argparse.ArgumentParser) -> None:
                       help="retrieval budget each question step attends: a fraction of the stream (0.5) or a "
                            "number of tokens (512) (default 0.5)")
     demo.add_argument("--store", type=Path, default=None,
-                      help="directory of the saved stream, and of the tiers' disk while the demo runs (default "
-                           "$TIERCACHE_HOME/demo; an earlier demo's store there is replaced)")
+                      help="directory of the saved stream, and of the tiers' disk while the demo runs "
+                           "(default $TIERCACHE_HOME/demo; an earlier demo's store there is replaced)")
     demo.set_defaults(func=run)
 
 
@@ -147,5 +148,5 @@ def _print_tiers(session, before, append_s: float, ask_s: float, tokens: int, ne
     hits = stats.hits["device"] - before.hits["device"]
     say(f"retrieval while asking: {lookups} block reads, device hit rate {hits / max(1, lookups):.2f}, "
         f"{stats.disk_waits - before.disk_waits} waits for the disk")
-    say(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} questions "
-        f"(up to {new_tokens} new tokens each)")
+    say(f"throughput: append {tokens / append_s:.0f} tokens/s; asking {ask_s:.1f} s for {len(FACTS)} "
+        f"questions (up to {new_tokens} new tokens each)")

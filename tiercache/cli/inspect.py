@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
         contexts = json.loads(meta.read_text(encoding="utf-8")).get("contexts", {})
         say(f"context store: {len(contexts)} documents measured at encode")
         for key, info in contexts.items():
+            raw, stored = info["raw_bytes"], info["stored_bytes"]
             say(f"  {key[:16]}  {info['tokens']} tokens, prefill {info['prefill_seconds']:.2f} s, "
-                f"{info['raw_bytes'] / 2**20:.1f} MiB raw -> {info['stored_bytes'] / 2**20:.1f} MiB {info['codec']} "
-                f"({compression(info['raw_bytes'], info['stored_bytes'])}), fingerprint "
-                f"{_describe(info.get('fingerprint'))}")
+                f"{raw / 2**20:.1f} MiB raw -> {stored / 2**20:.1f} MiB {info['codec']} "
+                f"({compression(raw, stored)}), fingerprint {_describe(info.get('fingerprint'))}")
     stores = store_dirs(path)
     if not stores:
         raise StoreError(f"{path} holds no tiercache disk store")
@@ -152,8 +152,8 @@ def _inspect_store(path: Path, model: _Geometry | None) -> None:
             else:
                 blocks += 1
         segments = sorted(path.glob("seg-*"))
-        say(f"disk store {path}: {len(parts)} contexts, {blocks} blocks, {store.used_bytes / 2**20:.2f} MiB live "
-            f"in {len(segments)} segments ({store.disk_bytes / 2**20:.2f} MiB on disk)")
+        say(f"disk store {path}: {len(parts)} contexts, {blocks} blocks, {store.used_bytes / 2**20:.2f} MiB "
+            f"live in {len(segments)} segments ({store.disk_bytes / 2**20:.2f} MiB on disk)")
         for name in store.contexts():
             stored = sum(parts[name])
             size = f"{len(parts[name])} records, {stored / 2**20:.2f} MiB"
@@ -217,8 +217,8 @@ def _inspect_redis(url: str, model: _Geometry | None) -> None:
         for name, m in sorted(live.items()):
             meta = metas[name]
             tokens = f"{meta['tokens']:>7} tokens" if "tokens" in meta else " " * 14
-            raw = (f" ({compression(meta['raw_bytes'], m['bytes'])} of {meta['raw_bytes'] / 2**20:.2f} MiB raw)"
-                   if "raw_bytes" in meta else "")
+            raw = meta.get("raw_bytes")
+            raw = f" ({compression(raw, m['bytes'])} of {raw / 2**20:.2f} MiB raw)" if raw else ""
             say(f"  {name[:16]}  {len(m['parts']):>5} records {m['bytes'] / 2**20:>8.2f} MiB  {tokens}")
             say(f"    fingerprint {(m['fingerprint'] or '-')[:16]}  {hits.get(name, 0)} hits  "
                 f"codec {meta.get('codec', '?')}{raw}")

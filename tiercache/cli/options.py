@@ -77,8 +77,8 @@ def checkpoint(text: str) -> str:
     checked before anything is imported or loaded."""
     path = Path(text)
     if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a directory (a checkpoint saved with save_pretrained, "
-                                         "with its tokenizer beside it)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory (a checkpoint saved with "
+                                         "save_pretrained, with its tokenizer beside it)")
     if not (path / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text!r} holds no config.json: not a checkpoint saved with "
                                          "save_pretrained")
