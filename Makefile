@@ -17,18 +17,26 @@ $(VENV)/.ray-installed: $(BIN)/tiercache
 	$(BIN)/pip install -q -e '.[ray]'
 	touch $@
 
+# A Redis server for the Redis tests and the README's Ray example, linked into the venv: the one on
+# PATH, else Debian's, installed here. (Order-only: a link to an older binary is current.)
+$(BIN)/redis-server: | $(BIN)/tiercache
+	.ci/link-redis-server $(BIN)
+
 .PHONY: install demo test test-all bench
 install: $(BIN)/tiercache
 
 demo: install
 	$(BIN)/tiercache demo
 
-# The default run, then the Ray batch test (slow: two local Ray clusters), which CI runs too.
-test: install $(VENV)/.ray-installed
-	$(BIN)/python -m pytest -q --durations=15
-	$(BIN)/python -m pytest -q -m ray
+# The default run, then the Ray batch test (slow: two local Ray clusters), which CI runs too. The
+# second runs even when the first fails; the target fails if either did.
+test: install $(VENV)/.ray-installed $(BIN)/redis-server
+	status=0; \
+	$(BIN)/python -m pytest -q --durations=15 || status=$$?; \
+	$(BIN)/python -m pytest -q -m ray || status=$$?; \
+	exit $$status
 
-test-all: install $(VENV)/.ray-installed
+test-all: install $(VENV)/.ray-installed $(BIN)/redis-server
 	$(BIN)/python -m pytest -q --durations=15 -m 'not gpu'
 
 bench: install

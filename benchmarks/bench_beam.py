@@ -33,6 +33,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
+from tiercache.spec import kv_bytes_per_token
 
 SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=4096)
@@ -44,11 +45,6 @@ def build() -> LlamaForCausalLM:
     model.generation_config.eos_token_id = None  # every beam runs to max_new_tokens
     model.generation_config.pad_token_id = 0
     return model
-
-
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
 
 
 def watch(cache) -> list[dict]:
@@ -82,7 +78,7 @@ def watch(cache) -> list[dict]:
 
 def run(model, context: int, beams: int, new_tokens: int, budget: float, device_fraction: float) -> list[dict]:
     ids = torch.randint(1, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
-    total = kv_bytes(model, beams * (context + new_tokens))
+    total = kv_bytes_per_token(model) * beams * (context + new_tokens)
     config = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
                         block_tokens=32, dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=budget))
     rows, outputs = [], {}

@@ -35,11 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import needle_parts
 from kv_capture import CapturedKV, attention_output, capture_kv
 
 from tiercache.blocks import BlockLayout
 from tiercache.corpus import reference_text, text_tokens
+from tiercache.evaluation import needle_parts
 from tiercache.io.cachegen import CacheGenCodec
 from tiercache.io.codec import Codec, make_codec
 from tiercache.models import load_default_model

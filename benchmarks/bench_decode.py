@@ -29,6 +29,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig, TierName
 from tiercache.hf.cache import TieredCache
+from tiercache.spec import kv_bytes_per_token
 
 SHAPES = {
     # SmolLM2-135M's attention geometry with fewer layers, so CPU runs stay short.
@@ -45,12 +46,6 @@ def build(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausa
     torch.manual_seed(0)
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 21, rope_theta=500000.0)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-
-
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) \
-        * model.dtype.itemsize * tokens
 
 
 def random_layers(model, tokens: int):
@@ -72,7 +67,7 @@ def make_cache(kind: str, model, context: int, device_fraction: float):
 
         return QuantizedCache(backend="quanto", config=model.config)
     budget = {"tiercache-5%": 0.05, "tiercache-10%": 0.10}[kind]
-    total = kv_bytes(model, context + 64)
+    total = kv_bytes_per_token(model) * (context + 64)
     device = int(total * device_fraction)
     # The host takes the rest, within what this machine has (the config refuses more).
     host = min(total - device + (64 << 20), int(psutil.virtual_memory().available * 0.9))
@@ -108,7 +103,6 @@ def run(kind: str, model, context: int, steps: int, device_fraction: float) -> d
     row = {"kind": kind, "context": context}
     cuda = torch.cuda.is_available()
     try:
-        model.set_attn_implementation("sdpa")
         cache = make_cache(kind, model, context, device_fraction)
         if cuda:
             torch.cuda.reset_peak_memory_stats()

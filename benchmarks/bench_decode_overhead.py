@@ -34,8 +34,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
+from tiercache.spec import kv_bytes_per_token
 from tiercache.opcount import OpCounter
-from tiercache.stream import attention_implementation
 
 SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=4096)
@@ -61,11 +61,6 @@ def build() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
-
-
 def export(cache: DynamicCache) -> torch.Tensor:
     """A DynamicCache's KV as ``(layers, 2, kv_heads, tokens, head_dim)`` (batch 1)."""
     return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
@@ -73,7 +68,7 @@ def export(cache: DynamicCache) -> torch.Tensor:
 
 def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra_tokens: int) -> TieredCache:
     tokens = kv.shape[3] + extra_tokens
-    total = kv_bytes(model, tokens)
+    total = kv_bytes_per_token(model) * tokens
     cfg = TierConfig(device_budget_bytes=int(total * device_fraction) + (1 << 20), host_budget_bytes=2 * total,
                      dtype=torch.float32, device="cpu", retrieval=RetrievalConfig(budget=budget))
     cache = TieredCache(model, cfg)
@@ -122,14 +117,13 @@ def append_throughput(model, tokens: int, chunk: int, device_fraction: float) ->
         if kind == "dynamic":
             cache = DynamicCache(config=model.config)
         else:
-            total = kv_bytes(model, tokens)
+            total = kv_bytes_per_token(model) * tokens
             cfg = TierConfig(device_budget_bytes=int(total * device_fraction), host_budget_bytes=2 * total,
                              dtype=torch.float32, device="cpu")
             cache = TieredCache(model, cfg, prefill="window")
         start = time.perf_counter()
-        with attention_implementation(model, "tiercache" if kind != "dynamic" else "sdpa"):
-            for a in range(0, tokens, chunk):
-                model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True)
+        for a in range(0, tokens, chunk):
+            model(ids[:, a : a + chunk], past_key_values=cache, use_cache=True)
         seconds = time.perf_counter() - start
         rows.append({"kind": kind, "tokens": tokens, "chunk": chunk, "tokens_per_s": tokens / seconds})
         if kind != "dynamic":
@@ -169,12 +163,10 @@ def main() -> None:
             kinds[f"tiercache-{budget:g}"] = Stepper(model, tiered(model, kv, budget, fraction, args.steps + 8), token)
         found = {}
         for kind, stepper in kinds.items():
-            model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
             found[kind] = stepper.counts()
         # One step of each cache in turn, so that a change in the machine's load hits all alike.
         for _ in range(args.steps):
-            for kind, stepper in kinds.items():
-                model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
+            for stepper in kinds.values():
                 stepper.timed()
         for kind, stepper in kinds.items():
             row = {"kind": kind, "context": context, "fits": fits, **found[kind],
@@ -184,7 +176,6 @@ def main() -> None:
                 stepper.cache.close()
             rows.append(row)
             print(row, flush=True)
-        model.set_attn_implementation("sdpa")
         del dyn, kinds
     print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
           f"device {args.device_fraction:.0%} of the KV")

@@ -32,7 +32,6 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -42,28 +41,25 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from common import RESULTS, machine, needle_parts, parse_args, print_table, write_results
+from common import machine, parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
-from tiercache.cli import QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import QA_FACTS, needle_parts, plant_facts, question_text
 from tiercache.models import default_model_dir, load_default_model
-from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
+from tiercache.spec import kv_bytes_per_token
+from tiercache.generation import full_attention_answers
+from tiercache.stream import StreamSession
 
 BUDGETS = (0.05, 0.1, 0.25)
 KVPRESS_PYTHON = Path(__file__).parent / ".venv-kvpress" / "bin" / "python"
 
 
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
-
-
 def tiered(model, tokens: int, budget: float, base: RetrievalConfig) -> TierConfig:
     """``base`` (the library's defaults unless a flag changes them) at ``budget``, tiers sized for
     ``tokens`` (the device 25% of the KV)."""
-    total = kv_bytes(model, tokens)
-    return TierConfig(device_budget_bytes=max(total // 4, kv_bytes(model, 256)), host_budget_bytes=2 * total,
+    total = kv_bytes_per_token(model) * tokens
+    return TierConfig(device_budget_bytes=max(total // 4, kv_bytes_per_token(model) * 256), host_budget_bytes=2 * total,
                       dtype=model.dtype, device="cpu", retrieval=replace(base, budget=budget))
 
 
@@ -71,8 +67,7 @@ def tiered(model, tokens: int, budget: float, base: RetrievalConfig) -> TierConf
 def full_prefill(model, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     """Full attention's cache of ``ids`` and its last logits."""
     cache = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
-        out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
     return cache, out.logits[0, -1]
 
 
@@ -81,17 +76,16 @@ def exported(cache: DynamicCache) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(model, cache, first: torch.Tensor, n: int, attn: str, forced: list[int] | None = None):
+def decode(model, cache, first: torch.Tensor, n: int, forced: list[int] | None = None):
     """``n`` steps after the prompt's last logits ``first``: greedy, or fed ``forced`` (teacher
     forcing). Returns the tokens chosen greedily at each step and the next-token log-probabilities."""
     logps = [F.log_softmax(first.float(), -1)]
     tokens = [int(first.argmax())]
-    with attention_implementation(model, attn):
-        for i in range(n - 1):
-            feed = forced[i] if forced is not None else tokens[-1]
-            out = model(torch.tensor([[feed]]), past_key_values=cache, use_cache=True)
-            logps.append(F.log_softmax(out.logits[0, -1].float(), -1))
-            tokens.append(int(logps[-1].argmax()))
+    for i in range(n - 1):
+        feed = forced[i] if forced is not None else tokens[-1]
+        out = model(torch.tensor([[feed]]), past_key_values=cache, use_cache=True)
+        logps.append(F.log_softmax(out.logits[0, -1].float(), -1))
+        tokens.append(int(logps[-1].argmax()))
     return tokens, logps
 
 
@@ -116,7 +110,7 @@ def needle_cases(tok, lengths: list[int], depths: int) -> list[tuple[list[int], 
 
 def qa_cases(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int], list]]:
     """(stream ids, facts): ``streams`` streams of ``tokens`` tokens of the text, sharing out
-    ``cli.QA_FACTS`` and holding them from 5% to 60% depth."""
+    ``evaluation.QA_FACTS`` and holding them from 5% to 60% depth."""
     out = []
     for stream in range(streams):
         facts = QA_FACTS[stream::streams]
@@ -133,11 +127,11 @@ def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalCon
         n = len(ids)
         ref_cache, first = full_prefill(model, ids)
         kv = exported(ref_cache)
-        reference, ref_logps = decode(model, ref_cache, first, n_tokens, "sdpa")
+        reference, ref_logps = decode(model, ref_cache, first, n_tokens)
         for b in budgets:
             cache = TieredCache(model, tiered(model, n + n_tokens, b, base))
             cache.import_kv(kv)
-            chosen, logps = decode(model, cache, first, n_tokens, "tiercache", forced=reference)
+            chosen, logps = decode(model, cache, first, n_tokens, forced=reference)
             cache.close()
             kl = torch.stack([F.kl_div(lp, r, log_target=True, reduction="sum") for lp, r in zip(logps, ref_logps)])
             rows.append({"case": "agreement", "method": "tiercache", "budget": b, "tokens": n,
@@ -155,12 +149,12 @@ def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig,
         ids = context + question
         ref_cache, first = full_prefill(model, ids)
         kv = exported(ref_cache)
-        full = key_of(tok.decode(decode(model, ref_cache, first, 8, "sdpa")[0]))
+        full = key_of(tok.decode(decode(model, ref_cache, first, 8)[0]))
         full_found[length] += full != ""
         for b in budgets:
             cache = TieredCache(model, tiered(model, len(ids) + 8, b, base))
             cache.import_kv(kv)
-            agree[(length, b)] += key_of(tok.decode(decode(model, cache, first, 8, "tiercache")[0])) == full
+            agree[(length, b)] += key_of(tok.decode(decode(model, cache, first, 8)[0])) == full
             cache.close()
     rows = []
     for (length, b), n in agree.items():

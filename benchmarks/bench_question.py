@@ -58,7 +58,7 @@ from transformers import DynamicCache
 
 from bench_quality import qa_cases
 from common import machine, parse_args, print_table, write_results
-from tiercache.cli import question_text
+from tiercache.evaluation import question_text
 from tiercache.config import RetrievalConfig
 from tiercache.models import load_default_model
 from tiercache.retrieval.selector import Selector

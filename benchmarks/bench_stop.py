@@ -1,6 +1,6 @@
 """Where answers stop: do the default stop strings keep the planted facts, and what do they save?
 
-SmolLM2-135M-Instruct answers each planted-fact question of ``tiercache.cli`` with full
+SmolLM2-135M-Instruct answers each planted-fact question of ``tiercache.evaluation`` with full
 attention (SDPA) over real text (Python's reference docs) holding the facts: the demo's 3
 ``FACTS`` in a 1.5K-token stream, and the 14 ``QA_FACTS`` split over two 4K-token streams as in
 bench_quality.py --qa. Each question is answered with up to ``--max-new-tokens`` tokens under each
@@ -17,11 +17,11 @@ import argparse
 import time
 
 from common import parse_args, print_table, write_results
-from tiercache.cli import FACTS, QA_FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import FACTS, QA_FACTS, plant_facts, question_text
+from tiercache.generation import full_attention_answers
 from tiercache.models import load_default_model
 from tiercache.stopping import DEFAULT_STOP
-from tiercache.stream import full_attention_answers
 
 SETTINGS = {"line break only": "\n", "default (line or sentence end)": DEFAULT_STOP,
             "none (tokens only)": None}

@@ -22,10 +22,12 @@ from transformers import DynamicCache
 
 from common import parse_args, print_table, write_results
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.models import load_default_model
-from tiercache.stream import StreamSession, attention_implementation, full_attention_answers
+from tiercache.spec import kv_bytes_per_token
+from tiercache.generation import full_attention_answers
+from tiercache.stream import StreamSession
 
 
 def theil_sen_slope(ys: list[float]) -> float:
@@ -74,13 +76,11 @@ def main() -> None:
 
     model, tok = load_default_model()
     ids = plant_facts(tok, text_tokens(tok, args.tokens, offset_tokens=1000))
-    c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * len(ids)
+    kv = kv_bytes_per_token(model) * len(ids)
 
     dense = DynamicCache(config=model.config)
-    with attention_implementation(model, "sdpa"):
-        dense_s = timed_chunks(lambda x: model(torch.tensor([x]), past_key_values=dense, use_cache=True), ids,
-                               args.chunk)
+    dense_s = timed_chunks(lambda x: model(torch.tensor([x]), past_key_values=dense, use_cache=True), ids,
+                           args.chunk)
     del dense
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from tiercache.corpus import text_tokens
-
 RESULTS = Path(__file__).parent / "results"
 #: Torch intra-op threads of a benchmark unless ``--threads`` says otherwise. One: on the shared
 #: 2-core machine, SmolLM2's ``generate`` with 2 threads took 1.9x as long as with 1 at load
@@ -74,15 +72,3 @@ def best_of(fn, repeats: int = 5) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def needle_parts(tok, length: int, depth: float, seed: int) -> tuple[list[int], list[int], str]:
-    """A haystack of real prose with a pass-key sentence at ``depth`` (0 to 1), and the question:
-    ``(context ids, question ids, key)``, ``length`` tokens in all."""
-    g = torch.Generator().manual_seed(seed)
-    key = "".join(str(d) for d in torch.randint(0, 10, (5,), generator=g).tolist())
-    needle = tok(f"\nThe secret pass key is {key}. Remember it.\n", add_special_tokens=False)["input_ids"]
-    question = tok("\nWhat is the secret pass key? The secret pass key is", add_special_tokens=False)["input_ids"]
-    hay = text_tokens(tok, length - len(needle) - len(question), offset_tokens=2000 + 997 * (seed % 97))
-    at = int(depth * len(hay))
-    return hay[:at] + needle + hay[at:], question, key

@@ -31,17 +31,25 @@ def fingerprint_for():
     return make
 
 
+def redis_server_binary() -> str | None:
+    """A ``redis-server``: on PATH, else beside this Python (``make test`` links one into
+    .venv/bin); None if there is none."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    return shutil.which("redis-server") or shutil.which("redis-server", path=str(Path(sys.executable).parent))
+
+
 class RedisServer:
-    """A ``redis-server`` process of a test's own on a free loopback port (Debian's package;
-    ``.ci/run`` installs it), with ``options`` (e.g. ``["--maxmemory", "4mb"]``)."""
+    """A ``redis-server`` process of a test's own on a free loopback port (``redis_server_binary``),
+    with ``options`` (e.g. ``["--maxmemory", "4mb"]``)."""
 
     def __init__(self, workdir, options: list[str] = ()) -> None:
-        import shutil
-
-        self.binary = shutil.which("redis-server")
+        self.binary = redis_server_binary()
         if self.binary is None:
-            pytest.fail("redis-server is not installed: the Redis tests start their own server. Install "
-                        "Debian's redis-server (apt-get install redis-server), as .ci/run does")
+            pytest.fail("no redis-server: the Redis tests start their own. `make test` links one into "
+                        ".venv/bin (.ci/link-redis-server), or apt-get install redis-server")
         self.workdir = workdir
         self.options = list(options)
         self.port = _free_port()
@@ -95,8 +103,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def shared_redis(tmp_path_factory):
     """The address (``redis://host:port``, no database) of a Redis server for tests that need no
-    server of their own: the one ``.ci/run`` started ($TIERCACHE_TEST_REDIS), else one started
-    here for the session."""
+    server of their own: $TIERCACHE_TEST_REDIS if set (a server you run), else one started here
+    for the session."""
     import os
 
     if os.environ.get("TIERCACHE_TEST_REDIS"):

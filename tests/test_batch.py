@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from tiercache import RetrievalConfig, TierConfig
-from tiercache.batch import read_jobs, run_batch
-from tiercache.contexts.store import ContextStore, prefill
-from tiercache.cli import FACTS, plant_facts, question_text
-from tiercache.corpus import text_tokens
 from tiercache.contexts.kv import content_key
-from tiercache.stream import ask_cache
+from tiercache.contexts.store import ContextStore, prefill
+from tiercache.corpus import text_tokens
+from tiercache.evaluation import FACTS, plant_facts, question_text
+from tiercache.generation import ask_cache
+from tiercache.jobs import read_jobs, run_batch
+from helpers import kv_bytes, read_answers
 
 pytestmark = pytest.mark.model
 
@@ -27,8 +28,7 @@ NEW_TOKENS = 6
 def qa_config(model, tokens: int = 1024) -> TierConfig:
     """The device holds a quarter of the KV; questions attend the whole document (retrieval at
     partial budgets is measured elsewhere: here the stored KV and the runner are under test)."""
-    c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
+    kv = kv_bytes(model, tokens)
     return TierConfig(device_budget_bytes=kv // 4, host_budget_bytes=2 * kv, block_tokens=32, dtype=torch.float32,
                       device="cpu", retrieval=RetrievalConfig(budget=1.0))
 
@@ -64,7 +64,7 @@ def test_encode_load_round_trip_equals_a_fresh_prefill(smollm2, documents, tmp_p
         "from test_batch import NEW_TOKENS, qa_config\n"
         "from tiercache.contexts.store import ContextStore\n"
         "from tiercache.models import load_default_model\n"
-        "from tiercache.stream import ask_cache\n"
+        "from tiercache.generation import ask_cache\n"
         "model, tok = load_default_model()\n"
         "with ContextStore(sys.argv[1], model, tok, codec='zstd', config=qa_config(model)) as store:\n"
         "    cache = store.load(store.key(sys.argv[2]))\n"
@@ -80,10 +80,6 @@ def test_encode_load_round_trip_equals_a_fresh_prefill(smollm2, documents, tmp_p
 
 def write_jobs(path, lines: list) -> None:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-
-
-def answers(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_interrupted_run_resumes_without_redoing_anything(smollm2, documents, tmp_path):
@@ -102,17 +98,17 @@ def test_interrupted_run_resumes_without_redoing_anything(smollm2, documents, tm
         pass
 
     def stop_after_two(record: dict) -> None:
-        if len(answers(out)) == 2:
+        if len(read_answers(out)) == 2:
             raise Stop
 
     with ContextStore(tmp_path / "store", model, tok, codec="zstd", config=qa_config(model)) as store, pytest.raises(Stop):
         run_batch(jobs, out, store, max_new_tokens=NEW_TOKENS, progress=False, on_answer=stop_after_two)
-    assert len(answers(out)) == 2
+    assert len(read_answers(out)) == 2
     with open(out, "a") as f:  # a crash in the middle of writing the third answer
         f.write('{"line": 2, "question": "\\nWhat is the va')
     with ContextStore(tmp_path / "store", model, tok, codec="zstd", config=qa_config(model)) as store:
         report = run_batch(jobs, out, store, max_new_tokens=NEW_TOKENS, progress=False)
-    got = answers(out)
+    got = read_answers(out)
     pairs = [(r["line"], r["question"]) for r in got]
     assert len(pairs) == len(set(pairs)) == 4, pairs
     assert report.already_answered == 2 and report.answered == 2
@@ -150,7 +146,7 @@ def test_bad_job_lines_are_reported_with_line_numbers_and_skipped(smollm2, docum
     assert "missing.txt" in reasons[4] and "max_tokens=600" in reasons[6]
     err = capsys.readouterr().err
     assert f"{jobs}:6: skipped" in err and f"{jobs}:1: skipped" in err
-    assert [r["line"] for r in answers(out)] == [8]
+    assert [r["line"] for r in read_answers(out)] == [8]
 
 
 def test_sigkilled_batch_command_resumes_to_the_uninterrupted_output(smollm2, tmp_path, capsys):
@@ -207,7 +203,7 @@ def test_sigkilled_batch_command_resumes_to_the_uninterrupted_output(smollm2, tm
     assert ", 0 found stored" not in resumed, f"the documents encoded before the kill must be reused: {resumed}"
     after = out.read_bytes()
     assert after.startswith(kept), "answers written before the kill must stay as they were"
-    got, reference = answers(out), answers(tmp_path / "reference.jsonl")
+    got, reference = read_answers(out), read_answers(tmp_path / "reference.jsonl")
     pairs = [(r["line"], r["question"]) for r in got]
     assert len(pairs) == len(set(pairs)) == 12, "an answer was lost or duplicated"
     assert got == reference, "the resumed output differs from an uninterrupted run's"
@@ -255,12 +251,12 @@ def test_repeated_questions_are_answered_apart_and_keyed_by_job_id(smollm2, tmp_
     with ContextStore(tmp_path / "store", model, tok, codec="zstd", config=qa_config(model)) as store:
         report = run_batch(jobs, out, store, max_new_tokens=1, progress=False)
         assert report.answered == 2
-        got = answers(out)
+        got = read_answers(out)
         keys = [(r["job"], r["index"], r["line"], r["question"]) for r in got]
         assert keys == [("doc-b", 0, 1, q), ("doc-b", 1, 1, q)]
         assert got[0]["answer"] == got[1]["answer"], "one stored KV, one greedy answer"
         write_jobs(jobs, [{"document": "another", "questions": ["Who?"]},  # lines move; the id holds
                           {"id": "doc-b", "document": document, "questions": [q, q]}])
         again = run_batch(jobs, out, store, max_new_tokens=1, progress=False)
-    assert again.already_answered == 2 and again.answered == 1 and len(answers(out)) == 3
-    assert answers(out)[2]["job"] == 1
+    assert again.already_answered == 2 and again.answered == 1 and len(read_answers(out)) == 3
+    assert read_answers(out)[2]["job"] == 1

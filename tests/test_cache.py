@@ -4,7 +4,6 @@ batches, and the errors for unsupported models and mismatched caches."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -13,15 +12,18 @@ from transformers import DynamicCache
 from tiercache import ConfigError, RetrievalConfig, ShapeError, TierConfig, TierName, UnsupportedModelError
 from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
+from helpers import kv_bytes
 
 pytestmark = pytest.mark.model
 
 BLOCK = 32
 
 
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
+@pytest.fixture(autouse=True)
+def keeps_its_own_attention(smollm2):
+    """No test switches the model back: TieredCache's forwards leave it on its own attention."""
+    yield
+    assert smollm2[0].config._attn_implementation == "sdpa"
 
 
 def exact_config(model, tokens: int, device_fraction: float) -> TierConfig:
@@ -59,7 +61,6 @@ def test_logits_match_dynamic_cache(smollm2, tokens, device_fraction):
     ref = run_steps(model, ids, DynamicCache(config=model.config), 4)
     cache = TieredCache(model, exact_config(model, tokens, device_fraction))
     got = run_steps(model, ids, cache, 4)
-    model.set_attn_implementation("sdpa")
     for step, (a, b) in enumerate(zip(got, ref)):
         assert rel_err(a, b) < 1e-4, f"step {step}: relative error {rel_err(a, b):.2e}"
     s = cache.manager.stats()
@@ -77,7 +78,6 @@ def test_generate_runs_with_a_tiered_cache_and_agrees(smollm2):
     ref = model.generate(ids, max_new_tokens=8, do_sample=False)
     cache = TieredCache(model, exact_config(model, 420, 0.3))
     got = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
-    model.set_attn_implementation("sdpa")
     assert torch.equal(got, ref)
     assert cache.get_seq_length() == ids.shape[1] + 7  # the last token is generated, never cached
     cache.close()
@@ -93,7 +93,6 @@ def test_batch_of_two_matches_each_sequence_alone(smollm2):
         alone = run_steps(model, torch.tensor([ids]), TieredCache(model, cfg), 2)
         for x, y in zip(both, alone):
             assert rel_err(x[row], y[0]) < 1e-4
-    model.set_attn_implementation("sdpa")
 
 
 def test_sparse_decode_reads_exactly_its_budget(smollm2):
@@ -108,7 +107,6 @@ def test_sparse_decode_reads_exactly_its_budget(smollm2):
         out = model(ids, past_key_values=cache, use_cache=True)
         before = cache.manager.stats().lookups
         model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-    model.set_attn_implementation("sdpa")
     per_layer = (cache.manager.stats().lookups - before) / model.config.num_hidden_layers
     plan = cache.step.selector.plan(0, n + 1)
     # 10% of 2049 tokens is 204: the open block (1 token) and 6 whole blocks of 32.
@@ -159,7 +157,6 @@ def test_errors(smollm2):
     cache = TieredCache(model, exact_config(model, 256, 1.0))
     with pytest.raises(ShapeError, match="do not match the cache's 3 KV heads"):
         cache.update(torch.zeros(1, 4, 2, 64), torch.zeros(1, 4, 2, 64), 0)
-    model.set_attn_implementation("sdpa")
 
 
 def test_truncate_export_and_import_round_trip(smollm2):
@@ -180,7 +177,6 @@ def test_truncate_export_and_import_round_trip(smollm2):
         fresh.import_kv(kv250)
         after_import = model(ids[:, 250:260], past_key_values=fresh, use_cache=True).logits
         ref = model(ids[:, :260], past_key_values=TieredCache(model, cfg), use_cache=True).logits[:, 250:]
-    model.set_attn_implementation("sdpa")
     assert rel_err(after_truncate, ref) < 1e-4 and rel_err(after_import, ref) < 1e-4
     with pytest.raises(ShapeError, match="already holds tokens"):
         fresh.import_kv(kv250)

@@ -3,7 +3,7 @@ call (``reorder_cache``, ``crop``, ``batch_repeat_interleave``, ``batch_select_i
 ``reset``, ``__len__``, ``__deepcopy__``, ``get_mask_sizes``), the attention implementation that
 stays the model's own outside TieredCache's forwards, the device-room check for the batch that
 arrives, windowed layers, and the families refused. Each against DynamicCache on tiny random
-models (``tiny_models``) with blocks moving between device and host."""
+models (``helpers``) with blocks moving between device and host."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from transformers.masking_utils import create_causal_mask, create_chunked_causal
 from tiercache import ConfigError, ShapeError, UnsupportedModelError
 from tiercache.hf.cache import TieredCache, default_config
 from tiercache.opcount import OpCounter
-from tiny_models import CHUNK, WINDOW, kv_bytes, kv_came_from_host, tiered_config, tiny_model
+from helpers import CHUNK, WINDOW, kv_bytes, kv_came_from_host, tiered_config, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,24 @@ demo, any checkpoint on disk through --model (a tiny random Llama), errors as ex
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tiercache.cli import FACTS, main, plant_facts, question_text
+from tiercache.cli import main
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.io.codec import make_codec
 from tiercache.contexts.kv import save_kv_context
 from tiercache.io.store import DiskStore
+from helpers import read_answers, save_tiny_checkpoint, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["inspect"], ["batch"]])
@@ -26,6 +35,39 @@ def test_help(command, capsys):
         for option in ("--model PATH_OR_DIR", "--device", "--dtype", "--threads", "--max-new-tokens",
                        "--stop"):
             assert option in out
+
+
+def test_help_and_bad_options_import_neither_torch_nor_transformers():
+    """The parser is built without torch (its import takes seconds), so --help and bad options
+    answer at once; the command modules import what they need when they run."""
+    code = ("import sys\n"
+            "from tiercache.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['demo', '--help'], ['demo', '--budget', '-1'],\n"
+            "             ['batch', 'j', '--out', 'o', '--max-tokens', '-5'],\n"
+            "             ['demo', '--model', '/nowhere']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.splitlines()[-1] == "[]", out.stdout
+
+
+def test_the_package_names_resolve_on_first_use():
+    """``import tiercache`` imports no torch; each public name is imported when first used."""
+    import tiercache
+
+    for name in tiercache.__all__:
+        assert getattr(tiercache, name).__name__ == name
+
+
+def test_dtype_choices_are_the_configs_dtypes():
+    from tiercache.cli.options import DTYPE_NAMES
+    from tiercache.config import DTYPES
+
+    assert DTYPE_NAMES == tuple(sorted(DTYPES))
 
 
 def test_version(capsys):
@@ -165,20 +207,137 @@ def test_inspect_says_when_a_context_does_not_fit_a_model(tiny_llama, smollm2, t
     assert main(["inspect", str(tmp_path), "--model", str(tiny_llama)]) == 0
     assert f"loads into {tiny_llama.name}: yes" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path), "--model", str(default_model_dir())]) == 0
+    out = capsys.readouterr().out
+    assert all(len(line) <= 100 for line in out.splitlines()), out
     assert ("loads into SmolLM2-135M-Instruct: no: it holds 2 layers x 2 KV heads x 16 dims, the model has "
-            "30 x 3 x 64") in capsys.readouterr().out
+            "30 x 3 x 64") in " ".join(out.split()), "inspect wraps its lines at 100 columns"
 
 
-def test_bad_model_device_and_options_are_clear_errors(tmp_path, capsys, monkeypatch):
-    assert main(["demo", "--model", str(tmp_path / "missing")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
-    assert main(["batch", "jobs.jsonl", "--out", str(tmp_path / "a"), "--model", str(tmp_path)]) == 2
-    assert "holds no config.json" in capsys.readouterr().err
+#: Bad arguments, each refused by the parser with what it says (before anything loads).
+BAD_ARGUMENTS = {
+    ("demo", "--model", "{tmp}/missing"): "is not a directory",
+    ("batch", "jobs.jsonl", "--out", "a", "--model", "{tmp}"): "holds no config.json",
+    ("demo", "--threads", "0"): "must be >= 1, got 0",
+    ("batch", "j", "--out", "o", "--max-new-tokens", "0"): "must be >= 1, got 0",
+    ("batch", "j", "--out", "o", "--max-tokens", "-5"): "must be >= 1, got -5",
+    ("demo", "--budget", "-1"): "a token count must be >= 1, got -1",
+    ("demo", "--budget", "1.5"): "a fraction must be in (0, 1], got 1.5",
+    ("batch", "j", "--out", "o", "--budget", "half"): "not a fraction or a token count: 'half'",
+    ("demo", "--dtype", "int8"): "invalid choice: 'int8'",
+    ("batch", "j", "--out", "o", "--codec", "gzip"): "invalid choice: 'gzip'",
+}
+
+
+@pytest.mark.parametrize("argv", list(BAD_ARGUMENTS))
+def test_bad_arguments_are_refused_by_the_parser(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert exit.value.code == 2
+    assert BAD_ARGUMENTS[argv] in capsys.readouterr().err
+
+
+def test_budget_help_says_it_takes_a_fraction_or_a_token_count(capsys):
+    for command in ("demo", "batch"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "a fraction of the" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_device_this_machine_lacks_is_refused_in_the_options_terms(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["demo", "--device", "cuda", "--store", str(tmp_path / "s")]) == 2
-    assert "device 'cuda' is not available" in capsys.readouterr().err
-    for argv in (["demo", "--threads", "0"], ["batch", "j", "--out", "o", "--max-new-tokens", "0"],
-                 ["demo", "--dtype", "int8"]):
-        with pytest.raises(SystemExit) as exit:
-            main(argv)
-        assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "tiercache: error: --device 'cuda' is not available" in err
+    assert "use --device cpu, or leave --device out" in err and "device='cpu'" not in err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama saved with a tokenizer built here."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", "llama", tiny_tokenizer())
+
+
+def test_ctrl_c_keeps_the_answers_and_prints_the_command_that_resumes(tiny_checkpoint, tmp_path, capsys,
+                                                                     monkeypatch):
+    import tiercache.jobs as jobs
+
+    jobs_file, out = tmp_path / "jobs.jsonl", tmp_path / "answers.jsonl"
+    jobs_file.write_text(json.dumps({"document": "The vault code is 58203. " * 4,
+                                     "questions": ["a", "b", "c"]}))
+    argv = ["batch", str(jobs_file), "--out", str(out), "--store", str(tmp_path / "store"), "--model",
+            str(tiny_checkpoint), "--max-new-tokens", "2", "--quiet"]
+    append = jobs.append_answer
+
+    def interrupted_after_it(sink, record):
+        append(sink, record)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(jobs, "append_answer", interrupted_after_it)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    command = shlex.join(["tiercache", *argv])
+    assert err.rstrip().splitlines()[-1] == (f"tiercache: interrupted; 1 answers are in {out}, and this "
+                                             f"resumes the run: {command}")
+    assert "Traceback" not in err
+    assert main(shlex.split(command)[1:]) == 0
+    assert "answered 2 questions (1 already answered before)" in capsys.readouterr().out
+    # With every question answered, no model loads (nor does a Ray cluster start).
+    monkeypatch.setattr("tiercache.cli.options.load", lambda args: pytest.fail("a model was loaded"))
+    for extra in ([], ["--ray"]):
+        assert main(argv + extra) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            "answered 0 questions (3 already answered before); 0 bad job lines skipped",
+            "nothing left to answer: no model was loaded"]
+
+
+def test_ctrl_c_inside_a_forward_is_reported_as_the_interruption(tiny_checkpoint):
+    """A KeyboardInterrupt between two layers of a forward leaves the layers at different lengths;
+    ask_cache cannot truncate the question away then, and must not hide the interruption behind
+    that refusal."""
+    from tiercache.generation import ask_cache
+    from tiercache.hf.cache import TieredCache
+    from tiercache.models import load_model
+    from helpers import tiered_config
+
+    model, tok = load_model(tiny_checkpoint)
+    cache = TieredCache(model, tiered_config(model))
+    with torch.no_grad():
+        model(torch.tensor([tok("The vault code is 58203. " * 3)["input_ids"]]), past_key_values=cache)
+    calls = []
+
+    def interrupt_in_the_second_forward(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    model.model.layers[1].register_forward_pre_hook(interrupt_in_the_second_forward)
+    with pytest.raises(KeyboardInterrupt):
+        ask_cache(model, tok, cache, "The vault code is", max_new_tokens=4, stop=None)
+    cache.close()
+
+
+def test_ctrl_c_on_a_running_batch_command(tiny_checkpoint, tmp_path):
+    """SIGINT to the command itself, while it answers: exit code 130, the answers written so far
+    kept whole, and the last line of stderr the one-line message with the command that resumes."""
+    import signal
+    import time
+
+    jobs_file, out = tmp_path / "jobs.jsonl", tmp_path / "answers.jsonl"
+    jobs_file.write_text(json.dumps({"document": "The vault code is 58203. " * 20,
+                                     "questions": [f"question {i}" for i in range(2000)]}))
+    argv = ["batch", str(jobs_file), "--out", str(out), "--store", str(tmp_path / "store"), "--model",
+            str(tiny_checkpoint), "--max-new-tokens", "8", "--stop", ""]
+    proc = subprocess.Popen([sys.executable, "-m", "tiercache.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and len(out.read_bytes().splitlines()) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    kept = read_answers(out)
+    assert err.replace("\r", "\n").rstrip().splitlines()[-1] == (
+        f"tiercache: interrupted; {len(kept)} answers are in {out}, and this resumes the run: "
+        f"{shlex.join(['tiercache', *argv])}")

@@ -13,6 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
+from helpers import kv_bytes
 
 LAYERS, BLOCK = 8, 32
 
@@ -25,9 +26,11 @@ def model():
     return LlamaForCausalLM(cfg).eval()
 
 
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
+@pytest.fixture(autouse=True)
+def keeps_its_own_attention(model):
+    """No test switches the model back: TieredCache's forwards leave it on its own attention."""
+    yield
+    assert model.config._attn_implementation == "sdpa"
 
 
 def config(model, tokens: int, budget: float, device_fraction: float = 0.25, block: int = BLOCK,
@@ -59,7 +62,6 @@ def test_decode_steps_never_sync_with_the_host(model, budget, index):
     the device in groups."""
     cache = TieredCache(model, config(model, 2048 + BLOCK + 1, budget, index=index))
     counters = decode_counts(model, cache, 2048, BLOCK + 1)
-    model.set_attn_implementation("sdpa")
     syncs = [c.syncs for c in counters]
     assert syncs == [0] * len(syncs), [dict(c.sync_ops) for c in counters if c.syncs]
     stats = cache.manager.stats()
@@ -105,7 +107,6 @@ def test_one_layers_decode_attention_compiles_without_graph_breaks(model):
             model(token, past_key_values=cache, use_cache=True)
         finally:
             TieredCache.attend = original
-    model.set_attn_implementation("sdpa")
 
     def layer_step(query, keys, values):
         return cache.step.attend(0, query, keys, values, None, inputs["scaling"])
@@ -134,10 +135,8 @@ def test_a_padded_batch_matches_dynamic_cache(model, padding_side, index):
         mask[row, span] = 1
     cfg = config(model, 3 * 140, 1.0, device_fraction=0.7, index=index)  # 9 slots a layer: blocks still move
     with torch.no_grad():
-        model.set_attn_implementation("sdpa")
         ref = model(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config)).logits
         got = model(ids, attention_mask=mask, past_key_values=TieredCache(model, cfg)).logits
-    model.set_attn_implementation("sdpa")
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-4, rtol=1e-4)
     if padding_side == "left":
@@ -145,7 +144,6 @@ def test_a_padded_batch_matches_dynamic_cache(model, padding_side, index):
         cache = TieredCache(model, cfg)
         got_tokens = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12,
                                     do_sample=False, pad_token_id=0)
-        model.set_attn_implementation("sdpa")
         assert torch.equal(got_tokens, ref_tokens)
         stats = cache.manager.stats()
         assert (stats.tokens_from_host if index == "tokens" else stats.device_misses) > 0

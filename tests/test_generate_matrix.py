@@ -1,5 +1,5 @@
 """The compatibility matrix: every supported family x every ``generate`` mode, TieredCache against
-DynamicCache on the same tiny random model and inputs (``tiny_models``), at full retrieval budget,
+DynamicCache on the same tiny random model and inputs (``helpers``), at full retrieval budget,
 with a device that holds a few blocks per row, so blocks move between device and host in every
 cell.
 
@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from tiercache.hf.cache import ATTN_NAME, TieredCache
-from tiny_models import FAMILIES, kv_came_from_host, tiered_config, tiny_model
+from helpers import FAMILIES, kv_came_from_host, tiered_config, tiny_model
 
 MODES = ("greedy", "sampling", "return_sequences", "beam", "padded", "multi_turn", "prompt_lookup", "assisted",
          "embeds", "scores")

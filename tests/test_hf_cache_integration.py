@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from tiercache.hf.cache import TieredCache
-from tiny_models import kv_came_from_host, tiered_config
+from helpers import kv_came_from_host, tiered_config
 
 pytestmark = pytest.mark.model
 

@@ -21,7 +21,7 @@ LAYERS = {
     "tiercache.tiers": 3, "tiercache.retrieval": 3,
     "tiercache.decode": 4,
     "tiercache.hf": 5, "tiercache.contexts": 5,
-    "tiercache.generation": 6, "tiercache.stream": 6, "tiercache.jobs": 6, "tiercache.batch": 6,
+    "tiercache.generation": 6, "tiercache.stream": 6, "tiercache.jobs": 6,
     "tiercache.distributed": 6, "tiercache.evaluation": 6, "tiercache.corpus": 6, "tiercache.stopping": 6,
     "tiercache.models": 6, "tiercache.video": 6,
     "tiercache.cli": 7,

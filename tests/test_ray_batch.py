@@ -20,15 +20,12 @@ import torch
 
 from tiercache.cli import main
 from tiercache.corpus import text_tokens
+from helpers import read_answers
 
 pytestmark = [pytest.mark.model, pytest.mark.slow, pytest.mark.ray]
 
 QUESTIONS = ["\nQuestion: what is this text about? Answer:", "\nThe first word of the text is",
              "\nIn one word, the topic is"]
-
-
-def answers(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_ray_batch_resumes_after_the_driver_is_killed_and_equals_one_process(smollm2, redis_url, tmp_path,
@@ -80,7 +77,7 @@ def test_ray_batch_resumes_after_the_driver_is_killed_and_equals_one_process(smo
     assert all(": 1 model load(s)," in w for w in workers), "each worker loads the model once"
     after = out.read_bytes()
     assert after.startswith(kept), "answers written before the kill stay as they were"
-    got = answers(out)
+    got = read_answers(out)
     assert len({(r["job"], r["index"]) for r in got}) == len(got) == 12, "each answer written exactly once"
     stats = redis.Redis.from_url(redis_url).hgetall("tiercache:stats")
     assert int(stats[b"saves"]) == 4, "each document stored once, over the cluster and both runs"
@@ -94,5 +91,5 @@ def test_ray_batch_resumes_after_the_driver_is_killed_and_equals_one_process(smo
     finally:
         torch.set_num_threads(threads)
     assert "documents: 4 encoded" in capsys.readouterr().out
-    by_key = {(r["job"], r["index"]): r["answer"] for r in answers(single)}
+    by_key = {(r["job"], r["index"]): r["answer"] for r in read_answers(single)}
     assert {(r["job"], r["index"]): r["answer"] for r in got} == by_key, "Ray answers as one process does"

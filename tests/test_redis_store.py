@@ -238,10 +238,10 @@ def test_a_context_store_on_redis_reencodes_an_evicted_context_and_inspect_shows
     import json
 
     from tiercache import RetrievalConfig, TierConfig
-    from tiercache.batch import run_batch
     from tiercache.contexts.store import ContextStore
+    from tiercache.jobs import run_batch
     from tiercache.cli import main
-    from tiercache.stream import ask_cache
+    from tiercache.generation import ask_cache
 
     model, tok = smollm2
     document = "The vault code is 58203. The lamp turned slowly while the ship sailed on. " * 4

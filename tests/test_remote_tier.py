@@ -100,7 +100,7 @@ def test_remote_settings_are_checked():
 def test_a_model_answers_the_same_with_a_remote_tier(smollm2, redis_url, tmp_path):
     from tiercache.hf.cache import TieredCache
     from tiercache.corpus import text_tokens
-    from tiercache.stream import greedy_answer
+    from tiercache.generation import greedy_answer
 
     model, tok = smollm2
     ids = text_tokens(tok, 400, offset_tokens=3000)

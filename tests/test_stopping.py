@@ -13,7 +13,7 @@ import torch
 
 from tiercache.errors import ConfigError
 from tiercache.stopping import DEFAULT_STOP, cut_at_stop, end_of_turn_ids, stop_token_ids
-from tiercache.stream import greedy_answer
+from tiercache.generation import greedy_answer
 
 pytestmark = pytest.mark.model
 

@@ -15,20 +15,17 @@ import pytest
 import torch
 
 from tiercache import ConfigError, RetrievalConfig, ShapeError, StoreError, TierConfig
-from tiercache.cli import FACTS, plant_facts, question_text
 from tiercache.corpus import text_tokens
-from tiercache.stream import StreamSession, full_attention_answers
+from tiercache.evaluation import FACTS, plant_facts, question_text
+from tiercache.generation import full_attention_answers
+from tiercache.stream import StreamSession
+from helpers import kv_bytes
 
 pytestmark = pytest.mark.model
 
 TEXT_TOKENS = 1024
 CHUNK = 128
 BLOCK = 32
-
-
-def kv_bytes(model, tokens: int) -> int:
-    c = model.config
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
 
 
 def stream_config(model, tokens: int, disk_path: Path) -> TierConfig:

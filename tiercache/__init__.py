@@ -3,13 +3,11 @@
 Hot KV blocks live on the compute device, warm ones in (pinned) host memory, cold ones on disk;
 block retrieval picks, at each decode step, the blocks the attention must read.
 
-Configuration, block geometry and errors load with the package; everything else loads on first
-use (``tiercache.TieredCache`` needs transformers, the ``hf`` extra), so importing a small part
-of tiercache does not import all of it.
+Errors load with the package; everything else loads on first use (it needs torch, and
+``tiercache.TieredCache`` transformers, the ``hf`` extra), so that importing a small part of
+tiercache, or running ``tiercache --help``, does not import all of it.
 """
 
-from .blocks import BlockKey, BlockLayout, TierName
-from .config import RetrievalConfig, TierConfig
 from .errors import (
     BlockNotFoundError,
     CapacityError,
@@ -25,9 +23,15 @@ from .errors import (
 
 __version__ = "0.1.0"
 
-#: Names imported on first use, and their modules.
-_LAZY = {"TierManager": "tiers.manager", "TierStats": "tiers.manager", "TieredCache": "hf.cache",
-         "wrap": "hf.cache", "StreamSession": "stream", "ContextStore": "contexts.store"}
+# Everything else needs torch (and TieredCache, StreamSession and ContextStore transformers): each
+# is imported on first use, so that `import tiercache` (and `tiercache --help`) stays instant.
+_LAZY = {
+    "BlockKey": "blocks", "BlockLayout": "blocks", "TierName": "blocks",
+    "RetrievalConfig": "config", "TierConfig": "config",
+    "TierManager": "tiers.manager", "TierStats": "tiers.manager",
+    "TieredCache": "hf.cache", "wrap": "hf.cache",
+    "StreamSession": "stream", "ContextStore": "contexts.store",
+}
 
 
 def __getattr__(name: str):

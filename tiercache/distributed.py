@@ -1,6 +1,6 @@
 """Batch jobs on a Ray cluster (``tiercache batch jobs.jsonl --out answers.jsonl --store
 redis://host:port/db --ray [ADDRESS]``): the same jobs, answers and resumption as
-``batch.run_batch``, answered by ``workers`` Ray actors sharing one Redis context tier.
+``jobs.run_batch``, answered by ``workers`` Ray actors sharing one Redis context tier.
 
 - The driver reads the jobs file and the answers file (bad lines are reported with their
   numbers and skipped; answered questions are skipped), groups the pending questions by
@@ -27,9 +27,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .batch import (
+from .contexts.store import ContextStore
+from .errors import ConfigError, TiercacheError
+from .io.redis_store import REDIS_SCHEMES
+from .jobs import (
     BatchReport,
     Pending,
+    Run,
     answer_questions,
     append_answer,
     open_answers,
@@ -37,9 +41,6 @@ from .batch import (
     release_document,
     start_run,
 )
-from .contexts.store import ContextStore
-from .errors import ConfigError, TiercacheError
-from .io.redis_store import REDIS_SCHEMES
 from .stopping import DEFAULT_STOP
 
 #: Counters of ``BatchReport`` that workers add up.
@@ -51,7 +52,8 @@ _SUMMED = ("answered", "encoded", "reused", "prefill_seconds", "load_seconds", "
 class WorkerSettings:
     """How each worker loads its model and opens the shared store: checkpoint directory
     (``None``: the default model), dtype name, torch device, torch threads, the store's Redis
-    address and its codec, the longest document (tokens) and the retrieval budget."""
+    address and its codec, the longest document (tokens), the retrieval budget and the attention
+    implementation (``None``: transformers' choice for the family)."""
 
     store: str
     model: str | None = None
@@ -60,7 +62,8 @@ class WorkerSettings:
     threads: int = 1
     codec: str = "cachegen"
     max_tokens: int = 32768
-    budget: float = 1.0
+    budget: float | int = 1.0
+    attn: str | None = None
 
 
 class BatchWorker:
@@ -73,7 +76,8 @@ class BatchWorker:
         from .models import load_model
 
         torch.set_num_threads(settings.threads)
-        model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device)
+        model, tokenizer = load_model(settings.model, dtype=DTYPES[settings.dtype], device=settings.device,
+                                      attn_implementation=settings.attn)
         self.store = ContextStore(settings.store, model, tokenizer, codec=settings.codec,
                                   max_tokens=settings.max_tokens,
                                   retrieval=RetrievalConfig(budget=settings.budget))
@@ -114,12 +118,21 @@ def group_by_document(pending: Pending) -> list[Pending]:
 def run_batch_ray(jobs_path: str | os.PathLike, out_path: str | os.PathLike, settings: WorkerSettings, *,
                   address: str | None = None, workers: int = 2, max_new_tokens: int = 32,
                   stop: str | Sequence[str] | None = DEFAULT_STOP, progress: bool = True) -> BatchReport:
-    """``batch.run_batch`` on Ray: ``workers`` actors (one CPU each, and one GPU each when
+    """``jobs.run_batch`` on Ray: ``workers`` actors (one CPU each, and one GPU each when
     ``settings.device`` is CUDA) on the cluster at ``address`` (``None``: a local cluster of
     ``workers`` CPUs, started and stopped here). ``settings.store`` must be a Redis address, the
     tier every worker shares. Returns the run's report; ``BatchReport.workers`` lists each
     actor's process and counters. ``ConfigError`` if Ray is not installed, the store is not
     shared, or the answers file cannot be written."""
+    return answer_run_ray(start_run(jobs_path, out_path), settings, address=address, workers=workers,
+                          max_new_tokens=max_new_tokens, stop=stop, progress=progress)
+
+
+def answer_run_ray(run: Run, settings: WorkerSettings, *, address: str | None = None, workers: int = 2,
+                   max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
+                   progress: bool = True) -> BatchReport:
+    """Answer what ``run`` (``jobs.start_run``'s) has left, as ``run_batch_ray`` does. With
+    nothing left, no cluster starts and no worker loads a model."""
     from tqdm import tqdm
 
     if not str(settings.store).startswith(REDIS_SCHEMES):
@@ -127,12 +140,14 @@ def run_batch_ray(jobs_path: str | os.PathLike, out_path: str | os.PathLike, set
                           f"not {settings.store!r}")
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    report = run.report
+    groups = group_by_document(run.pending)
+    if not groups:
+        return report
     try:
         import ray
     except ImportError as exc:
         raise ConfigError(f"--ray needs Ray: pip install 'tiercache[ray]' ({exc})") from None
-    out, pending, report = start_run(jobs_path, out_path)
-    groups = group_by_document(pending)
     package = str(Path(__file__).resolve().parent)
     runtime_env = {"py_modules": [package], "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address is None:
@@ -142,10 +157,10 @@ def run_batch_ray(jobs_path: str | os.PathLike, out_path: str | os.PathLike, set
     try:
         gpus = 1 if settings.device is not None and str(settings.device).startswith("cuda") else 0
         actor = ray.remote(num_cpus=1, num_gpus=gpus)(BatchWorker)
-        actors = [actor.remote(settings) for _ in range(min(workers, max(1, len(groups))))]
-        with open_answers(out) as sink, tqdm(total=sum(len(q) for g in groups for _, q in g), unit="q",
-                                             disable=not progress, desc="answering") as bar:
-            _drive(ray, actors, groups, sink, report, bar, jobs_path, max_new_tokens, stop)
+        actors = [actor.remote(settings) for _ in range(min(workers, len(groups)))]
+        with open_answers(run.out) as sink, tqdm(total=run.questions, unit="q", disable=not progress,
+                                                 desc="answering") as bar:
+            _drive(ray, actors, groups, sink, report, bar, run.jobs_path, max_new_tokens, stop)
         summaries = ray.get([a.summary.remote() for a in actors])
     finally:
         ray.shutdown()
@@ -199,4 +214,4 @@ def _skip(report: BatchReport, bar, jobs_path, group: Pending, reason: str, writ
         bar.update(sum(1 for i, _ in questions if (job.id, i) not in written))
 
 
-__all__ = ["BatchWorker", "WorkerSettings", "group_by_document", "run_batch_ray"]
+__all__ = ["BatchWorker", "WorkerSettings", "answer_run_ray", "group_by_document", "run_batch_ray"]

@@ -135,13 +135,6 @@ def storage_fingerprint(model: ModelFingerprint, layers: int, layout: BlockLayou
                        layout.block_tokens, codec.name, dict(codec.params()), VERSION)
 
 
-def kv_shape(config) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a transformers model config."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -76,11 +76,13 @@ def default_model_dir() -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device | None = "cpu", attn_implementation: str = "sdpa"):
+               device: str | torch.device | None = "cpu", attn_implementation: str | None = None):
     """Load a transformers causal LM checkpoint and its tokenizer from the directory ``path``
     (what ``save_pretrained`` of a model and of its tokenizer wrote; nothing is fetched from a
     hub), or the default model when ``path`` is None; returns ``(model, tokenizer)`` in eval
-    mode on ``device`` (``None``: CUDA when present, else the CPU). ``ConfigError`` if the
+    mode on ``device`` (``None``: CUDA when present, else the CPU), on attention implementation
+    ``attn_implementation`` (``None``: transformers' choice for the family, SDPA where the family
+    has it, else eager: Gemma 2's soft-capped scores). ``ConfigError`` if the
     directory does not hold a loadable checkpoint and tokenizer; whether tiercache supports the
     architecture is checked when a cache is built (``UnsupportedModelError``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

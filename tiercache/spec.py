@@ -1,9 +1,9 @@
 """``ModelSpec``: a model's KV geometry and how each of its layers attends, as plain data.
 
-Everything that sizes KV (budgets, records, fingerprints, the CLI's and benchmarks' figures) reads
-it from here: ``kv_geometry`` reads a transformers config's attributes (no transformers import),
-``ModelSpec.kv_bytes_per_token`` gives the bytes one token's keys and values take over every
-layer. ``tiercache.hf.families.model_spec`` builds a ``ModelSpec`` for a model it supports.
+Everything that sizes KV (budgets, records, fingerprints, the CLI's, tests' and benchmarks'
+figures) reads it from here: ``kv_geometry`` reads a transformers config's attributes (no
+transformers import), ``ModelSpec.kv_bytes_per_token`` / ``kv_bytes_per_token(model)`` give the
+bytes one token's keys and values take over every layer. ``tiercache.hf.families.model_spec`` builds a ``ModelSpec`` for a model it supports.
 """
 
 from __future__ import annotations
@@ -60,3 +60,9 @@ def config_spec(config) -> ModelSpec:
     information (what stored KV and its fingerprint need; ``hf.families.model_spec`` adds the rest
     for a model it supports)."""
     return ModelSpec(str(getattr(config, "model_type", "")), *kv_geometry(config))
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token takes over every layer of ``model`` (a transformers
+    model: its config's geometry, its dtype)."""
+    return config_spec(model.config).kv_bytes_per_token(model.dtype)

@@ -4,7 +4,7 @@ chunk, ask questions at any time, persist the stream and reopen it in another pr
 - **Append.** Each chunk attends the attention sinks and the recent window only (``TieredCache``
   with ``prefill="window"``), so the work per chunk does not grow with the stream; every chunk's
   KV goes into the tiers and cascades down to host and disk as their budgets fill.
-- **Ask.** A question is prefilled with ``prefill="retrieval"`` (its queries pick the relevant
+- **Ask** (``generation.ask_cache``). A question is prefilled with ``prefill="retrieval"`` (its queries pick the relevant
   units of the whole stream), answered greedily with retrieval at every decode step (or from the
   question's selection: ``hold=True``), and then truncated away, so the stream is untouched and never
   re-encoded.
@@ -17,138 +17,30 @@ chunk, ask questions at any time, persist the stream and reopen it in another pr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from .hf.cache import ATTN_NAME, TieredCache
+from .hf.cache import TieredCache
 from .config import RetrievalConfig, TierConfig
 from .blocks import BlockLayout
 from .errors import ConfigError, FingerprintError, ShapeError, StoreError
 from .fingerprint import Fingerprint, model_fingerprint, model_id, storage_fingerprint
 from .contexts.kv import CHUNK_TOKENS, load_kv_context, save_kv_context
+from .generation import ask_cache
 from .io.codec import make_codec
 from .io.jsonfile import write_json_atomic
 from .io.store import DiskStore
-from .stopping import DEFAULT_STOP, cut_at_stop, stop_strings, stop_token_ids
+from .stopping import DEFAULT_STOP
 
 MANIFEST_NAME = "stream.json"
 SAVED_DIR = "saved"
 _FORMAT = "tiercache-stream"
 _VERSION = 2  # 2: the manifest holds the KV's fingerprint
-
-
-@contextlib.contextmanager
-def attention_implementation(model, name: str) -> Iterator[None]:
-    """Run the block with ``model`` switched to attention implementation ``name``, then restore
-    the previous one (several sessions and references may share one model)."""
-    previous = model.config._attn_implementation
-    if previous != name:
-        model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        if previous != name:
-            model.set_attn_implementation(previous)
-
-
-@torch.no_grad()
-def greedy_answer(model, tokenizer, cache, question_ids: Sequence[int], max_new_tokens: int = 32,
-                  stop: str | Sequence[str] | None = DEFAULT_STOP) -> str:
-    """Feed ``question_ids`` after what ``cache`` holds and decode greedily, as ``generate``
-    does: the answer ends at an end-of-sequence or end-of-turn token (``stopping.stop_token_ids``),
-    with the first of the ``stop`` strings after its leading whitespace (kept, as ``generate``
-    keeps it; default ``stopping.DEFAULT_STOP``: the first line or sentence; ``None``: none), or
-    after ``max_new_tokens`` tokens. Returns the answer stripped of surrounding whitespace;
-    leaves the question and answer in ``cache``."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    stops = stop_strings(stop)
-    end_ids = stop_token_ids(model, tokenizer)
-    device = next(model.parameters()).device
-    out = model(torch.tensor([list(question_ids)], device=device), past_key_values=cache, use_cache=True)
-    generated: list[int] = []
-    for step in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
-        if token in end_ids:
-            break
-        generated.append(token)
-        answer = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), stops)
-        if answer is not None:
-            return answer
-        if step + 1 < max_new_tokens:
-            out = model(torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
-    return tokenizer.decode(generated, skip_special_tokens=True).strip()
-
-
-def question_ids(tokenizer, question: str) -> list[int]:
-    """Token ids of ``question`` (no special tokens); ``ShapeError`` if it is empty."""
-    if not isinstance(question, str) or not question.strip():
-        raise ShapeError(f"a question must be a non-empty str, got {question!r:.80}")
-    return tokenizer(question, add_special_tokens=False)["input_ids"]
-
-
-def ask_cache(model, tokenizer, cache: TieredCache, question: str, max_new_tokens: int = 32,
-              stop: str | Sequence[str] | None = DEFAULT_STOP, hold: bool = False) -> str:
-    """Answer ``question`` over the context ``cache`` holds and truncate the question and answer
-    away again. The question is prefilled with ``prefill="retrieval"``: all its query positions
-    score the units of the whole context together and each layer attends sink + window + the top
-    units. With ``hold`` (ReKV) the answer's decode steps attend that same selection (plus sink and
-    the recent window, which holds the question and answer); without, every decode step selects
-    anew from its own query. See ``greedy_answer`` for ``max_new_tokens`` and ``stop``.
-    ``ShapeError`` if the cache holds no context yet."""
-    ids = question_ids(tokenizer, question)
-    tokens = cache.get_seq_length()
-    if tokens == 0:
-        raise ShapeError("nothing to answer from: the context is empty (append to the stream, or load a "
-                         "stored context, before asking)")
-    mode, held = cache.prefill, cache.hold_selection
-    cache.prefill, cache.hold_selection = "retrieval", hold
-    try:
-        with attention_implementation(model, ATTN_NAME):
-            return greedy_answer(model, tokenizer, cache, ids, max_new_tokens, stop)
-    finally:
-        cache.truncate(tokens)
-        cache.prefill, cache.hold_selection = mode, held
-
-
-@torch.no_grad()
-def full_attention_answers(model, tokenizer, questions: Sequence[str], *,
-                           input_ids: Sequence[int] | None = None, inputs_embeds: torch.Tensor | None = None,
-                           max_new_tokens: int = 32, stop: str | Sequence[str] | None = DEFAULT_STOP,
-                           progress: bool = False) -> list[str]:
-    """The reference: each of ``questions`` answered with plain SDPA attention over the whole
-    context (``input_ids``, or ``inputs_embeds`` of shape ``(tokens, hidden)``) in a
-    ``DynamicCache``, prefilled once and cropped back to the context after each answer.
-    ``progress``: a progress bar on stderr (the first step includes the prefill). See
-    ``greedy_answer`` for ``max_new_tokens`` and ``stop``."""
-    from tqdm import tqdm
-    from transformers import DynamicCache
-
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ShapeError("full_attention_answers takes exactly one of input_ids and inputs_embeds")
-    ids = [question_ids(tokenizer, q) for q in questions]
-    device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
-    answers = []
-    with attention_implementation(model, "sdpa"), tqdm(total=len(ids), desc="full attention", unit="q",
-                                                         disable=not progress) as bar:
-        if input_ids is not None:
-            model(torch.tensor([list(input_ids)], device=device), past_key_values=cache, use_cache=True)
-        else:
-            model(inputs_embeds=inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]).to(device, model.dtype),
-                  past_key_values=cache, use_cache=True)
-        context = cache.get_seq_length()
-        for q in ids:
-            answers.append(greedy_answer(model, tokenizer, cache, q, max_new_tokens, stop))
-            cache.crop(context - cache.get_seq_length())  # transformers 5 crops by a negative count
-            bar.update(1)
-    return answers
 
 
 class StreamSession:
@@ -188,7 +80,7 @@ class StreamSession:
         it first, so that the choice of special tokens stays the caller's."""
         ids, embeds = self._check_input(input_ids, inputs_embeds)
         n = (ids if ids is not None else embeds).shape[1]
-        with attention_implementation(self.model, ATTN_NAME), torch.no_grad():
+        with torch.no_grad():  # TieredCache's forwards switch the model to its attention themselves
             for a in range(0, n, self.chunk_tokens):
                 if ids is not None:
                     self.model(input_ids=ids[:, a : a + self.chunk_tokens], past_key_values=self.cache, use_cache=True)
@@ -201,7 +93,7 @@ class StreamSession:
             hold: bool = False) -> str:
         """Answer ``question`` (text appended after the stream verbatim: end it with a cue such as
         "Answer:") from blocks retrieved over the whole stream; the stream is left as it was.
-        The answer ends as ``greedy_answer`` says: at an end-of-sequence or end-of-turn token, the
+        The answer ends as ``generation.greedy_answer`` says: at an end-of-sequence or end-of-turn token, the
         first ``stop`` string (default: the first line or sentence) or ``max_new_tokens`` tokens.
         ``hold``: the answer's decode steps keep the question's selection (see ``ask_cache``).
         ``ShapeError`` on an empty stream."""

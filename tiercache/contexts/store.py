@@ -22,9 +22,10 @@ import torch
 from ..blocks import BlockLayout
 from ..config import RetrievalConfig, TierConfig
 from ..errors import ConfigError, ShapeError
-from ..fingerprint import kv_shape, model_fingerprint, model_id, storage_fingerprint
+from ..fingerprint import model_fingerprint, model_id, storage_fingerprint
 from ..hf.cache import TieredCache, default_config
 from ..io.codec import make_codec
+from ..spec import config_spec
 from .backends import open_contexts
 from .kv import CHUNK_TOKENS, content_key, load_kv_context, save_kv_context
 
@@ -99,9 +100,9 @@ class ContextStore:
         self.config = config
         self.retrieval = retrieval
         self.max_tokens = max_tokens
-        layers, kv_heads, head_dim = kv_shape(model.config)
-        layout = BlockLayout(kv_heads, CHUNK_TOKENS, head_dim, model.dtype)
-        self.fingerprint = storage_fingerprint(model_fingerprint(model), layers, layout, self.codec)
+        spec = config_spec(model.config)
+        layout = BlockLayout(spec.kv_heads, CHUNK_TOKENS, spec.head_dim, model.dtype)
+        self.fingerprint = storage_fingerprint(model_fingerprint(model), spec.layers, layout, self.codec)
         self.backend = open_contexts(where, budget_bytes)
         #: Contexts found already stored by ``encode`` / encoded anew, since this store opened,
         #: and the seconds those prefills took.

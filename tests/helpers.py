@@ -1,7 +1,7 @@
-"""Tiny random decoders of every family tiercache supports, and TieredCache configs under which
-their blocks move between the tiers.
+"""What tests share: tiny random decoders of every family tiercache supports, TieredCache configs
+under which their blocks move between the tiers, KV sizes, and reading an answers file.
 
-Each model has 2 layers, hidden size 64, 4 query and 2 KV heads of 16 dims and a vocabulary of
+Each tiny model has 2 layers, hidden size 64, 4 query and 2 KV heads of 16 dims and a vocabulary of
 128 tokens; windows are 13 tokens and Llama 4's chunks 16, so a 36-token prompt and a few
 generated tokens cross them. ``initializer_range`` 0.1 makes the logits peaked enough that greedy
 choices are not decided by rounding. Generation configs have no end-of-sequence token, so every
@@ -10,12 +10,15 @@ run produces all the tokens asked for.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import transformers as hf
 
 from tiercache import RetrievalConfig, TierConfig
+from tiercache.spec import kv_bytes_per_token
 
 _COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, initializer_range=0.1,
@@ -56,13 +59,14 @@ _GPT2_DROP = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
               "max_position_embeddings")
 
 
-def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str | None = None):
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn: str | None = None,
+               **settings):
     """The tiny ``family`` model, random weights from ``seed``, in ``dtype``, on attention ``attn``
-    (None: the family's default)."""
-    config_class, model_class, settings = FAMILIES[family]
+    (None: the family's default); ``settings`` override its config's (e.g. ``vocab_size``)."""
+    config_class, model_class, family_settings = FAMILIES[family]
     common = {k: v for k, v in _COMMON.items() if not (family == "gpt2" and k in _GPT2_DROP)}
     torch.manual_seed(seed)
-    model = model_class(config_class(**common, **settings)).eval().to(dtype)
+    model = model_class(config_class(**{**common, **family_settings, **settings})).eval().to(dtype)
     if attn is not None:
         model.set_attn_implementation(attn)
     model.generation_config.eos_token_id = None
@@ -71,11 +75,8 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0, a
 
 
 def kv_bytes(model, tokens: int) -> int:
-    """Raw KV bytes of ``tokens`` tokens of every layer of ``model``."""
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * heads * head_dim * model.dtype.itemsize * tokens
+    """Raw KV bytes of ``tokens`` tokens of every layer of ``model``, in its dtype."""
+    return kv_bytes_per_token(model) * tokens
 
 
 def tiered_config(model, rows: int = 1, block: int = 4, budget: float | int = 1.0) -> TierConfig:
@@ -92,3 +93,37 @@ def kv_came_from_host(stats) -> bool:
     """Whether reads of a cache found KV in host memory: blocks copied to the device (block
     retrieval), or tokens read in place (token retrieval)."""
     return stats.device_misses > 0 or stats.tokens_from_host > 0
+
+
+def read_answers(path: Path) -> list[dict]:
+    """The records of a JSON-lines answers file, in order."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens (any text encodes) trained here on 20K
+    characters of tiercache's corpus, with <pad>, <s> and </s>: a checkpoint needs one, and
+    nothing is fetched from a hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiercache.corpus import reference_text
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([reference_text()[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def save_tiny_checkpoint(path: Path, family: str, tokenizer, **settings) -> Path:
+    """``tiny_model(family, **settings)`` with ``tokenizer``'s vocabulary, saved with it in
+    ``path`` (as ``save_pretrained`` does for a real checkpoint); returns ``path``."""
+    model = tiny_model(family, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

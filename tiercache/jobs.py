@@ -1,16 +1,12 @@
-"""Offline batch jobs (CacheGen / LMCache style): encode each document's KV once, keep it
-compressed under a content key (on disk, or in Redis shared by many workers), and answer many
-questions from it in this or any later process, loading the KV instead of recomputing the
-prefill.
+"""Offline batch jobs over stored contexts: a JSON-lines jobs file (``{"document": text | "path":
+file, "questions": [...]}`` per line, with an optional ``"id"``) answered into a JSON-lines
+answers file, one line per answer, flushed and fsynced as it is written.
 
-- The documents are encoded into and loaded from a ``ContextStore`` (``tiercache.contexts.store``).
-- ``run_batch``: a JSON-lines jobs file (``{"document": text | "path": file, "questions": [...]}``
-  per line, with an optional ``"id"``) answered into a JSON-lines answers file, one line per
-  answer, flushed and fsynced as it is written. Answers are keyed by job (its ``"id"``, else its
-  line number) and question index, so a question asked twice is answered twice; a rerun skips the
-  answers already written. A bad job line (not UTF-8, not JSON, not a job) is reported with its
-  number and skipped, never fatal. ``tiercache.distributed.run_batch_ray`` runs the same jobs
-  on a Ray cluster.
+Answers are keyed by job (its ``"id"``, else its line number) and question index, so a question
+asked twice is answered twice; a rerun skips the answers already written. A bad job line (not
+UTF-8, not JSON, not a job) is reported with its number and skipped, never fatal. Each document's
+KV is encoded once into a ``ContextStore`` and its questions are answered from the loaded KV.
+``tiercache.distributed.run_batch_ray`` runs the same jobs on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -25,11 +21,9 @@ from pathlib import Path
 
 from .contexts.store import ContextInfo, ContextStore
 from .errors import BlockNotFoundError, ConfigError, CorruptBlockError, StoreError, TiercacheError
+from .generation import ask_cache
 from .hf.cache import TieredCache
 from .stopping import DEFAULT_STOP
-from .stream import ask_cache
-
-# ---------------------------------------------------------------------- jobs
 
 
 @dataclass(frozen=True)
@@ -180,10 +174,27 @@ def _answered(out: Path) -> set[tuple[str | int, int]]:
 Pending = list[tuple[Job, list[tuple[int, str]]]]
 
 
-def start_run(jobs_path: str | os.PathLike, out_path: str | os.PathLike) -> tuple[Path, Pending, BatchReport]:
-    """What a run has to do: the answers file, each valid job with its questions not answered yet
-    (index, text), and a report holding the bad lines (also printed to stderr with their
-    numbers) and the questions answered before."""
+@dataclass
+class Run:
+    """What a run has to do: its jobs file, the answers file, each valid job with its questions
+    not answered yet (index, text), and the report it fills (holding the bad lines and the
+    questions answered before)."""
+
+    jobs_path: str | os.PathLike
+    out: Path
+    pending: Pending
+    report: BatchReport
+
+    @property
+    def questions(self) -> int:
+        """Questions left to answer."""
+        return sum(len(qs) for _, qs in self.pending)
+
+
+def start_run(jobs_path: str | os.PathLike, out_path: str | os.PathLike) -> Run:
+    """Read the jobs file and the answers file: what is left to answer. Bad lines are printed to
+    stderr with their numbers. ``ConfigError`` if either file cannot be read or the answers file
+    cannot be written."""
     out = check_answers_path(out_path)
     jobs, bad = read_jobs(jobs_path)
     done = _answered(out)
@@ -193,7 +204,7 @@ def start_run(jobs_path: str | os.PathLike, out_path: str | os.PathLike) -> tupl
     pending = [(job, [(i, q) for i, q in enumerate(job.questions) if (job.id, i) not in done])
                for job in jobs]
     report.already_answered = sum(len(job.questions) - len(qs) for job, qs in pending)
-    return out, pending, report
+    return Run(jobs_path, out, pending, report)
 
 
 def open_answers(out: Path):
@@ -218,22 +229,31 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
     "line", "question", "answer", "context"}``: the job's id, the question's index in it, the
     job's line), skipping those answered by an earlier run. Each document is encoded once into
     ``store``; its questions are answered from the loaded KV, one after the other (the cache is
-    truncated back after each); answers end as ``stream.greedy_answer`` says (``max_new_tokens``,
+    truncated back after each); answers end as ``generation.greedy_answer`` says (``max_new_tokens``,
     ``stop``). ``on_answer`` sees each record after it is durably written. Bad lines go to stderr
     and ``BatchReport.bad_lines``. ``ConfigError`` if ``out_path`` cannot be written."""
+    return answer_run(start_run(jobs_path, out_path), store, max_new_tokens=max_new_tokens, stop=stop,
+                      progress=progress, on_answer=on_answer)
+
+
+def answer_run(run: Run, store: ContextStore, *, max_new_tokens: int = 32,
+               stop: str | Sequence[str] | None = DEFAULT_STOP, progress: bool = True,
+               on_answer: Callable[[dict], None] | None = None) -> BatchReport:
+    """Answer what ``run`` (``start_run``'s) has left, as ``run_batch`` does; returns its report."""
     from tqdm import tqdm
 
-    out, pending, report = start_run(jobs_path, out_path)
-    bar = tqdm(total=sum(len(qs) for _, qs in pending), unit="q", disable=not progress, desc="answering")
-    with open_answers(out) as sink:
-        for job, questions in pending:
+    report = run.report
+    # Closed before an exception (Ctrl-C) leaves, so the bar is not drawn again after its message.
+    with tqdm(total=run.questions, unit="q", disable=not progress, desc="answering") as bar, \
+            open_answers(run.out) as sink:
+        for job, questions in run.pending:
             if not questions:
                 continue
             try:
                 key, cache, info = prepare_document(store, job.document, report)
             except (TiercacheError, OSError) as exc:
                 report.bad_lines.append((job.line, str(exc)))
-                print(f"{jobs_path}:{job.line}: skipped: {exc}", file=sys.stderr)
+                print(f"{run.jobs_path}:{job.line}: skipped: {exc}", file=sys.stderr)
                 bar.update(len(questions))
                 continue
             try:
@@ -246,7 +266,6 @@ def run_batch(jobs_path: str | os.PathLike, out_path: str | os.PathLike, store: 
                         on_answer(record)
             finally:
                 release_document(cache, report)
-    bar.close()
     report.saved_seconds -= report.prefill_seconds + report.load_seconds
     return report
 
