@@ -13,7 +13,10 @@ cache. Per cache kind it reports, for one decode step:
   change in the machine's load hits all alike) and ``speed_vs_dynamic`` (DynamicCache's step
   time over this one's, same run);
 - ``python_ms``: wall time of the step outside aten ops (measured under a timing dispatch mode);
-  its slope against context length is printed at the end.
+  its slope against context length is printed at the end;
+- ``read_tokens_per_layer`` and ``kv_read_bytes``: tokens each layer attends exactly per step
+  (TieredCache: its ``ReadCounter``; DynamicCache: every cached token), and the KV bytes that
+  makes per step over all layers, averaged over the timed steps.
 
 A last context (``--fits-context``) has a device budget twice its KV: nothing moves, and the
 rows say what tiercache costs where it should cost nothing.
@@ -87,6 +90,13 @@ class Stepper:
     def __init__(self, model, cache, token: torch.Tensor) -> None:
         self.model, self.cache, self.token = model, cache, token.clone()
         self.times: list[float] = []
+
+    def tokens_read(self) -> int:
+        """Tokens read so far, summed over layers and steps (DynamicCache: the tokens cached now
+        per layer, which each later step reads whole)."""
+        if isinstance(self.cache, TieredCache):
+            return self.cache.step.count.read_tokens
+        return self.cache.get_seq_length()
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -171,14 +181,21 @@ def main() -> None:
         for kind, stepper in kinds.items():
             model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
             found[kind] = stepper.counts()
+        read_before = {kind: stepper.tokens_read() for kind, stepper in kinds.items()}
         # One step of each cache in turn, so that a change in the machine's load hits all alike.
         for _ in range(args.steps):
             for kind, stepper in kinds.items():
                 model.set_attn_implementation("sdpa" if kind == "dynamic" else "tiercache")
                 stepper.timed()
+        layers = model.config.num_hidden_layers
         for kind, stepper in kinds.items():
+            after = stepper.tokens_read()
+            # DynamicCache: step i of n reads the (before + i + 1) tokens cached by then, at every layer.
+            per_layer = ((read_before[kind] + after + 1) / 2 if kind == "dynamic"
+                         else (after - read_before[kind]) / args.steps / layers)
             row = {"kind": kind, "context": context, "fits": fits, **found[kind],
-                   "step_ms": 1e3 * statistics.median(stepper.times)}
+                   "step_ms": 1e3 * statistics.median(stepper.times), "read_tokens_per_layer": per_layer,
+                   "kv_read_bytes": per_layer * kv_bytes(model, 1)}
             if kind != "dynamic":
                 row["speed_vs_dynamic"] = 1e3 * statistics.median(kinds["dynamic"].times) / row["step_ms"]
                 stepper.cache.close()
@@ -189,7 +206,7 @@ def main() -> None:
     print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
           f"device {args.device_fraction:.0%} of the KV")
     print_table(rows, ["kind", "context", "fits", "ops", "ops_per_layer", "syncs", "python_ms", "step_ms",
-                       "speed_vs_dynamic"])
+                       "speed_vs_dynamic", "read_tokens_per_layer"])
     slopes = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
         pts = [(r["context"], r["python_ms"]) for r in rows if r["kind"] == kind and not r["fits"]]
@@ -202,7 +219,7 @@ def main() -> None:
     stream = append_throughput(model, args.stream_tokens, args.stream_chunk, args.device_fraction)
     print_table(stream, ["kind", "tokens", "chunk", "tokens_per_s", "vs_chunked_prefill"])
     write_results(args.out, rows, stream=stream, python_slope_ms_per_1k=slopes,
-                  device_fraction=args.device_fraction, shape=SHAPE)
+                  device_fraction=args.device_fraction, shape=SHAPE, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,22 @@
-"""What every benchmark shares: the machine description, a table printer and the JSON writer."""
+"""What every benchmark shares: where results go, the run's record (command, machine, date), a
+table printer and the JSON writer.
+
+Every ``results/<name>.json`` carries a ``run`` record: the command that reproduces it (run from
+the repository root), the suite command it came from when ``python -m benchmarks`` ran it, the
+git commit, the date and the wall seconds; and a ``machine`` record: device, CPU count, torch
+version and threads, and the load average before and after (on a shared machine only ratios
+taken in one run mean anything, and the load says how shared it was).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,21 +24,50 @@ import torch
 
 from tiercache.corpus import text_tokens
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+#: Where results go: ``results/`` (what RESULTS.md is made from), unless the runner points a
+#: quick run elsewhere (``TIERCACHE_BENCH_RESULTS``) so that it never replaces a full run's JSON.
+RESULTS = Path(os.environ.get("TIERCACHE_BENCH_RESULTS", Path(__file__).parent / "results"))
+#: The suite command that started this script, set by ``python -m benchmarks`` (absent when run by hand).
+SUITE_ENV = "TIERCACHE_BENCH_SUITE"
 #: Torch intra-op threads of a benchmark unless ``--threads`` says otherwise. One: on the shared
 #: 2-core machine, SmolLM2's ``generate`` with 2 threads took 1.9x as long as with 1 at load
 #: average 2.6, and 5.3x as long beside one busy process (bench_threads.py).
 DEFAULT_THREADS = 1
+_STARTED = (time.time(), os.getloadavg())
 
 
 def machine() -> dict:
-    """Where the figures were taken: device name, CPU count, torch version and threads."""
+    """Where the figures were taken: device name, CPU count, torch version and threads, and the
+    load average (1, 5 and 15 minutes) when the script started and now."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    import os
+    cpus = os.cpu_count()
+    return {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {cpus} cores)",
+            "cpu_count": cpus, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_start": [round(x, 2) for x in _STARTED[1]],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()]}
 
-    return {"device": gpu or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
+
+def command() -> str:
+    """The shell command that reruns this script as it was run, from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+    return " ".join(filter(None, [env, "PYTHONPATH=. python", shlex.join([str(script), *sys.argv[1:]])]))
+
+
+def run_record() -> dict:
+    """The ``run`` record of a result: command, suite, commit, date and seconds so far."""
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"command": command(), "suite": os.environ.get(SUITE_ENV), "commit": commit,
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - _STARTED[0], 1)}
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -54,10 +95,10 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
 
 
 def write_results(name: str, rows: list[dict], **extra: object) -> Path:
-    """Write ``rows`` and ``extra`` with the machine description to ``results/<name>.json``."""
+    """Write ``rows`` and ``extra`` with the run and machine records to ``results/<name>.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **extra, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"run": run_record(), "machine": machine(), **extra, "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
 
