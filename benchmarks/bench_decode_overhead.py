@@ -32,16 +32,13 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
-from common import machine, parse_args, print_table, write_results
+from common import TINY_LLAMA, dense_kv, machine, parse_args, print_table, random_llama, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.opcount import OpCounter
 from tiercache.stream import attention_implementation
-
-SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=4096)
 
 
 class OpTimer(TorchDispatchMode):
@@ -59,19 +56,12 @@ class OpTimer(TorchDispatchMode):
 
 
 def build() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=1 << 20, rope_theta=500000.0)
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(TINY_LLAMA, max_position_embeddings=1 << 20, rope_theta=500000.0)
 
 
 def kv_bytes(model, tokens: int) -> int:
     c = model.config
     return 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 * tokens
-
-
-def export(cache: DynamicCache) -> torch.Tensor:
-    """A DynamicCache's KV as ``(layers, 2, kv_heads, tokens, head_dim)`` (batch 1)."""
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 
 def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra_tokens: int) -> TieredCache:
@@ -172,7 +162,7 @@ def main() -> None:
             for a in range(0, context, args.prefill_chunk):
                 out = model(ids[:, a : a + args.prefill_chunk], past_key_values=dyn, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        kv = export(dyn)
+        kv = dense_kv(dyn)
         fits = fraction > 1
         kinds = {"dynamic": Stepper(model, dyn, token)}
         for budget in (float(b) for b in args.budgets.split(",")):
@@ -219,7 +209,7 @@ def main() -> None:
     stream = append_throughput(model, args.stream_tokens, args.stream_chunk, args.device_fraction)
     print_table(stream, ["kind", "tokens", "chunk", "tokens_per_s", "vs_chunked_prefill"])
     write_results(args.out, rows, stream=stream, python_slope_ms_per_1k=slopes,
-                  device_fraction=args.device_fraction, shape=SHAPE, steps=args.steps)
+                  device_fraction=args.device_fraction, shape=TINY_LLAMA, steps=args.steps)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ SUITE_ENV = "TIERCACHE_BENCH_SUITE"
 #: 2-core machine, SmolLM2's ``generate`` with 2 threads took 1.9x as long as with 1 at load
 #: average 2.6, and 5.3x as long beside one busy process (bench_threads.py).
 DEFAULT_THREADS = 1
+#: The 8-layer Llama shape of the CPU decode benchmarks (hidden 256, 8 query and 2 KV heads): a
+#: step costs little next to the cache, and GQA is there as in real models.
+TINY_LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=4096)
 _STARTED = (time.time(), os.getloadavg())
 
 
@@ -115,6 +119,34 @@ def best_of(fn, repeats: int = 5) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def random_llama(shape: dict, **config: object):
+    """A Llama model of ``shape`` (``LlamaConfig`` fields; ``config`` adds more) with random
+    weights from seed 0, in eval mode: speed and bytes need no trained weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**shape, **config)).eval()
+
+
+def dense_kv(cache) -> torch.Tensor:
+    """A transformers cache's KV as ``(layers, 2, kv_heads, tokens, head_dim)`` (batch row 0)."""
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+
+
+def qa_streams(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int], list]]:
+    """The stream-QA cases: ``(stream ids, facts)`` of ``streams`` streams of ``tokens`` tokens of
+    the reference text, sharing out ``QA_FACTS`` and holding them from 5% to 60% depth."""
+    from tiercache.cli import QA_FACTS, plant_facts
+
+    out = []
+    for stream in range(streams):
+        facts = QA_FACTS[stream::streams]
+        ids = plant_facts(tok, text_tokens(tok, tokens, offset_tokens=1000 + 12000 * stream), facts,
+                          first=0.05, last=0.6)
+        out.append((ids, facts))
+    return out
 
 
 def needle_parts(tok, length: int, depth: float, seed: int) -> tuple[list[int], list[int], str]:
