@@ -61,6 +61,15 @@ def recall(retrieval: list[dict]) -> Path:
     return _save(fig, "recall.png")
 
 
+def _label(kind: str) -> str:
+    """``tiercache-0.1`` -> ``tiercache, 10% read``; ``dynamic`` -> ``DynamicCache``."""
+    if kind.startswith("tiercache-"):
+        budget = kind.removeprefix("tiercache-").rstrip("%")
+        share = float(budget) / (100 if kind.endswith("%") else 1)
+        return f"tiercache, {share:.0%} read"
+    return {"dynamic": "DynamicCache", "offloaded": "DynamicCache (offloading)"}.get(kind, kind)
+
+
 def decode_step(result: dict, name: str, x_key: str, time_key: str, time_label: str, bytes_key: str,
                 bytes_label: str) -> Path:
     """Step time and bytes per step against context length, a line per cache kind."""
@@ -70,9 +79,9 @@ def decode_step(result: dict, name: str, x_key: str, time_key: str, time_label: 
         if not found:
             continue
         xs = [r[x_key] for r in found]
-        left.plot(xs, [r[time_key] for r in found], marker="o", label=kind)
+        left.plot(xs, [r[time_key] for r in found], marker="o", label=_label(kind))
         if all(bytes_key in r for r in found):
-            right.plot(xs, [r[bytes_key] for r in found], marker="o", label=kind)
+            right.plot(xs, [r[bytes_key] for r in found], marker="o", label=_label(kind))
     for ax, label in ((left, time_label), (right, bytes_label)):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

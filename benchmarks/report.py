@@ -100,9 +100,9 @@ def num(x: float | None, digits: int = 3) -> str:
         return str(x)
     if x == 0:
         return "0"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
-    text = f"{round(x, decimals):,.{decimals}f}"
-    return text
+    rounded = float(f"{x:.{digits}g}")  # first, so that 99.95 becomes 100 and is shown as such
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(rounded))))
+    return f"{rounded:,.{decimals}f}"
 
 
 def fixed(x: float | None, decimals: int = 2) -> str:
@@ -166,7 +166,8 @@ def provenance(result: dict | None) -> str:
         lo = min(machine["load_average_start"][0], machine["load_average_end"][0])
         hi = max(machine["load_average_start"][0], machine["load_average_end"][0])
         load = f", load average {num(lo, 2)} to {num(hi, 2)}"
-    took = f", {num(run['seconds'] / 60, 2)} min" if run.get("seconds") else ""
+    seconds = run.get("seconds")
+    took = "" if not seconds else f", {num(seconds, 2)} s" if seconds < 90 else f", {num(seconds / 60, 2)} min"
     text = (f"`{run['command']}` ({run.get('date') or 'date not recorded'}, {machine['device']}, "
             f"torch {machine['torch']}, {machine['torch_threads']} thread(s){load}{took})")
     if "transcribed" in result:
