@@ -190,7 +190,9 @@ def render(results: dict[str, dict] | None = None) -> str:
     results = load_results() if results is None else results
     env = environment()
     gpus = sorted({f"{res['machine']['device']} ({name})" for name, res in results.items() if on_gpu(res)})
-    context = {"r": _Results(results), "gpu_results": lambda: gpus}
+    from .suites import SUITES
+
+    context = {"r": _Results(results), "gpu_results": lambda: gpus, "suites": SUITES}
     parts = []
     for name, needs in SECTIONS.items():
         missing = [n for n in needs if n not in results]
