@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from common import needle_parts, write_results
+from common import needle_parts, warm_up, write_results
 from kv_capture import CapturedKV, attention_output, capture_kv
 
 from tiercache.blocks import BlockLayout
@@ -148,6 +148,7 @@ def measure_quality(
     row: Row, codec: Codec, cap: CapturedKV, block_tokens: int, sink: int = SINK, window: int = WINDOW
 ) -> None:
     """Fill size, K/V/attention errors and throughput of ``row`` from the captured cache."""
+    warm_up(codec, BlockLayout(cap.keys[0].shape[0], block_tokens, cap.keys[0].shape[2], torch.float16))
     nbytes = elements = 0
     t_enc = t_dec = 0.0
     k_err, v_err, attn, attn_sw = [], [], [], []

@@ -121,6 +121,14 @@ def best_of(fn, repeats: int = 5) -> float:
     return min(times)
 
 
+def warm_up(codec, layout) -> None:
+    """One random block of ``layout`` through ``codec`` and back, untimed. The first use of the
+    cachegen codec compiles its rANS kernels (numba; cached on disk per checkout, so a fresh
+    checkout pays it once), which no timed figure should include."""
+    k = torch.randn(layout.kv_heads, layout.block_tokens, layout.head_dim).to(layout.dtype)
+    codec.decode(codec.encode_at(k, k, 0, layout.block_tokens), layout, layout.block_tokens, "cpu")
+
+
 def random_llama(shape: dict, **config: object):
     """A Llama model of ``shape`` (``LlamaConfig`` fields; ``config`` adds more) with random
     weights from seed 0, in eval mode: speed and bytes need no trained weights."""
