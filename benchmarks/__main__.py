@@ -1,6 +1,6 @@
 """``python -m benchmarks``: run suites of benchmarks, or write RESULTS.md from their JSON.
 
-    python -m benchmarks tiers decode [--quick] [--only NAME] [--timeout S]
+    python -m benchmarks tiers decode [--quick] [--only NAME,...] [--timeout S]
     python -m benchmarks all          # every suite
     python -m benchmarks gpu          # the GPU-only benchmarks of every suite
     python -m benchmarks list         # the suites, their scripts and rough minutes
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="suites to run, 'all', 'gpu', 'list', or 'report'")
     ap.add_argument("--quick", action="store_true",
                     help="smoke runs: short arguments, results under benchmarks/results/quick/")
-    ap.add_argument("--only", default=None, help="only the runs whose JSON name contains this text")
+    ap.add_argument("--only", default=None, help="only these runs: comma-separated JSON names (see 'list')")
     ap.add_argument("--timeout", type=float, default=None, help="seconds each script may run")
     ap.add_argument("--no-plots", action="store_true", help="report: leave the plots as they are")
     args = ap.parse_args(argv)

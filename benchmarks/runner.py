@@ -23,12 +23,14 @@ QUICK_RESULTS = Path(__file__).resolve().parent / "results" / "quick"
 
 def selected(what: list[str], only: str | None) -> list[tuple[str, Bench]]:
     """``(suite, bench)`` of the suites named (``all``: every suite; ``gpu``: the GPU-only runs of
-    every suite), in order, without repeats."""
+    every suite), in order, without repeats; ``only``: just the runs of these comma-separated JSON
+    names."""
     names = list(SUITES) if "all" in what or "gpu" in what else what
     runs = [(s, b) for s in dict.fromkeys(names) for b in SUITES[s]]
     if "gpu" in what and "all" not in what:
         runs = [(s, b) for s, b in runs if b.gpu]
-    return [(s, b) for s, b in runs if only is None or only in b.name]
+    wanted = None if only is None else set(only.split(","))
+    return [(s, b) for s, b in runs if wanted is None or b.name in wanted]
 
 
 def environment(suite_command: str, quick: bool) -> dict[str, str]:
