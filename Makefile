@@ -22,6 +22,11 @@ $(VENV)/.ray-installed: $(BIN)/tiercache
 $(BIN)/redis-server: | $(BIN)/tiercache
 	.ci/link-redis-server $(BIN)
 
+# The benchmarks' extra (matplotlib for the plots, Jinja2 for RESULTS.md): only for `make bench`.
+$(VENV)/.bench-installed: $(BIN)/tiercache
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
 .PHONY: install demo test test-all bench
 install: $(BIN)/tiercache
 
@@ -39,5 +44,9 @@ test: install $(VENV)/.ray-installed $(BIN)/redis-server
 test-all: install $(VENV)/.ray-installed $(BIN)/redis-server
 	$(BIN)/python -m pytest -q --durations=15 -m 'not gpu'
 
-bench: install
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+# Every suite (hours on a 2-core CPU: bench_quality's full run is most of it; `make bench
+# SUITES=tiers` for one, `python -m benchmarks list` for what each holds), then RESULTS.md and
+# the plots from the JSON. GPU-only benchmarks are skipped, saying so, where there is no CUDA.
+SUITES ?= all
+bench: install $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks $(SUITES); status=$$?; $(BIN)/python -m benchmarks report && exit $$status

@@ -28,20 +28,15 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
-from common import machine, parse_args, print_table, write_results
+from common import TINY_LLAMA, machine, parse_args, print_table, random_llama, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.spec import kv_bytes_per_token
 
-SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=4096)
-
-
 def build() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE, max_position_embeddings=1 << 16)).eval()
+    model = random_llama(TINY_LLAMA, max_position_embeddings=1 << 16)
     model.generation_config.eos_token_id = None  # every beam runs to max_new_tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -123,7 +118,7 @@ def main() -> None:
     print_table(rows, ["kind", "context", "beams", "reorders", "kv_bytes_per_step", "summary_bytes_per_step",
                        "estimate_bytes_per_step", "kv_vs_dynamic", "all_vs_dynamic", "reorder_ms",
                        "same_tokens"])
-    write_results(args.out, rows, shape=SHAPE, new_tokens=args.new_tokens, budget=args.budget,
+    write_results(args.out, rows, shape=TINY_LLAMA, new_tokens=args.new_tokens, budget=args.budget,
                   device_fraction=args.device_fraction)
 
 

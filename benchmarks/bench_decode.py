@@ -24,9 +24,9 @@ import time
 
 import psutil
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
-from common import machine, parse_args, print_table, write_results
+from common import machine, parse_args, print_table, random_llama, write_results
 from tiercache import RetrievalConfig, TierConfig, TierName
 from tiercache.hf.cache import TieredCache
 from tiercache.spec import kv_bytes_per_token
@@ -43,9 +43,8 @@ _FILL_CHUNK = 1 << 14
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=1 << 21, rope_theta=500000.0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    return random_llama(SHAPES[shape], max_position_embeddings=1 << 21, rope_theta=500000.0).to(device=device,
+                                                                                              dtype=dtype)
 
 
 def random_layers(model, tokens: int):

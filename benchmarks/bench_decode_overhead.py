@@ -13,7 +13,10 @@ cache. Per cache kind it reports, for one decode step:
   change in the machine's load hits all alike) and ``speed_vs_dynamic`` (DynamicCache's step
   time over this one's, same run);
 - ``python_ms``: wall time of the step outside aten ops (measured under a timing dispatch mode);
-  its slope against context length is printed at the end.
+  its slope against context length is printed at the end;
+- ``read_tokens_per_layer`` and ``kv_read_bytes``: tokens each layer attends exactly per step
+  (TieredCache: its ``ReadCounter``; DynamicCache: every cached token), and the KV bytes that
+  makes per step over all layers, averaged over the timed steps.
 
 A last context (``--fits-context``) has a device budget twice its KV: nothing moves, and the
 rows say what tiercache costs where it should cost nothing.
@@ -29,16 +32,13 @@ import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
-from common import machine, parse_args, print_table, write_results
+from common import TINY_LLAMA, dense_kv, machine, parse_args, print_table, random_llama, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.spec import kv_bytes_per_token
 from tiercache.opcount import OpCounter
-
-SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=4096)
 
 
 class OpTimer(TorchDispatchMode):
@@ -56,14 +56,9 @@ class OpTimer(TorchDispatchMode):
 
 
 def build() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=1 << 20, rope_theta=500000.0)
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(TINY_LLAMA, max_position_embeddings=1 << 20, rope_theta=500000.0)
 
 
-def export(cache: DynamicCache) -> torch.Tensor:
-    """A DynamicCache's KV as ``(layers, 2, kv_heads, tokens, head_dim)`` (batch 1)."""
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 
 def tiered(model, kv: torch.Tensor, budget: float, device_fraction: float, extra_tokens: int) -> TieredCache:
@@ -82,6 +77,13 @@ class Stepper:
     def __init__(self, model, cache, token: torch.Tensor) -> None:
         self.model, self.cache, self.token = model, cache, token.clone()
         self.times: list[float] = []
+
+    def tokens_read(self) -> int:
+        """Tokens read so far, summed over layers and steps (DynamicCache: the tokens cached now
+        per layer, which each later step reads whole)."""
+        if isinstance(self.cache, TieredCache):
+            return self.cache.step.count.read_tokens
+        return self.cache.get_seq_length()
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -156,7 +158,7 @@ def main() -> None:
             for a in range(0, context, args.prefill_chunk):
                 out = model(ids[:, a : a + args.prefill_chunk], past_key_values=dyn, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        kv = export(dyn)
+        kv = dense_kv(dyn)
         fits = fraction > 1
         kinds = {"dynamic": Stepper(model, dyn, token)}
         for budget in (float(b) for b in args.budgets.split(",")):
@@ -164,13 +166,20 @@ def main() -> None:
         found = {}
         for kind, stepper in kinds.items():
             found[kind] = stepper.counts()
+        read_before = {kind: stepper.tokens_read() for kind, stepper in kinds.items()}
         # One step of each cache in turn, so that a change in the machine's load hits all alike.
         for _ in range(args.steps):
             for stepper in kinds.values():
                 stepper.timed()
+        layers = model.config.num_hidden_layers
         for kind, stepper in kinds.items():
+            after = stepper.tokens_read()
+            # DynamicCache: step i of n reads the (before + i + 1) tokens cached by then, at every layer.
+            per_layer = ((read_before[kind] + after + 1) / 2 if kind == "dynamic"
+                         else (after - read_before[kind]) / args.steps / layers)
             row = {"kind": kind, "context": context, "fits": fits, **found[kind],
-                   "step_ms": 1e3 * statistics.median(stepper.times)}
+                   "step_ms": 1e3 * statistics.median(stepper.times), "read_tokens_per_layer": per_layer,
+                   "kv_read_bytes": per_layer * kv_bytes_per_token(model)}
             if kind != "dynamic":
                 row["speed_vs_dynamic"] = 1e3 * statistics.median(kinds["dynamic"].times) / row["step_ms"]
                 stepper.cache.close()
@@ -180,7 +189,7 @@ def main() -> None:
     print(f"\none decode step, 8-layer Llama shape (hidden 256, 8/2 heads), fp32, on {machine()['device']}, "
           f"device {args.device_fraction:.0%} of the KV")
     print_table(rows, ["kind", "context", "fits", "ops", "ops_per_layer", "syncs", "python_ms", "step_ms",
-                       "speed_vs_dynamic"])
+                       "speed_vs_dynamic", "read_tokens_per_layer"])
     slopes = {}
     for kind in dict.fromkeys(r["kind"] for r in rows):
         pts = [(r["context"], r["python_ms"]) for r in rows if r["kind"] == kind and not r["fits"]]
@@ -193,7 +202,7 @@ def main() -> None:
     stream = append_throughput(model, args.stream_tokens, args.stream_chunk, args.device_fraction)
     print_table(stream, ["kind", "tokens", "chunk", "tokens_per_s", "vs_chunked_prefill"])
     write_results(args.out, rows, stream=stream, python_slope_ms_per_1k=slopes,
-                  device_fraction=args.device_fraction, shape=SHAPE)
+                  device_fraction=args.device_fraction, shape=TINY_LLAMA, steps=args.steps)
 
 
 if __name__ == "__main__":

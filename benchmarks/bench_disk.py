@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results  # noqa: E402
+from common import dense_kv, print_table, warm_up, write_results  # noqa: E402
 
 from tiercache.blocks import BlockKey, BlockLayout  # noqa: E402
 from tiercache.io.codec import CODECS, make_codec  # noqa: E402
@@ -208,7 +208,7 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
             prefill[threads] = time.perf_counter() - t
     torch.set_num_threads(default_threads)
     prefill_s = min(prefill.values())
-    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers])
+    kv = dense_kv(out.past_key_values)
     del out
     model_fp = model_fingerprint(model)
     layers, _, heads, tokens, dim = kv.shape
@@ -221,6 +221,7 @@ def context_vs_prefill(root: Path, n_tokens: int) -> tuple[list[dict], dict]:
         codec = make_codec(name)
         fingerprint = storage_fingerprint(model_fp, layers, layout, codec)
         key = content_key(fingerprint.digest, ids)
+        warm_up(codec, layout)
         with DiskStore(path, 4 * kv.numel() * kv.element_size()) as store:
             save_s = timed(lambda: save_kv_context(store, key, kv, codec, fingerprint, 256))
             stored = store.used_bytes

@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from common import machine, parse_args, print_table, write_results
+from common import dense_kv, machine, parse_args, print_table, qa_streams, write_results
 from tiercache import RetrievalConfig, TierConfig
 from tiercache.hf.cache import TieredCache
 from tiercache.corpus import text_tokens
-from tiercache.evaluation import QA_FACTS, needle_parts, plant_facts, question_text
+from tiercache.evaluation import needle_parts, question_text
 from tiercache.models import default_model_dir, load_default_model
 from tiercache.spec import kv_bytes_per_token
 from tiercache.generation import full_attention_answers
@@ -69,10 +69,6 @@ def full_prefill(model, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
     cache = DynamicCache(config=model.config)
     out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
     return cache, out.logits[0, -1]
-
-
-def exported(cache: DynamicCache) -> torch.Tensor:
-    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
 
 
 @torch.no_grad()
@@ -108,25 +104,13 @@ def needle_cases(tok, lengths: list[int], depths: int) -> list[tuple[list[int], 
     return out
 
 
-def qa_cases(tok, streams: int = 2, tokens: int = 4096) -> list[tuple[list[int], list]]:
-    """(stream ids, facts): ``streams`` streams of ``tokens`` tokens of the text, sharing out
-    ``evaluation.QA_FACTS`` and holding them from 5% to 60% depth."""
-    out = []
-    for stream in range(streams):
-        facts = QA_FACTS[stream::streams]
-        ids = plant_facts(tok, text_tokens(tok, tokens, offset_tokens=1000 + 12000 * stream), facts,
-                          first=0.05, last=0.6)
-        out.append((ids, facts))
-    return out
-
-
 def agreement(model, tok, contexts: list[int], n_tokens: int, base: RetrievalConfig,
               budgets: tuple[float, ...]) -> list[dict]:
     rows = []
     for ids in agreement_cases(tok, contexts):
         n = len(ids)
         ref_cache, first = full_prefill(model, ids)
-        kv = exported(ref_cache)
+        kv = dense_kv(ref_cache)
         reference, ref_logps = decode(model, ref_cache, first, n_tokens)
         for b in budgets:
             cache = TieredCache(model, tiered(model, n + n_tokens, b, base))
@@ -148,7 +132,7 @@ def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig,
     for context, question, length in needle_cases(tok, lengths, depths):
         ids = context + question
         ref_cache, first = full_prefill(model, ids)
-        kv = exported(ref_cache)
+        kv = dense_kv(ref_cache)
         full = key_of(tok.decode(decode(model, ref_cache, first, 8)[0]))
         full_found[length] += full != ""
         for b in budgets:
@@ -167,7 +151,7 @@ def needle(model, tok, lengths: list[int], depths: int, base: RetrievalConfig,
 def stream_qa(model, tok, base: RetrievalConfig, budgets: tuple[float, ...], chunk: int = 128) -> list[dict]:
     ok = {b: [] for b in budgets}
     full_ok = []
-    for ids, facts in qa_cases(tok):
+    for ids, facts in qa_streams(tok):
         questions = [question_text(f) for f in facts]
         full_ok += [f.answer in a for f, a in zip(facts, full_attention_answers(model, tok, questions, input_ids=ids,
                                                                                 max_new_tokens=6))]
@@ -181,7 +165,7 @@ def stream_qa(model, tok, base: RetrievalConfig, budgets: tuple[float, ...], chu
     rows = []
     for b in budgets:
         both = sum(o and f for o, f in zip(ok[b], full_ok))
-        rows.append({"case": "stream_qa", "method": "tiercache", "budget": b, "tokens": len(qa_cases(tok)[0][0]),
+        rows.append({"case": "stream_qa", "method": "tiercache", "budget": b, "tokens": len(qa_streams(tok)[0][0]),
                      "agreement": both / max(1, sum(full_ok)), "correct": sum(ok[b]), "full_correct": sum(full_ok)})
         print(rows[-1], flush=True)
     return rows
@@ -252,7 +236,7 @@ def main() -> None:
                 "needle": [{"context": c, "question": q, "length": n} for c, q, n in needle_cases(tok, lengths, depths)]
                 if args.needle else [],
                 "qa": [{"ids": ids, "questions": [question(question_text(f)) for f in facts],
-                        "answers": [f.answer for f in facts]} for ids, facts in qa_cases(tok)] if args.qa else []}
+                        "answers": [f.answer for f in facts]} for ids, facts in qa_streams(tok)] if args.qa else []}
         rows += peers(args, spec)
     print(f"\nquality at read budgets, SmolLM2-135M, on {machine()['device']}, {time.perf_counter() - start:.0f} s")
     print_table(rows, ["case", "method", "budget", "tokens", "agreement", "kl", "read", "correct", "full_correct"])

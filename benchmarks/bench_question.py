@@ -2,7 +2,7 @@
 
 A question prefilled against a long context (a stream's ``ask``: cache prefill mode
 ``"retrieval"``) attends the context through one selection of blocks per layer, plus its own
-tokens exactly. SmolLM2-135M-Instruct, the two streams of ``bench_quality.py --qa`` (about 4.2K
+tokens exactly. SmolLM2-135M-Instruct, the two streams of ``bench_quality.py --qa`` (``common.qa_streams``) (about 4.2K
 tokens of prose, 7 planted facts each) and each fact's question: the post-RoPE queries of every
 question position at every layer, and the context's keys. At a read budget of 10% and 25% of the
 context (``Selector.plan``: sink 8 + window 32 tokens included, whole 8-token blocks, rounded down),
@@ -56,8 +56,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from bench_quality import qa_cases
-from common import machine, parse_args, print_table, write_results
+from common import machine, parse_args, print_table, qa_streams, write_results
 from tiercache.evaluation import question_text
 from tiercache.config import RetrievalConfig
 from tiercache.models import load_default_model
@@ -210,7 +209,7 @@ def selections(budget: float) -> dict[str, Callable[[Plan, Layer], torch.Tensor]
 
 def run(model, tok, max_facts: int | None) -> list[dict]:
     acc: dict[tuple[str, float], list[dict]] = {}
-    for ids, facts in qa_cases(tok):
+    for ids, facts in qa_streams(tok):
         context = DynamicCache(config=model.config)
         with torch.no_grad():
             model(torch.tensor([ids]), past_key_values=context, use_cache=True)

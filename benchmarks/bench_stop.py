@@ -3,10 +3,10 @@
 SmolLM2-135M-Instruct answers each planted-fact question of ``tiercache.evaluation`` with full
 attention (SDPA) over real text (Python's reference docs) holding the facts: the demo's 3
 ``FACTS`` in a 1.5K-token stream, and the 14 ``QA_FACTS`` split over two 4K-token streams as in
-bench_quality.py --qa. Each question is answered with up to ``--max-new-tokens`` tokens under each
-stop setting; the end-of-sequence and end-of-turn tokens end every answer. Reported per setting:
-answers containing the fact, mean answer length in tokens, and the seconds spent answering
-(the prefill of each stream is counted once per setting).
+bench_quality.py --qa (``common.qa_streams``). Each question is answered with up to
+``--max-new-tokens`` tokens under each stop setting; the end-of-sequence and end-of-turn tokens
+end every answer. Reported per setting: answers containing the fact, mean answer length in
+tokens, and the seconds spent answering (the prefill of each stream is counted once per setting).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_stop.py [--max-new-tokens 32]
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import parse_args, print_table, write_results
+from common import parse_args, print_table, qa_streams, write_results
 from tiercache.corpus import text_tokens
-from tiercache.evaluation import FACTS, QA_FACTS, plant_facts, question_text
+from tiercache.evaluation import FACTS, plant_facts, question_text
 from tiercache.generation import full_attention_answers
 from tiercache.models import load_default_model
 from tiercache.stopping import DEFAULT_STOP
@@ -34,8 +34,7 @@ def main() -> None:
     args = parse_args(parser)
     model, tok = load_default_model()
     streams = [(plant_facts(tok, text_tokens(tok, 1500, offset_tokens=1000)), FACTS)]
-    streams += [(plant_facts(tok, text_tokens(tok, 4096, offset_tokens=1000 + 12000 * i), QA_FACTS[i::2],
-                             first=0.05, last=0.6), QA_FACTS[i::2]) for i in range(2)]
+    streams += qa_streams(tok)
     rows, answers = [], []
     for name, stop in SETTINGS.items():
         ok, lengths, seconds = 0, [], 0.0

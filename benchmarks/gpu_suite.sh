@@ -7,13 +7,15 @@
 #
 # with .whl/ holding the wheels the image lacks (zstandard for python 3.12: see the device README).
 # It runs, each under its own time limit so one slow part cannot starve the rest:
-#   1. pytest -m gpu: the Triton kernels (paged decode, host<->device row copies) against their
-#      torch references;
-#   2. bench_kernels.py: paged decode attention and gathers at 32K..1M tokens, Llama-3-8B layer;
-#   3. bench_decode.py: decode on a random Llama-3-8B-shape model at 32K, 128K, 512K and 1M
-#      tokens against DynamicCache and its offloading mode, the device holding 25% of the KV.
-# Results land in $OUT (or benchmarks/results), named for the device; paste the tables into
-# benchmarks/RESULTS.md with the device named.
+#   1. pytest -m gpu: the Triton kernels (paged decode, host<->device row copies) and the codecs'
+#      GPU paths against their torch references;
+#   2. the GPU-only benchmarks of the suites, through the runner (`python -m benchmarks gpu`, the
+#      arguments are in benchmarks/suites.py): bench_kernels (paged decode attention and gathers at
+#      32K..1M tokens, Llama-3-8B layer) and bench_decode (decode on a random Llama-3-8B-shape
+#      model at 32K..1M tokens against DynamicCache and its offloading mode).
+# Their JSON (the device named in each) lands in benchmarks/results and is copied to $OUT with
+# the logs. Back on the development machine, put the JSON files in benchmarks/results/ and run
+# `python -m benchmarks report`: RESULTS.md's GPU sections and plots render from them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -36,10 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 $PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/device.txt"
 step gpu_tests 120 $PY -m pytest -q -m gpu -o addopts="" -p no:cacheprovider tests/test_kernels_attention.py tests/test_codecs.py
-cd benchmarks
-step bench_kernels 90 $PY bench_kernels.py --repeats 10
-step bench_decode 240 $PY bench_decode.py --shape llama3-8b --contexts 32768,131072,524288,1048576 --steps 4 \
-  --kinds dynamic,offloaded,tiercache-5%,tiercache-10%
-cd ..
+step bench_kernels 90 $PY -m benchmarks gpu --only bench_kernels
+step bench_decode 240 $PY -m benchmarks gpu --only bench_decode
 cp benchmarks/results/bench_kernels.json benchmarks/results/bench_decode.json "$OUT"/ 2>/dev/null
 exit $status

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RetrievalConfig
-from .clusters import CODEBOOK, SUBSPACE
+from .clusters import SUBSPACE
 from .token_index import TokenIndex
 
 
